@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything pdmesh needs on a CPU host; idempotent and quiet when done.
+# torch goes first and pinned: nixl-cu12 and transformers ask for an unpinned torch, which would
+# otherwise pull a several-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+stamp=.venv/.pdmesh-installed
+want=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+  # `nixl` (the meta package) also wants nixl-cu13; we import nixl_cu12 directly.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps nixl-cu12==1.5.1
+  echo "$want" > "$stamp"
+fi
+# Generated stubs are committed; regenerate only if someone deleted them.
+[ -f pdmesh/v1/router_pb2.py ] || .venv/bin/python scripts/gen_protos.py
+# Assemble the GGUF, dequantize to safetensors and build tokenizer.json once (cached on disk).
+.venv/bin/python -m engine.weights --prepare
