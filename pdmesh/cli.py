@@ -1,0 +1,113 @@
+"""The `pdmesh` command: `pdmesh up` runs a local mesh; `pdmesh generate PROMPT` streams a completion."""
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+
+DEFAULT_ROUTER = "127.0.0.1:50051"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from engine.weights import prepare
+    from pdmesh.launcher import MeshSpec, start_mesh
+
+    if args.model != "tiny":
+        prepare()  # the slow one-time work (GGUF -> safetensors, tokenizer.json) happens here, once
+    spec = MeshSpec(num_prefill=args.prefill, num_decode=args.decode, router_port=args.port, model=args.model,
+                    kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
+                    torch_threads=args.torch_threads)
+    print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
+    mesh = start_mesh(spec, args.run_dir)
+    print(f"router listening on {mesh.router_address}\n"
+          f"logs in {mesh.run_dir}\n"
+          f"try:  .venv/bin/pdmesh generate \"The capital of France is\" --max-tokens 30 --router {mesh.router_address}\n"
+          "Ctrl-C stops the mesh.", flush=True)
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
+    try:
+        while not stopped:
+            dead = [p for p in mesh.processes if p.popen.poll() is not None]
+            if dead:
+                print(f"{dead[0].name} exited (code {dead[0].popen.returncode}); see {dead[0].log_file}", flush=True)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the mesh (draining streams) ...", flush=True)
+        mesh.stop()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return asyncio.run(_generate(args))
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    sampling = common_pb2.SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    priority = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
+    request = router_pb2.GenerateRequest(text=args.prompt, sampling=sampling, max_tokens=args.max_tokens,
+                                         priority=priority[args.priority], tenant_id=args.tenant,
+                                         ignore_eos=args.ignore_eos)
+    async with grpc.aio.insecure_channel(args.router) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        try:
+            if not args.quiet:
+                sys.stdout.write(args.prompt)
+            async for message in stub.Generate(request, timeout=args.timeout):
+                sys.stdout.write(message.text_delta)
+                sys.stdout.flush()
+                if message.finish_reason:
+                    last = message
+        except grpc.aio.AioRpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    t, u, p = last.timings, last.usage, last.placement
+    finish = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    print(f"\n\n[{u.completion_tokens} tokens, finish={finish}, TTFT {t.time_to_first_token_ms:.0f} ms, "
+          f"total {t.total_ms:.0f} ms, prefill on {p.prefill_worker_id or '(local)'} -> decode on "
+          f"{p.decode_worker_id}, KV via {p.kv_transport or '-'} in {t.kv_transfer_ms:.1f} ms]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start router + prefill + decode workers locally")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    up.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    up.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
+    up.add_argument("--model", choices=["gemma-3-270m", "tiny"], default="gemma-3-270m")
+    up.add_argument("--kv-transports", default="nixl,grpc", help="best first: nixl,grpc")
+    up.add_argument("--profile", default="round_robin", help="placement profile")
+    up.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
+    up.add_argument("--torch-threads", type=int, default=2)
+    up.add_argument("--run-dir", default=None, help="where logs go (default: a temp dir)")
+    up.set_defaults(func=cmd_up)
+    gen = sub.add_parser("generate", help="stream a completion through the router")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
+    gen.add_argument("--tenant", default="")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--router", default=DEFAULT_ROUTER)
+    gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    gen.add_argument("--quiet", action="store_true", help="do not echo the prompt")
+    gen.set_defaults(func=cmd_generate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

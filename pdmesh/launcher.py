@@ -1,0 +1,128 @@
+"""Starts a local mesh — N prefill workers, M decode workers and a router, each its own process —
+and stops it. Used by `pdmesh up`, the end-to-end tests and the benchmarks.
+
+Workers bind port 0 and report their port through a ready file; the router is started once every
+worker is ready and reports its own port the same way (it waits until it sees both pools).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    num_prefill: int = 1
+    num_decode: int = 1
+    router_port: int = 50051
+    model: str = "gemma-3-270m"
+    kv_transports: str = "nixl,grpc"
+    profile: str = "round_robin"
+    num_blocks: int = 1024
+    torch_threads: int = 2
+    max_model_len: int = 4096
+    extra_env: tuple[tuple[str, str], ...] = ()
+    startup_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError("need at least one decode worker and a non-negative number of prefill workers")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    ready_file: pathlib.Path
+    log_file: pathlib.Path
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Mesh:
+    spec: MeshSpec
+    run_dir: pathlib.Path
+    processes: list[Process]
+    router_address: str = ""
+
+    def workers(self, role: str) -> list[Process]:
+        return [p for p in self.processes if p.info.get("role") == role]
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for p in reversed(self.processes):  # router first, so nothing new reaches the workers
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.processes:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+
+def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Mesh:
+    run = pathlib.Path(run_dir or tempfile.mkdtemp(prefix="pdmesh-run-"))
+    run.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **dict(spec.extra_env)}
+    mesh = Mesh(spec, run, [])
+    try:
+        common = ["--model", spec.model, "--num-blocks", str(spec.num_blocks), "--kv-transports", spec.kv_transports,
+                  "--torch-threads", str(spec.torch_threads), "--max-model-len", str(spec.max_model_len)]
+        for role, count in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
+            for i in range(count):
+                name = f"{role}-{i}"
+                mesh.processes.append(_spawn(name, ["-m", f"services.{role}", "--worker-id", name, *common], run, env))
+        _wait_ready(mesh.processes, spec.startup_timeout_s, progress)
+        address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info["role"] == role)  # noqa
+        router = _spawn("router", ["-m", "services.router", "--port", str(spec.router_port), "--prefill",
+                                   address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
+                                   "--max-model-len", str(spec.max_model_len)], run, env)
+        mesh.processes.append(router)
+        _wait_ready([router], spec.startup_timeout_s, progress)
+        mesh.router_address = router.info["address"]
+        return mesh
+    except BaseException:
+        mesh.stop(grace_s=5)
+        raise
+
+
+def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict) -> Process:
+    ready, log = run / f"{name}.ready.json", run / f"{name}.log"
+    ready.unlink(missing_ok=True)
+    with open(log, "w") as log_out:
+        popen = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], cwd=ROOT, env=env,
+                                 stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return Process(name, popen, ready, log)
+
+
+def _wait_ready(processes: list[Process], timeout_s: float, progress) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(processes)
+    while pending:
+        for p in list(pending):
+            if p.ready_file.exists():
+                p.info = json.loads(p.ready_file.read_text())
+                progress(f"  {p.name:<10} ready at {p.info['address']}")
+                pending.remove(p)
+            elif p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} before it was ready; "
+                                   f"last log lines:\n{_tail(p.log_file)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not ready after {timeout_s:.0f}s: {[p.name for p in pending]}")
+        time.sleep(0.1)
+
+
+def _tail(path: pathlib.Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,62 @@
+"""Domain errors shared by the services, and the one place they become gRPC status codes.
+
+Domain modules raise these (or the engine's / kvtransfer's own typed errors); servicers call
+`abort_with(context, exc)`. Messages say what to fix.
+"""
+
+import grpc
+
+
+class InvalidArgument(ValueError):
+    """The request is malformed; retrying it unchanged will fail again."""
+
+
+class ResourceExhausted(Exception):
+    """Over a limit right now; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(Exception):
+    """No worker can take the request right now."""
+
+
+class NotFound(Exception):
+    """A named thing (lease, request) does not exist (any more)."""
+
+
+class FailedPrecondition(Exception):
+    """Two sides disagree (e.g. KV layouts); retrying will not help without a fix."""
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    from engine.errors import CapacityError, InvalidRequestError
+    from kvtransfer.errors import KvIncompatibleError, KvLeaseNotFound, KvTransferError
+
+    table = [
+        ((InvalidArgument, InvalidRequestError), grpc.StatusCode.INVALID_ARGUMENT),
+        ((ResourceExhausted, CapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ((NotFound, KvLeaseNotFound), grpc.StatusCode.NOT_FOUND),
+        ((FailedPrecondition, KvIncompatibleError), grpc.StatusCode.FAILED_PRECONDITION),
+        ((Unavailable, KvTransferError, ConnectionError), grpc.StatusCode.UNAVAILABLE),
+        ((TimeoutError,), grpc.StatusCode.DEADLINE_EXCEEDED),
+        ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for classes, code in table:
+        if isinstance(exc, classes):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the RPC with the status for `exc` (never returns)."""
+    code = status_for(exc)
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
+    message = str(exc) or type(exc).__name__
+    if code == grpc.StatusCode.INTERNAL:
+        message = f"internal error: {type(exc).__name__}: {message}"
+    await context.abort(code, message)

@@ -1,0 +1,94 @@
+"""The one way to build a pdmesh gRPC server: grpc.aio, standard health and reflection, a bound
+port reported back (port 0 works), and graceful drain on SIGTERM/SIGINT.
+
+Drain order on a stop signal: health flips to NOT_SERVING (so probes and routers stop sending
+new work), then `server.stop(grace)` lets streams already accepted run to their end.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# KV chunks and long prompts exceed gRPC's 4 MiB default; 64 MiB is the hard cap per message.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+# (add_XServicer_to_server, servicer instance, full service name)
+ServiceBinding = tuple[Callable, object, str]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+    service_names: list[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def drain_and_stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]], host: str, port: int) -> RunningServer:
+    """Binds host:port (0 picks a free port), then asks make_bindings(bound_port) for the services
+    (servicers that advertise their own address need the port), adds health and reflection, starts."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    names = []
+    for add_to_server, servicer, name in make_bindings(bound):
+        add_to_server(servicer, server)
+        names.append(name)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    await server.start()
+    running = RunningServer(server, health, bound, names)
+    await running.set_serving(True)
+    return running
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (call from inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def announce_ready(ready_file: str | None, **facts) -> None:
+    """Tell a launcher where we listen: one JSON line on stdout and, atomically, in ready_file."""
+    line = json.dumps({"event": "ready", **facts})
+    print(line, flush=True)
+    if ready_file:
+        tmp = f"{ready_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, ready_file)
+
+
+def configure_logging(service: str) -> None:
+    level = os.environ.get("PDMESH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")

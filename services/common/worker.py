@@ -1,0 +1,68 @@
+"""Start-up and shutdown shared by prefill and decode workers.
+
+A worker is: one LLMEngine on its own thread (EngineRunner), a WorkerStateHub publishing its KV
+events and load, and a gRPC server with the role's services plus WorkerStateService.
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from pdmesh.v1 import worker_state_pb2, worker_state_pb2_grpc
+from services.common.engine_runner import EngineRunner
+from services.common.server import ServiceBinding, announce_ready, start_server, stop_event_on_signals
+from services.common.worker_config import WorkerConfig
+from services.common.worker_state import WorkerStateHub, WorkerStateServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    config: WorkerConfig
+    runner: EngineRunner
+    hub: WorkerStateHub
+    advertise_address: str = ""
+
+    @property
+    def engine(self):
+        return self.runner.engine
+
+
+def build_engine(config: EngineConfig):
+    from engine.llm_engine import LLMEngine
+    return LLMEngine(config)
+
+
+async def run_worker(config: WorkerConfig,
+                     role_bindings: Callable[[WorkerContext], Iterable[ServiceBinding]],
+                     on_stop: Callable[[WorkerContext], None] | None = None) -> None:
+    torch.set_num_threads(config.torch_threads)
+    loop = asyncio.get_running_loop()
+    engine = await asyncio.to_thread(build_engine, config.engine)
+    hub = WorkerStateHub(loop)
+    runner = EngineRunner(engine, loop, on_step=hub.publish_from_engine_thread)
+    runner.start()
+    ctx = WorkerContext(config, runner, hub)
+
+    def bindings(port: int):
+        ctx.advertise_address = f"{config.advertise_host}:{port}"
+        state = WorkerStateServicer(config.worker_id, config.role, hub, runner, config.engine.cache.block_size)
+        return [*role_bindings(ctx), (worker_state_pb2_grpc.add_WorkerStateServiceServicer_to_server, state,
+                                     worker_state_pb2.DESCRIPTOR.services_by_name["WorkerStateService"].full_name)]
+
+    stop = stop_event_on_signals()
+    server = await start_server(bindings, config.host, config.port)
+    announce_ready(config.ready_file, role=config.role, worker_id=config.worker_id, port=server.port,
+                   address=ctx.advertise_address)
+    log.info("%s worker %s listening on %s", config.role, config.worker_id, ctx.advertise_address)
+    await stop.wait()
+    log.info("draining (grace %.0fs)", config.drain_grace_s)
+    await server.drain_and_stop(config.drain_grace_s)
+    if on_stop is not None:
+        on_stop(ctx)
+    runner.stop()

@@ -1,0 +1,73 @@
+"""Configuration shared by prefill and decode workers, and the flags that fill it.
+
+Flags and environment are read only here (at the entry point); everything else takes the
+frozen dataclass.
+"""
+
+import argparse
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str  # "prefill" or "decode"
+    worker_id: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Host other processes use to reach us (KV handles carry it).
+    advertise_host: str = "127.0.0.1"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    lease_ttl_s: float = 30.0
+    # Transports to use or offer, best first.
+    kv_transports: tuple[str, ...] = ("nixl", "grpc")
+    torch_threads: int = 2
+    max_tokens_cap: int = 4096
+    ready_file: str | None = None
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        known = {"nixl", "grpc"}
+        if not self.kv_transports or set(self.kv_transports) - known:
+            raise ValueError(f"kv_transports must be a non-empty subset of {sorted(known)}, got {self.kv_transports}")
+        if self.lease_ttl_s <= 0 or self.torch_threads <= 0:
+            raise ValueError("lease_ttl_s and torch_threads must be positive")
+
+
+def add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--worker-id", default=env("PDMESH_WORKER_ID", ""))
+    parser.add_argument("--host", default=env("PDMESH_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("PDMESH_PORT", "0")))
+    parser.add_argument("--advertise-host", default=env("PDMESH_ADVERTISE_HOST", "127.0.0.1"))
+    parser.add_argument("--model", choices=["gemma-3-270m", "tiny"], default=env("PDMESH_MODEL", "gemma-3-270m"),
+                        help="tiny = random weights of the same architecture (tests)")
+    parser.add_argument("--num-blocks", type=int, default=int(env("PDMESH_NUM_BLOCKS", "1024")))
+    parser.add_argument("--block-size", type=int, default=int(env("PDMESH_BLOCK_SIZE", "16")))
+    parser.add_argument("--max-num-seqs", type=int, default=int(env("PDMESH_MAX_NUM_SEQS", "16")))
+    parser.add_argument("--max-model-len", type=int, default=int(env("PDMESH_MAX_MODEL_LEN", "4096")))
+    parser.add_argument("--kv-transports", default=env("PDMESH_KV_TRANSPORTS", "nixl,grpc"),
+                        help="comma-separated, best first: nixl,grpc")
+    parser.add_argument("--lease-ttl-s", type=float, default=float(env("PDMESH_LEASE_TTL_S", "30")))
+    parser.add_argument("--torch-threads", type=int, default=int(env("PDMESH_TORCH_THREADS", "2")))
+    parser.add_argument("--ready-file", default=None, help="write a JSON line with the bound port here")
+
+
+def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig:
+    model = ModelConfig.tiny() if args.model == "tiny" else ModelConfig()
+    engine = EngineConfig(
+        model=model,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
+    )
+    return WorkerConfig(
+        role=role, worker_id=args.worker_id or f"{role}-{uuid.uuid4().hex[:6]}", host=args.host, port=args.port,
+        advertise_host=args.advertise_host, engine=engine, lease_ttl_s=args.lease_ttl_s,
+        kv_transports=tuple(t.strip() for t in args.kv_transports.split(",") if t.strip()),
+        torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
+    )

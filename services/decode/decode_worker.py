@@ -1,0 +1,150 @@
+"""The decode worker's domain: get a prompt's KV (pull it, or compute it here), then stream tokens.
+
+Ownership and order for a pulled prompt:
+  1. reserve blocks in our pool (the engine answers None while full: we ask again until the deadline);
+  2. pull the holder's blocks into them (transport preference order; a failed transport falls
+     through to the next one; corrupt bytes fall back to recomputing the prompt here);
+  3. release the holder's lease (always, even on failure: the holder must get its blocks back);
+  4. hand the sequence to the engine, which owns the blocks from then on.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+from engine.sampling import SamplingParams
+from kvtransfer.errors import KvChecksumError, KvTransferError
+from kvtransfer.handle import KvHandle
+from services.common.engine_runner import EngineFailure, EngineRunner
+from services.common.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+RESERVE_RETRY_S = 0.005
+
+
+class DecodeJob(NamedTuple):
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    ignore_eos: bool
+    handle: KvHandle | None
+    first_token_id: int | None
+    deadline: float | None  # time.monotonic() by which the KV must be in place
+
+
+class TransferInfo(NamedTuple):
+    transport: str = ""
+    num_bytes: int = 0
+    ms: float = 0.0
+    local_prefill_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class DecodeEvent(NamedTuple):
+    token_ids: list[int]
+    finish_reason: str | None
+    transfer: TransferInfo | None  # on the first event only
+
+
+class DecodeWorker:
+    def __init__(self, runner: EngineRunner, pullers: dict):
+        self._runner = runner
+        self._pullers = pullers  # transport name -> KvPuller, in preference order
+
+    async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
+        outputs = self._runner.open_stream(job.request_id)
+        try:
+            if job.handle is not None:
+                transfer = await self._import(job)
+            else:
+                transfer = None
+            local = transfer is None  # no handle, or the pulled KV could not be used
+            if local:
+                await self._add_local(job)
+            first = [] if local else [job.first_token_id]
+            async for event in self._stream(outputs, first, transfer, len(job.prompt) if local else 0):
+                yield event
+        except BaseException:
+            self._runner.post(lambda engine: engine.abort(job.request_id))
+            raise
+        finally:
+            self._runner.close_stream(job.request_id)
+
+    async def _import(self, job: DecodeJob) -> TransferInfo | None:
+        dst = await self._reserve(job)
+        try:
+            info = await self._pull(job.handle, dst)
+        except KvChecksumError as exc:
+            log.warning("%s: corrupt KV from %s (%s); recomputing the prompt here", job.request_id,
+                        job.handle.worker_id, exc)
+            await self._runner.call(lambda engine: engine.cancel_import(job.request_id))
+            return None
+        except BaseException:
+            self._runner.post(lambda engine: engine.cancel_import(job.request_id))
+            raise
+        finally:
+            await self._release(job.handle)
+        await self._runner.call(lambda engine: engine.add_imported(
+            job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos))
+        return info
+
+    async def _reserve(self, job: DecodeJob) -> list[int]:
+        while True:
+            dst = await self._runner.call(lambda engine: engine.reserve_for_import(job.request_id, len(job.prompt)))
+            if dst is not None:
+                return dst
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                raise ResourceExhausted("decode worker has no free KV blocks for this prompt", retry_after_s=1.0)
+            await asyncio.sleep(RESERVE_RETRY_S)
+
+    async def _pull(self, handle: KvHandle, dst: list[int]) -> TransferInfo:
+        offered = [name for name in self._pullers if name in handle.transports]
+        if not offered:
+            raise KvTransferError(f"no common KV transport: holder offers {list(handle.transports)}, "
+                                  f"this worker has {list(self._pullers)}")
+        last_error: Exception | None = None
+        for name in offered:
+            try:
+                result = await self._pullers[name].pull(handle, dst)
+                return TransferInfo(result.transport, result.num_bytes, result.seconds * 1000)
+            except KvChecksumError:
+                raise
+            except KvTransferError as exc:
+                log.warning("KV pull over %s failed: %s; trying the next transport", name, exc)
+                last_error = exc
+        raise last_error
+
+    async def _release(self, handle: KvHandle) -> None:
+        puller = next(iter(self._pullers.values()))
+        try:
+            await puller.release(handle)
+        except Exception as exc:  # the lease expires on its own; never fail a request over it
+            log.warning("releasing lease %s failed: %s", handle.lease_id, exc)
+
+    async def _add_local(self, job: DecodeJob) -> None:
+        await self._runner.call(lambda engine: engine.add_request(
+            job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos))
+
+    async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
+                      local_prompt_len: int):
+        """Relays engine outputs. A pulled prompt's first token goes out at once; with local
+        prefill, the first output says how much of the prompt was cached."""
+        if first:
+            yield DecodeEvent(first, None, transfer)
+            transfer = TransferInfo()
+        while True:
+            out = await outputs.get()
+            if isinstance(out, EngineFailure):
+                raise out
+            if transfer is None:
+                transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
+                                        cached_tokens=out.num_cached_tokens)
+            tokens = [out.token_id] if out.token_id is not None else []
+            yield DecodeEvent(tokens, out.finish_reason, transfer)
+            transfer = TransferInfo()
+            if out.finish_reason is not None:
+                return

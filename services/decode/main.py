@@ -1,0 +1,51 @@
+"""Entry point of a decode worker: `python -m services.decode --port 0 ...` (see --help)."""
+
+import argparse
+import asyncio
+import logging
+
+from kvtransfer.base import available_transports, make_puller
+from kvtransfer.layout import KvLayout
+from pdmesh.v1 import decode_pb2, decode_pb2_grpc
+from services.common.server import configure_logging
+from services.common.worker import WorkerContext, run_worker
+from services.common.worker_config import add_worker_flags, worker_config_from_args
+from services.decode.decode_worker import DecodeWorker
+from services.decode.server import DecodeServicer
+
+log = logging.getLogger(__name__)
+
+
+def _pullers(ctx: WorkerContext) -> dict:
+    layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.engine.model_id)
+    usable = set(available_transports())
+    pullers = {}
+    for name in ctx.config.kv_transports:
+        if name in usable:
+            pullers[name] = make_puller(name, ctx.engine.kv_cache, layout)
+        else:
+            log.warning("KV transport %s is not available on this host; skipping it", name)
+    if not pullers:
+        raise SystemExit(f"none of the KV transports {ctx.config.kv_transports} is available here")
+    return pullers
+
+
+def _bindings(ctx: WorkerContext):
+    config = ctx.config
+    ctx.pullers = _pullers(ctx)
+    worker = DecodeWorker(ctx.runner, ctx.pullers)
+    return [(decode_pb2_grpc.add_DecodeServiceServicer_to_server,
+             DecodeServicer(worker, config.engine.model.vocab_size, config.engine.scheduler.max_model_len),
+             decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdmesh-decode", description="pdmesh decode worker")
+    add_worker_flags(parser)
+    config = worker_config_from_args("decode", parser.parse_args(argv))
+    configure_logging(config.worker_id)
+    asyncio.run(run_worker(config, _bindings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Entry point of a prefill worker: `python -m services.prefill --port 0 ...` (see --help)."""
+
+import argparse
+import asyncio
+
+from kvtransfer.layout import KvLayout
+from kvtransfer.source import KvSource, KvTransferServicer
+from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.server import configure_logging
+from services.common.worker import WorkerContext, run_worker
+from services.common.worker_config import add_worker_flags, worker_config_from_args
+from services.prefill.prefill_worker import PrefillWorker
+from services.prefill.server import PrefillServicer
+
+
+def _bindings(ctx: WorkerContext):
+    config = ctx.config
+    worker = PrefillWorker(ctx.runner)
+    layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.engine.model_id)
+    worker.source = KvSource(ctx.engine.kv_cache, layout, config.worker_id, ctx.advertise_address,
+                             config.lease_ttl_s, worker.on_lease_free, enable_nixl="nixl" in config.kv_transports)
+    model = config.engine.model
+    return [
+        (prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
+         PrefillServicer(worker, model.vocab_size, config.engine.scheduler.max_model_len),
+         prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name),
+        (kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server, KvTransferServicer(worker.source),
+         kv_transfer_pb2.DESCRIPTOR.services_by_name["KvTransferService"].full_name),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdmesh-prefill", description="pdmesh prefill worker")
+    add_worker_flags(parser)
+    config = worker_config_from_args("prefill", parser.parse_args(argv))
+    configure_logging(config.worker_id)
+    asyncio.run(run_worker(config, _bindings))
+
+
+if __name__ == "__main__":
+    main()

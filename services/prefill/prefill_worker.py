@@ -1,0 +1,62 @@
+"""The prefill worker's domain: run a prompt, keep its KV, lend it out under a lease.
+
+Ownership: after `prefill` returns, the prompt's blocks are pinned in this worker's engine and
+belong to the lease in the returned handle. They are unpinned exactly once, when the lease is
+released by the puller or expires (KvSource calls `_on_lease_free`).
+"""
+
+import time
+from typing import NamedTuple
+
+from engine.sampling import SamplingParams
+from kvtransfer.handle import KvHandle
+from services.common.engine_runner import EngineFailure, EngineRunner
+
+
+class PrefillResult(NamedTuple):
+    first_token_id: int
+    handle: KvHandle
+    cached_tokens: int
+    queue_ms: float
+    compute_ms: float
+
+
+class PrefillWorker:
+    def __init__(self, runner: EngineRunner):
+        self._runner = runner
+        self.source = None  # KvSource, attached once the server knows its address
+
+    def on_lease_free(self, lease) -> None:
+        """KvSource callback (any thread): give the lease's blocks back to the engine."""
+        request_id = lease.request_id
+        self._runner.post(lambda engine: engine.release(request_id))
+
+    async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> PrefillResult:
+        start = time.perf_counter()
+        outputs = self._runner.open_stream(request_id)
+        try:
+            await self._runner.call(lambda engine: engine.add_request(
+                request_id, prompt, sampling, max_tokens=1, keep_kv=True))
+            out = await outputs.get()
+            if isinstance(out, EngineFailure):
+                raise out
+            block_ids = await self._runner.call(lambda engine: engine.block_ids_of(request_id))
+        except BaseException:
+            self._runner.post(lambda engine: _abort_and_release(engine, request_id))
+            raise
+        finally:
+            self._runner.close_stream(request_id)
+        compute_ms = (time.perf_counter() - start) * 1000
+        try:
+            handle = self.source.lend(request_id, block_ids, len(prompt))
+        except BaseException:
+            self._runner.post(lambda engine: engine.release(request_id))
+            raise
+        return PrefillResult(out.token_id, handle, out.num_cached_tokens, 0.0, compute_ms)
+
+
+def _abort_and_release(engine, request_id: str) -> None:
+    engine.abort(request_id)
+    engine.release(request_id)
+
+

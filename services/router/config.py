@@ -1,0 +1,26 @@
+"""RouterConfig: frozen, validated; filled from flags/env only in main.py."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    prefill_addresses: tuple[str, ...]
+    decode_addresses: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 50051
+    profile: str = "round_robin"
+    max_model_len: int = 4096
+    max_tokens_cap: int = 4096
+    vocab_size: int = 262_144
+    max_inflight: int = 64
+    max_queued: int = 256
+    ready_file: str | None = None
+    startup_timeout_s: float = 120.0
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.decode_addresses:
+            raise ValueError("at least one decode worker address is required (--decode host:port)")
+        if self.max_tokens_cap <= 0 or self.max_model_len <= 1:
+            raise ValueError("max_tokens_cap must be positive and max_model_len above 1")

@@ -1,0 +1,120 @@
+"""Runs a placement profile: per pool, filters -> weighted scorers -> picker; decode first, then
+the decider, then (if remote prefill pays) the prefill pool.
+
+The runner owns the cross-cutting work: it clamps every score to [0, 1], combines them as a
+weighted sum, times each plugin, and records the scores and decision for the request (tracing
+puts them on spans). An empty candidate list after filtering raises NoCandidates.
+"""
+
+import logging
+import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import yaml
+
+from services.router.placement import registry
+from services.router.placement.base import PlacementRequest, WorkerView
+
+log = logging.getLogger(__name__)
+PROFILES_DIR = pathlib.Path(__file__).parent / "profiles"
+
+
+class NoCandidates(Exception):
+    """No worker of a pool passed the filters."""
+
+
+class PoolChoice(NamedTuple):
+    worker: WorkerView
+    scores: dict[str, float]  # worker_id -> weighted total
+    plugin_ms: dict[str, float]
+
+
+class Placement(NamedTuple):
+    decode: PoolChoice
+    prefill: PoolChoice | None  # None: the decode worker prefills locally
+
+
+@dataclass
+class PoolProfile:
+    filters: list
+    scorers: list[tuple[object, float]]  # (scorer, weight)
+    picker: object
+
+    def choose(self, pool: str, request: PlacementRequest, workers: list[WorkerView]) -> PoolChoice:
+        timings: dict[str, float] = {}
+        candidates = workers
+        for f in self.filters:
+            candidates = _timed(timings, f"filter.{f.name}", f.filter, request, candidates)
+        if not candidates:
+            raise NoCandidates(f"no {pool} worker is available ({len(workers)} known, none passed the filters)")
+        totals = {w.worker_id: 0.0 for w in candidates}
+        for scorer, weight in self.scorers:
+            raw = _timed(timings, f"scorer.{scorer.name}", scorer.score, request, candidates)
+            for worker_id in totals:
+                totals[worker_id] += weight * min(1.0, max(0.0, float(raw.get(worker_id, 0.0))))
+        scored = [(w, totals[w.worker_id]) for w in candidates]
+        chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, scored)
+        return PoolChoice(chosen, totals, timings)
+
+
+@dataclass
+class PlacementProfile:
+    name: str
+    decode: PoolProfile
+    prefill: PoolProfile
+    decider: object
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def place(self, request: PlacementRequest, workers: list[WorkerView]) -> Placement:
+        decode_pool = [w for w in workers if w.role == "decode"]
+        prefill_pool = [w for w in workers if w.role == "prefill"]
+        decode = self.decode.choose("decode", request, decode_pool)
+        prefill = None
+        if prefill_pool and self.decider.remote_prefill(request, decode.worker, prefill_pool):
+            try:
+                prefill = self.prefill.choose("prefill", request, prefill_pool)
+            except NoCandidates:
+                log.warning("%s: no prefill worker available; prefilling on the decode worker", request.request_id)
+        outcome = "remote_prefill" if prefill else "local_prefill"
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        return Placement(decode, prefill)
+
+
+def load_profile(name_or_path: str) -> PlacementProfile:
+    """A profile by name (profiles/NAME.yaml) or by path to a YAML file."""
+    path = pathlib.Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown placement profile {name_or_path!r}; known: {', '.join(known)} (or a YAML path)")
+    spec = yaml.safe_load(path.read_text())
+    return PlacementProfile(spec.get("name", path.stem), _pool(spec["decode"]), _pool(spec["prefill"]),
+                            _plugin("decider", spec.get("decider", "always_remote")))
+
+
+def _pool(spec: dict) -> PoolProfile:
+    filters = [_plugin("filter", f) for f in spec.get("filters", [])]
+    scorers = []
+    for s in spec.get("scorers", []):
+        weight = float(s.get("weight", 1.0)) if isinstance(s, dict) else 1.0
+        if weight < 0:
+            raise ValueError(f"scorer weights must be >= 0, got {weight}")
+        scorers.append((_plugin("scorer", s), weight))
+    return PoolProfile(filters, scorers, _plugin("picker", spec.get("picker", "max_score")))
+
+
+def _plugin(kind: str, spec):
+    if isinstance(spec, str):
+        return registry.build(kind, spec)
+    params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+    return registry.build(kind, spec["name"], **params)
+
+
+def _timed(timings: dict, key: str, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    timings[key] = (time.perf_counter() - start) * 1000
+    return result

@@ -1,0 +1,137 @@
+"""One request's path through the mesh, read top to bottom:
+admission -> placement (decode first, then the decider, then prefill) -> prefill RPC (first token
++ KV handle) -> decode stream (pulls the KV, streams tokens) -> relay with text deltas -> final
+message with finish reason, usage, timings and placement.
+
+Invariant: every token the decode worker sends is relayed exactly once, in order, and the stream
+ends with exactly one message carrying a finish reason (or an error status).
+"""
+
+import time
+from typing import NamedTuple
+
+import grpc
+
+from engine.tokenizer import IncrementalDetokenizer
+from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.router.admission import Admission
+from services.router.placement.base import PlacementRequest
+from services.router.placement.runner import NoCandidates, PlacementProfile
+from services.router.workers import WorkerRegistry
+
+
+class GenerateJob(NamedTuple):
+    request_id: str
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams
+    max_tokens: int
+    priority: str
+    tenant_id: str
+    ignore_eos: bool
+    timeout_s: float | None
+
+
+class RelayEvent(NamedTuple):
+    token_ids: list[int]
+    text_delta: str
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    usage: common_pb2.Usage | None = None
+    timings: common_pb2.PhaseTimings | None = None
+    placement: dict | None = None
+
+
+class RequestFlow:
+    def __init__(self, registry: WorkerRegistry, profile: PlacementProfile, admission: Admission, tokenizer):
+        self._registry, self._profile, self._admission, self._tokenizer = registry, profile, admission, tokenizer
+
+    async def run(self, job: GenerateJob):
+        t0 = time.perf_counter()
+        ms = lambda: (time.perf_counter() - t0) * 1000  # noqa: E731
+        timings = common_pb2.PhaseTimings()
+        async with self._admission.admit(job.priority) as queue_ms:
+            timings.queue_ms = queue_ms
+            placement = self._place(job)
+            timings.placement_ms = ms() - timings.queue_ms
+            decode_request = decode_pb2.DecodeRequest(
+                request_id=job.request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
+                max_tokens=job.max_tokens, ignore_eos=job.ignore_eos, priority=_PRIORITY[job.priority])
+            cached = 0
+            if placement.prefill is not None:
+                start = ms()
+                prefill = await self._prefill(job, placement.prefill.worker.worker_id, remaining(job, t0))
+                timings.prefill_ms = ms() - start
+                decode_request.kv_handle.CopyFrom(prefill.kv_handle)
+                decode_request.first_token_id = prefill.first_token_id
+                cached = prefill.cached_tokens
+            detok = IncrementalDetokenizer(self._tokenizer)
+            completion, transport, first_at = 0, "", None
+            decode_id = placement.decode.worker.worker_id
+            stream = self._registry.decode_stub(decode_id).Decode(decode_request, timeout=remaining(job, t0))
+            try:
+                async for message in stream:
+                    if message.stats.kv_transport:
+                        transport = message.stats.kv_transport
+                        timings.kv_transfer_ms = message.stats.kv_transfer_ms
+                    cached = cached or message.stats.cached_tokens
+                    if message.token_ids and first_at is None:
+                        first_at = ms()
+                        timings.time_to_first_token_ms = first_at
+                    completion += len(message.token_ids)
+                    text = detok.push(list(message.token_ids))
+                    if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        timings.decode_ms = ms() - (first_at or ms())
+                        timings.total_ms = ms()
+                        yield RelayEvent(list(message.token_ids), text, message.finish_reason,
+                                         common_pb2.Usage(prompt_tokens=len(job.prompt), completion_tokens=completion,
+                                                          cached_prompt_tokens=cached),
+                                         timings, {"prefill_worker_id": placement.prefill.worker.worker_id
+                                                   if placement.prefill else "",
+                                                   "decode_worker_id": decode_id, "kv_transport": transport})
+                        return
+                    if message.token_ids or text:
+                        yield RelayEvent(list(message.token_ids), text)
+            except grpc.aio.AioRpcError as exc:
+                raise _worker_error("decode", decode_id, exc) from exc
+            raise Unavailable(f"decode worker {decode_id} ended the stream without a finish reason")
+
+    def _place(self, job: GenerateJob):
+        try:
+            return self._profile.place(PlacementRequest(job.request_id, job.prompt, job.priority),
+                                       self._registry.views())
+        except NoCandidates as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def _prefill(self, job: GenerateJob, worker_id: str, timeout: float | None):
+        request = prefill_pb2.PrefillRequest(request_id=job.request_id, prompt_token_ids=job.prompt,
+                                             sampling=job.sampling, priority=_PRIORITY[job.priority])
+        try:
+            return await self._registry.prefill_stub(worker_id).Prefill(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_error("prefill", worker_id, exc) from exc
+
+
+_PRIORITY = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
+
+
+def remaining(job: GenerateJob, t0: float) -> float | None:
+    if job.timeout_s is None:
+        return None
+    left = job.timeout_s - (time.perf_counter() - t0)
+    if left <= 0:
+        raise TimeoutError("deadline exceeded before the request could be served")
+    return left
+
+
+def _worker_error(role: str, worker_id: str, exc: grpc.aio.AioRpcError) -> Exception:
+    message = f"{role} worker {worker_id}: {exc.details()}"
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(message)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(message)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(message)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(message)
+    return Unavailable(message)

@@ -1,0 +1,53 @@
+"""RouterService servicer: validates and converts the request, relays the flow's events, and maps
+domain errors to status codes (once, via services.common.errors)."""
+
+import uuid
+
+from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.common.convert import check_max_tokens, check_token_ids, sampling_from_proto
+from services.common.errors import InvalidArgument, abort_with
+from services.router.config import RouterConfig
+from services.router.request_flow import GenerateJob, RequestFlow
+
+_PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
+               common_pb2.PRIORITY_CLASS_INTERACTIVE: "interactive", common_pb2.PRIORITY_CLASS_BATCH: "batch"}
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer):
+        self._flow, self._config, self._tokenizer = flow, config, tokenizer
+
+    def _job(self, request: router_pb2.GenerateRequest, context) -> GenerateJob:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if not request.text:
+                raise InvalidArgument("prompt is empty: send text or at least one token id")
+            ids = self._tokenizer.encode(request.text, add_bos=True)
+        elif which == "token_ids":
+            ids = list(request.token_ids.ids)
+        else:
+            raise InvalidArgument("prompt is missing: set `text` or `token_ids`")
+        prompt = check_token_ids(ids, self._config.vocab_size, self._config.max_model_len - 1)
+        cap = min(self._config.max_tokens_cap, self._config.max_model_len - len(prompt))
+        max_tokens = check_max_tokens(request.max_tokens, cap)
+        sampling_from_proto(request.sampling)  # validates; workers receive the proto unchanged
+        if request.priority not in _PRIORITIES:
+            raise InvalidArgument(f"unknown priority class {request.priority}; use PRIORITY_CLASS_INTERACTIVE "
+                                  "or PRIORITY_CLASS_BATCH")
+        return GenerateJob(request.request_id or uuid.uuid4().hex, prompt, request.sampling, max_tokens,
+                           _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
+                           context.time_remaining())
+
+    async def Generate(self, request, context):
+        try:
+            job = self._job(request, context)
+            async for event in self._flow.run(job):
+                response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
+                                                       text_delta=event.text_delta, finish_reason=event.finish_reason)
+                if event.usage is not None:
+                    response.usage.CopyFrom(event.usage)
+                    response.timings.CopyFrom(event.timings)
+                    response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
+                yield response
+        except Exception as exc:
+            await abort_with(context, exc)

@@ -1,0 +1,118 @@
+"""The router's view of its workers, rebuilt from their state streams.
+
+For each configured worker address the router keeps a channel and one StreamState subscription.
+A worker is healthy while its stream is up; when the stream breaks the worker is marked
+unhealthy at once and the subscription is retried with exponential backoff.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
+from services.common.server import CHANNEL_OPTIONS
+from services.router.placement.base import LoadView, WorkerView
+
+log = logging.getLogger(__name__)
+_ROLE_NAMES = {worker_state_pb2.WORKER_ROLE_PREFILL: "prefill", worker_state_pb2.WORKER_ROLE_DECODE: "decode"}
+
+
+@dataclass
+class WorkerEndpoint:
+    address: str
+    role: str
+    channel: grpc.aio.Channel
+    worker_id: str = ""
+    healthy: bool = False
+    load: LoadView = LoadView()
+    last_seen: float = 0.0
+    cached_blocks: set[int] = field(default_factory=set)
+
+    def view(self) -> WorkerView:
+        return WorkerView(self.worker_id or self.address, self.address, self.role, self.healthy, self.load)
+
+
+class WorkerRegistry:
+    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], max_backoff_s: float = 2.0):
+        self._max_backoff_s = max_backoff_s
+        self._endpoints = [WorkerEndpoint(a, "prefill", _channel(a)) for a in prefill_addresses]
+        self._endpoints += [WorkerEndpoint(a, "decode", _channel(a)) for a in decode_addresses]
+        self._tasks: list[asyncio.Task] = []
+        self.changed = asyncio.Event()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._follow(e)) for e in self._endpoints]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(e.channel.close() for e in self._endpoints), return_exceptions=True)
+
+    def views(self) -> list[WorkerView]:
+        return [e.view() for e in self._endpoints]
+
+    def endpoint(self, worker_id: str) -> WorkerEndpoint:
+        for e in self._endpoints:
+            if (e.worker_id or e.address) == worker_id:
+                return e
+        raise KeyError(worker_id)
+
+    def prefill_stub(self, worker_id: str) -> prefill_pb2_grpc.PrefillServiceStub:
+        return prefill_pb2_grpc.PrefillServiceStub(self.endpoint(worker_id).channel)
+
+    def decode_stub(self, worker_id: str) -> decode_pb2_grpc.DecodeServiceStub:
+        return decode_pb2_grpc.DecodeServiceStub(self.endpoint(worker_id).channel)
+
+    def has_healthy(self, role: str) -> bool:
+        return any(e.healthy and e.role == role for e in self._endpoints)
+
+    async def _follow(self, endpoint: WorkerEndpoint) -> None:
+        backoff = 0.05
+        stub = worker_state_pb2_grpc.WorkerStateServiceStub(endpoint.channel)
+        while True:
+            try:
+                async for update in stub.StreamState(worker_state_pb2.StreamStateRequest(load_report_interval_ms=200)):
+                    self._apply(endpoint, update)
+                    backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if endpoint.healthy:
+                    log.warning("lost %s worker %s (%s): %s", endpoint.role, endpoint.address, exc.code().name,
+                                exc.details())
+            self._mark_down(endpoint)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def _apply(self, endpoint: WorkerEndpoint, update: worker_state_pb2.StreamStateResponse) -> None:
+        if not endpoint.healthy:
+            log.info("%s worker %s up at %s", _ROLE_NAMES.get(update.role, "?"), update.worker_id, endpoint.address)
+        endpoint.worker_id, endpoint.healthy, endpoint.last_seen = update.worker_id, True, time.monotonic()
+        kind = update.WhichOneof("update")
+        if kind == "load_report":
+            r = update.load_report
+            endpoint.load = LoadView(r.waiting_sequences, r.running_sequences, r.kv_blocks_used, r.kv_blocks_total,
+                                     r.queued_prefill_tokens)
+        elif kind == "kv_events":
+            for event in update.kv_events.events:
+                which = event.WhichOneof("event")
+                if which == "stored":
+                    endpoint.cached_blocks.update(event.stored.block_hashes)
+                elif which == "removed":
+                    endpoint.cached_blocks.difference_update(event.removed.block_hashes)
+                else:
+                    endpoint.cached_blocks.clear()
+        self.changed.set()
+
+    def _mark_down(self, endpoint: WorkerEndpoint) -> None:
+        endpoint.healthy = False
+        endpoint.cached_blocks.clear()
+        self.changed.set()
+
+
+def _channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
