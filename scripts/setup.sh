@@ -7,16 +7,23 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 stamp=.venv/.pdmesh-installed
-want=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
   # `nixl` (the meta package) also wants nixl-cu13; we import nixl_cu12 directly.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps nixl-cu12==1.5.1
+  # The `pdmesh` command (editable: the repo is the code).
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
 # Generated stubs are committed; regenerate only if someone deleted them.
 [ -f pdmesh/v1/router_pb2.py ] || .venv/bin/python scripts/gen_protos.py
 # Assemble the GGUF, dequantize to safetensors and build tokenizer.json once (cached on disk).
 .venv/bin/python -m engine.weights --prepare
+# buf (for the proto lint test) comes from npm, pinned.
+if [ ! -x .cache/buf/node_modules/.bin/buf ] && command -v npm >/dev/null; then
+  echo "setup: installing buf 1.75.0 from npm"
+  npm install -q --prefix .cache/buf @bufbuild/buf@1.75.0 >/dev/null
+fi
