@@ -1,0 +1,27 @@
+"""A real mesh (router + prefill + decode processes on the real model) per KV transport."""
+
+import grpc
+import pytest
+
+from pdmesh.launcher import MeshSpec, start_mesh
+
+
+@pytest.fixture(scope="module", params=["nixl", "grpc"])
+def mesh(request, tmp_path_factory):
+    from engine.weights import prepare
+    prepare()
+    transports = "nixl,grpc" if request.param == "nixl" else "grpc"
+    spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, kv_transports=transports, num_blocks=512,
+                    torch_threads=2, max_model_len=2048)
+    m = start_mesh(spec, str(tmp_path_factory.mktemp(f"mesh-{request.param}")), progress=lambda *_: None)
+    m.transport = request.param
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def router_stub(mesh):
+    from pdmesh.v1 import router_pb2_grpc
+    channel = grpc.insecure_channel(mesh.router_address)
+    yield router_pb2_grpc.RouterServiceStub(channel)
+    channel.close()
