@@ -32,6 +32,15 @@ class WorkerContext:
     def engine(self):
         return self.runner.engine
 
+    @property
+    def model_id(self) -> str:
+        """Identity of the weights, part of the KV layout both sides of a transfer must share."""
+        model = self.config.engine.model
+        if model.random_seed is not None:
+            return f"{model.name}@seed{model.random_seed}"
+        from engine.weights import model_id
+        return model_id()
+
 
 def build_engine(config: EngineConfig):
     from engine.llm_engine import LLMEngine

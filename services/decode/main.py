@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def _pullers(ctx: WorkerContext) -> dict:
-    layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.engine.model_id)
+    layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
     usable = set(available_transports())
     pullers = {}
     for name in ctx.config.kv_transports:

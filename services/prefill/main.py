@@ -16,7 +16,7 @@ from services.prefill.server import PrefillServicer
 def _bindings(ctx: WorkerContext):
     config = ctx.config
     worker = PrefillWorker(ctx.runner)
-    layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.engine.model_id)
+    layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
     worker.source = KvSource(ctx.engine.kv_cache, layout, config.worker_id, ctx.advertise_address,
                              config.lease_ttl_s, worker.on_lease_free, enable_nixl="nixl" in config.kv_transports)
     model = config.engine.model
