@@ -1,0 +1,83 @@
+"""gRPC client of a holder's KvTransferService, shared by every puller: maps status codes to
+domain errors once and keeps one channel per holder address."""
+
+import asyncio
+
+import grpc
+
+from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+from kvtransfer.errors import KvIncompatibleError, KvLeaseNotFound, KvTransferError
+from kvtransfer.layout import KvLayout
+
+# Chunks are ~4 MiB by default; leave room above gRPC's 4 MiB receive default.
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+class HolderClient:
+    """Talks to one holder. Raises KvIncompatibleError, KvLeaseNotFound or KvTransferError."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = kv_transfer_pb2_grpc.KvTransferServiceStub(self.channel)
+
+    async def handshake(self, layout: KvLayout) -> kv_transfer_pb2.GetTransferMetadataResponse:
+        """GetTransferMetadata; both sides compare compat hashes (the holder first)."""
+        request = kv_transfer_pb2.GetTransferMetadataRequest(layout=layout.to_proto())
+        try:
+            reply = await self.stub.GetTransferMetadata(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _domain_error(e, "") from e
+        if reply.layout.compat_hash != layout.compat_hash:
+            raise KvIncompatibleError(f"holder {self.address} layout {reply.layout.compat_hash} != local "
+                                      f"{layout.compat_hash}")
+        return reply
+
+    def pull_stream(self, lease_id: str, chunk_bytes: int = 0):
+        """The PullKv call (server streaming); iterate it, errors via domain_error()."""
+        request = kv_transfer_pb2.PullKvRequest(lease_id=lease_id, chunk_bytes=chunk_bytes)
+        return self.stub.PullKv(request, timeout=self.timeout_s)
+
+    async def release(self, lease_id: str) -> bool:
+        try:
+            reply = await self.stub.ReleaseKv(kv_transfer_pb2.ReleaseKvRequest(lease_id=lease_id),
+                                              timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _domain_error(e, lease_id) from e
+        return reply.released
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class HolderClients:
+    """One HolderClient per address, created on first use."""
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        self._clients: dict[str, HolderClient] = {}
+
+    def get(self, address: str) -> HolderClient:
+        if address not in self._clients:
+            self._clients[address] = HolderClient(address, self.timeout_s)
+        return self._clients[address]
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+def domain_error(e: grpc.aio.AioRpcError, lease_id: str) -> KvTransferError:
+    return _domain_error(e, lease_id)
+
+
+def _domain_error(e: grpc.aio.AioRpcError, lease_id: str) -> KvTransferError:
+    if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        return KvIncompatibleError(e.details() or "layout mismatch")
+    if e.code() == grpc.StatusCode.NOT_FOUND:
+        return KvLeaseNotFound(lease_id, e.details() or "")
+    return KvTransferError(f"{e.code().name}: {e.details()}")

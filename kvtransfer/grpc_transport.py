@@ -1,0 +1,141 @@
+"""gRPC fallback transport: the holder streams the leased blocks' bytes (PullKv), the puller writes
+each chunk straight into its destination blocks.
+
+The stream is read with a raw deserializer that returns a view into the received message instead
+of a protobuf bytes field, so each byte is copied once from gRPC's buffer into the pool.
+"""
+
+import time
+
+import grpc
+import numpy as np
+import torch
+
+from pdmesh.v1 import kv_transfer_pb2
+
+from kvtransfer.base import KvPuller, TransferResult
+from kvtransfer.checksum import pool_bytes
+from kvtransfer.client import HolderClient, HolderClients, domain_error
+from kvtransfer.errors import KvTransferError
+from kvtransfer.handle import KvHandle
+from kvtransfer.layout import KvLayout
+
+_PULL_METHOD = "/pdmesh.v1.KvTransferService/PullKv"
+
+
+class GrpcPuller(KvPuller):
+    """KvPuller over PullKv. Options: chunk_bytes per message (0: the holder's default),
+    timeout_s per call, max_retries of a stream that broke with UNAVAILABLE (restarted whole)."""
+
+    name = "grpc"
+
+    def __init__(self, pool: torch.Tensor, layout: KvLayout, chunk_bytes: int = 0, timeout_s: float = 30.0,
+                 max_retries: int = 1) -> None:
+        super().__init__(pool, layout)
+        self.chunk_bytes = chunk_bytes
+        self.max_retries = max_retries
+        self._clients = HolderClients(timeout_s)
+        self._compatible: set[str] = set()
+
+    async def connect(self, transfer_address: str) -> None:
+        if transfer_address not in self._compatible:
+            await self._clients.get(transfer_address).handshake(self.layout)
+            self._compatible.add(transfer_address)
+
+    async def pull(self, handle: KvHandle, dst_block_ids: list[int]) -> TransferResult:
+        self.check_request(handle, dst_block_ids)
+        start = time.perf_counter()
+        await self.connect(handle.transfer_address)
+        client = self._clients.get(handle.transfer_address)
+        retries = 0
+        while True:
+            try:
+                await self._stream_into(client, handle, list(dst_block_ids))
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or retries >= self.max_retries:
+                    raise domain_error(e, handle.lease_id) from e
+                retries += 1
+        verify_start = time.perf_counter()
+        self.verify(handle, dst_block_ids)
+        end = time.perf_counter()
+        return TransferResult(self.name, handle.num_bytes, end - start, retries, end - verify_start)
+
+    async def release(self, handle: KvHandle) -> bool:
+        return await self._clients.get(handle.transfer_address).release(handle.lease_id)
+
+    async def close(self) -> None:
+        await self._clients.close()
+
+    async def _stream_into(self, client: HolderClient, handle: KvHandle, dst_block_ids: list[int]) -> None:
+        on_host = self.pool.device.type == "cpu"
+        target = pool_bytes(self.pool) if on_host else np.empty(handle.num_bytes, dtype=np.uint8)
+        placement = _Placement(dst_block_ids if on_host else range(len(dst_block_ids)), self.layout.block_bytes)
+        call = client.channel.unary_stream(
+            _PULL_METHOD, request_serializer=kv_transfer_pb2.PullKvRequest.SerializeToString,
+            response_deserializer=parse_pull_chunk)
+        request = kv_transfer_pb2.PullKvRequest(lease_id=handle.lease_id, chunk_bytes=self.chunk_bytes)
+        received = 0
+        async for offset, data in call(request, timeout=client.timeout_s):
+            placement.write(target, offset, data)
+            received += len(data)
+        if received != handle.num_bytes:
+            raise KvTransferError(f"holder sent {received} bytes, expected {handle.num_bytes}")
+        if not on_host:
+            staged = torch.from_numpy(target).view(self.pool.dtype).view(len(dst_block_ids), *self.layout.block_shape)
+            index = torch.tensor(dst_block_ids, dtype=torch.long, device=self.pool.device)
+            self.pool.index_copy_(0, index, staged.to(self.pool.device))
+
+
+class _Placement:
+    """Maps offsets in the concatenated source blocks to offsets in the destination buffer."""
+
+    def __init__(self, dst_block_ids, block_bytes: int) -> None:
+        self.dst_block_ids = list(dst_block_ids)
+        self.block_bytes = block_bytes
+
+    def write(self, target: np.ndarray, offset: int, data: memoryview) -> None:
+        src = np.frombuffer(data, dtype=np.uint8)
+        if offset + len(src) > len(self.dst_block_ids) * self.block_bytes:
+            raise KvTransferError(f"chunk at {offset}+{len(src)} runs past the leased blocks")
+        done = 0
+        while done < len(src):
+            position, within = divmod(offset + done, self.block_bytes)
+            n = min(self.block_bytes - within, len(src) - done)
+            start = self.dst_block_ids[position] * self.block_bytes + within
+            target[start:start + n] = src[done:done + n]
+            done += n
+
+
+def parse_pull_chunk(raw: bytes) -> tuple[int, memoryview]:
+    """(offset, data) of a serialized PullKvResponse, data as a view into raw (no copy).
+    Falls back to protobuf parsing for any encoding it does not expect."""
+    view = memoryview(raw)
+    pos, offset, data = 0, 0, view[0:0]
+    try:
+        while pos < len(view):
+            tag, pos = _varint(view, pos)
+            if tag == 0x08:  # field 1 (offset), varint
+                offset, pos = _varint(view, pos)
+            elif tag == 0x12:  # field 2 (data), length-delimited
+                length, pos = _varint(view, pos)
+                data, pos = view[pos:pos + length], pos + length
+            else:
+                raise ValueError(tag)
+    except (ValueError, IndexError):
+        msg = kv_transfer_pb2.PullKvResponse.FromString(raw)
+        return msg.offset, memoryview(msg.data)
+    return offset, data
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = view[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")

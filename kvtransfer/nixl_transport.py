@@ -1,0 +1,253 @@
+"""NIXL transport: the puller READs leased blocks straight out of the holder's registered pool.
+
+Costs are paid once, not per handoff: each side registers its whole pool once; the puller does
+the gRPC handshake once per holder address and caches the remote agent and a prepared
+descriptor list with one descriptor per remote block. A handoff is then one transfer request
+(block indices into the two prepared lists; NIXL merges adjacent descriptors), waited for in a
+worker thread so the event loop keeps running, then a checksum pass.
+
+UCX reads its environment (UCX_TLS, UCX_NET_DEVICES, ...) when an agent is created, so set it
+before constructing a KvSource or NixlPuller.
+"""
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvtransfer.base import KvPuller, TransferResult
+from kvtransfer.client import HolderClients
+from kvtransfer.errors import KvLeaseNotFound, KvTransferError
+from kvtransfer.handle import KvHandle
+from kvtransfer.layout import KvLayout
+
+try:
+    from nixl_cu12 import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+except ImportError:  # the rest of kvtransfer works without NIXL
+    nixl_agent = nixl_agent_config = nixl_thread_sync_t = None
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_MODES = ("prepped", "coalesced")
+
+
+@functools.cache
+def nixl_available() -> bool:
+    """True when nixl_cu12 imports and an agent with the UCX backend can be created here."""
+    if nixl_agent is None:
+        return False
+    try:
+        agent = nixl_agent(f"pdmesh-probe-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=["UCX"]))
+        return "UCX" in agent.backends
+    except Exception as e:  # noqa: BLE001 -- any failure means "not usable here"
+        log.info("NIXL unavailable: %s", e)
+        return False
+
+
+def pool_memory(pool: torch.Tensor) -> tuple[str, int]:
+    """NIXL memory type and device id of a pool: ("DRAM", 0) on host, ("VRAM", index) on CUDA."""
+    if pool.device.type == "cuda":
+        return "VRAM", pool.device.index or 0
+    if pool.device.type == "cpu":
+        return "DRAM", 0
+    raise ValueError(f"NIXL cannot register a pool on {pool.device}")
+
+
+def block_descs(base_address: int, block_ids, block_bytes: int, device_id: int) -> np.ndarray:
+    """Nx3 (address, length, device) descriptors, one per listed block."""
+    ids = np.asarray(block_ids, dtype=np.uint64)
+    descs = np.empty((len(ids), 3), dtype=np.uint64)
+    descs[:, 0] = np.uint64(base_address) + ids * np.uint64(block_bytes)
+    descs[:, 1] = block_bytes
+    descs[:, 2] = device_id
+    return descs
+
+
+def contiguous_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, length) runs where both sides advance by one block together."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+class NixlAgent:
+    """A NIXL agent (UCX backend) with one KV pool registered once for its lifetime."""
+
+    def __init__(self, pool: torch.Tensor, name: str, thread_safe: bool = False) -> None:
+        if nixl_agent is None:
+            raise KvTransferError("nixl_cu12 is not installed")
+        sync = nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if thread_safe else None
+        self.name = name
+        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"], sync_mode=sync))
+        if "UCX" not in self.agent.backends:
+            raise KvTransferError("NIXL UCX backend unavailable")
+        self.pool = pool
+        self.memory_type, self.device_id = pool_memory(pool)
+        self.base_address = pool.data_ptr()
+        self.num_blocks = pool.shape[0]
+        self._registration = self.agent.register_memory(pool)
+
+    def metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def close(self) -> None:
+        if self._registration is not None:
+            self.agent.deregister_memory(self._registration)
+            self._registration = None
+
+
+@dataclass
+class _Peer:
+    agent_name: str
+    dlist: object  # prepared descriptor list over all of the holder's blocks
+    base_address: int
+    num_blocks: int
+    memory_type: str
+    device_id: int
+
+
+class NixlPuller(KvPuller):
+    """KvPuller over NIXL READ. Options: descriptor_mode ("prepped": one descriptor per block,
+    selected by index; "coalesced": one descriptor per contiguous run, built per handoff),
+    timeout_s for one transfer, poll_sleep_s between state checks."""
+
+    name = "nixl"
+
+    def __init__(self, pool: torch.Tensor, layout: KvLayout, descriptor_mode: str = "prepped",
+                 timeout_s: float = 30.0, poll_sleep_s: float = 20e-6, agent_name: str | None = None) -> None:
+        super().__init__(pool, layout)
+        if descriptor_mode not in DESCRIPTOR_MODES:
+            raise ValueError(f"unknown descriptor_mode {descriptor_mode!r}; known: {list(DESCRIPTOR_MODES)}")
+        self.descriptor_mode = descriptor_mode
+        self.timeout_s = timeout_s
+        self.poll_sleep_s = poll_sleep_s
+        self.local = NixlAgent(pool, agent_name or f"pdmesh-puller-{uuid.uuid4().hex[:12]}", thread_safe=True)
+        self._local_dlist = self.local.agent.prep_xfer_dlist(
+            "NIXL_INIT_AGENT", block_descs(self.local.base_address, range(self.local.num_blocks),
+                                           layout.block_bytes, self.local.device_id), self.local.memory_type)
+        self._clients = HolderClients()
+        self._peers: dict[str, _Peer] = {}
+        self._peer_locks: dict[str, asyncio.Lock] = {}
+        self._released: OrderedDict[str, None] = OrderedDict()  # recent leases we released ourselves
+
+    async def connect(self, transfer_address: str) -> None:
+        await self._peer(transfer_address)
+
+    async def pull(self, handle: KvHandle, dst_block_ids: list[int]) -> TransferResult:
+        self.check_request(handle, dst_block_ids)
+        start = time.perf_counter()
+        self._check_lease_alive(handle)
+        retries = 0
+        while True:
+            peer = await self._peer(handle.transfer_address)
+            if max(handle.block_ids, default=0) >= peer.num_blocks:
+                raise KvTransferError(f"block ids beyond the holder's {peer.num_blocks} blocks")
+            state = await asyncio.to_thread(self._read, peer, list(handle.block_ids), list(dst_block_ids))
+            if state == "DONE":
+                break
+            # The holder may have restarted under the same address: its cached metadata is stale.
+            self._forget(handle.transfer_address)
+            if retries:
+                raise KvTransferError(f"NIXL READ from {handle.transfer_address} ended in state {state}")
+            retries += 1
+        verify_start = time.perf_counter()
+        await asyncio.to_thread(self.verify, handle, dst_block_ids)
+        end = time.perf_counter()
+        return TransferResult(self.name, handle.num_bytes, end - start, retries, end - verify_start)
+
+    async def release(self, handle: KvHandle) -> bool:
+        self._released[handle.lease_id] = None
+        while len(self._released) > 4096:
+            self._released.popitem(last=False)
+        return await self._clients.get(handle.transfer_address).release(handle.lease_id)
+
+    async def close(self) -> None:
+        for address in list(self._peers):
+            self._forget(address)
+        self.local.agent.release_dlist_handle(self._local_dlist)
+        self.local.close()
+        await self._clients.close()
+
+    def _check_lease_alive(self, handle: KvHandle) -> None:
+        # NIXL reads memory, not leases: refuse leases known to be gone. A lease that ends during
+        # the read can only hand us reused blocks, which the checksum pass rejects.
+        if handle.lease_id in self._released:
+            raise KvLeaseNotFound(handle.lease_id, "already released by this puller")
+        if handle.lease_expires_unix_ms and handle.lease_expires_unix_ms < time.time() * 1000:
+            raise KvLeaseNotFound(handle.lease_id, "expired")
+
+    async def _peer(self, address: str) -> _Peer:
+        lock = self._peer_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            if address not in self._peers:
+                self._peers[address] = await self._handshake(address)
+            return self._peers[address]
+
+    async def _handshake(self, address: str) -> _Peer:
+        reply = await self._clients.get(address).handshake(self.layout)
+        if not reply.nixl_agent_name:
+            raise KvTransferError(f"holder {address} does not serve NIXL")
+        agent = self.local.agent
+        name = agent.add_remote_agent(reply.nixl_agent_metadata)
+        name = name.decode() if isinstance(name, bytes) else name
+        descs = block_descs(reply.pool_base_address, range(reply.num_blocks), self.layout.block_bytes,
+                            reply.device_id)
+        dlist = agent.prep_xfer_dlist(name, descs, reply.memory_type)
+        return _Peer(name, dlist, reply.pool_base_address, reply.num_blocks, reply.memory_type, reply.device_id)
+
+    def _forget(self, address: str) -> None:
+        peer = self._peers.pop(address, None)
+        if peer is None:
+            return
+        try:
+            self.local.agent.release_dlist_handle(peer.dlist)
+            self.local.agent.remove_remote_agent(peer.agent_name)
+        except Exception as e:  # noqa: BLE001 -- best effort: the peer is being dropped anyway
+            log.warning("dropping NIXL peer %s: %s", address, e)
+
+    def _read(self, peer: _Peer, src: list[int], dst: list[int]) -> str:
+        """One READ request for all blocks; blocks this worker thread until DONE/ERR/timeout."""
+        agent = self.local.agent
+        try:
+            xfer = self._make_request(peer, src, dst)
+        except Exception as e:  # noqa: BLE001 -- a stale peer fails here; caller re-handshakes
+            log.warning("NIXL request to %s failed: %s", peer.agent_name, e)
+            return "ERR"
+        try:
+            state = agent.transfer(xfer)
+            deadline = time.monotonic() + self.timeout_s
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
+                time.sleep(self.poll_sleep_s)
+                state = agent.check_xfer_state(xfer)
+            return state
+        finally:
+            try:
+                agent.release_xfer_handle(xfer)
+            except Exception as e:  # noqa: BLE001 -- an in-flight handle cannot be released; log it
+                log.warning("releasing NIXL transfer handle: %s", e)
+
+    def _make_request(self, peer: _Peer, src: list[int], dst: list[int]):
+        agent = self.local.agent
+        if self.descriptor_mode == "prepped":
+            return agent.make_prepped_xfer("READ", self._local_dlist, np.asarray(dst, dtype=np.int32),
+                                           peer.dlist, np.asarray(src, dtype=np.int32))
+        block_bytes = self.layout.block_bytes
+        runs = contiguous_runs(src, dst)
+        local = np.array([(self.local.base_address + d * block_bytes, n * block_bytes, self.local.device_id)
+                          for _, d, n in runs], dtype=np.uint64)
+        remote = np.array([(peer.base_address + s * block_bytes, n * block_bytes, peer.device_id)
+                           for s, _, n in runs], dtype=np.uint64)
+        return agent.initialize_xfer("READ", agent.get_xfer_descs(local, self.local.memory_type),
+                                     agent.get_xfer_descs(remote, peer.memory_type), peer.agent_name)

@@ -1,0 +1,148 @@
+"""A real holder in another process (grpc.aio on port 0, NIXL-registered pool of seeded random
+data), pulled from this process over every transport into a different pool at different ids."""
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from kvtransfer import (KvChecksumError, KvIncompatibleError, KvLayout, KvLeaseNotFound, available_transports,
+                        make_puller)
+from kvtransfer.holder_process import HolderProcess, seeded_pool
+
+LAYOUT = KvLayout("test-model", "float32", 16, 18, 1, 256)  # real-model block: 589,824 bytes
+HOLDER_BLOCKS, LOCAL_BLOCKS, SEED = 48, 40, 0
+SRC = [3, 4, 5, 10, 20, 7, 8]
+DST = [30, 31, 2, 0, 11, 12, 13]
+TRANSPORTS = [pytest.param("nixl", marks=pytest.mark.skipif("nixl" not in available_transports(),
+                                                             reason="NIXL not usable here")), "grpc"]
+
+
+@pytest.fixture(scope="module")
+def holder():
+    process = HolderProcess(num_blocks=HOLDER_BLOCKS, seed=SEED)
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def holder_data():
+    return seeded_pool(LAYOUT, HOLDER_BLOCKS, SEED)
+
+
+def _local_pool() -> torch.Tensor:
+    return torch.full((LOCAL_BLOCKS, *LAYOUT.block_shape), -7.0)
+
+
+async def _pull(transport, handle, dst, pool, layout=LAYOUT, **opts):
+    puller = make_puller(transport, pool, layout, **opts)
+    try:
+        return await puller.pull(handle, dst), await puller.release(handle)
+    finally:
+        await puller.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pull_is_byte_exact_and_release_frees(holder, holder_data, transport):
+    pool = _local_pool()
+    handle, _ = holder.lend(SRC, num_tokens=len(SRC) * 16 - 5)
+    result, released = asyncio.run(_pull(transport, handle, DST, pool))
+    assert torch.equal(pool[DST], holder_data[SRC])
+    untouched = [b for b in range(LOCAL_BLOCKS) if b not in DST]
+    assert bool((pool[untouched] == -7.0).all())
+    assert (result.transport, result.num_bytes) == (transport, len(SRC) * LAYOUT.block_bytes)
+    assert released and handle.lease_id in holder.freed()
+
+
+@pytest.mark.skipif("nixl" not in available_transports(), reason="NIXL not usable here")
+def test_nixl_coalesced_descriptor_mode_is_byte_exact(holder, holder_data):
+    pool = _local_pool()
+    handle, _ = holder.lend(SRC)
+    asyncio.run(_pull("nixl", handle, DST, pool, descriptor_mode="coalesced"))
+    assert torch.equal(pool[DST], holder_data[SRC])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_concurrent_pulls_on_one_puller(holder, holder_data, transport):
+    pool = _local_pool()
+
+    async def both():
+        puller = make_puller(transport, pool, LAYOUT)
+        handles = [holder.lend([1, 2, 3])[0], holder.lend([9, 8])[0]]
+        await asyncio.gather(puller.pull(handles[0], [5, 6, 7]), puller.pull(handles[1], [20, 1]))
+        for handle in handles:
+            await puller.release(handle)
+        await puller.close()
+
+    asyncio.run(both())
+    assert torch.equal(pool[[5, 6, 7, 20, 1]], holder_data[[1, 2, 3, 9, 8]])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_block_corrupted_after_lend_is_detected(holder, transport):
+    handle, _ = holder.lend(SRC, corrupt=True)
+    with pytest.raises(KvChecksumError) as error:
+        asyncio.run(_pull(transport, handle, DST, _local_pool()))
+    assert error.value.bad_positions == [len(SRC) // 2]
+    assert error.value.bad_dst_block_ids == [DST[len(SRC) // 2]]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mismatched_layout_is_refused_by_the_holder(holder, transport):
+    other = dataclasses.replace(LAYOUT, model_id="another-model")
+    puller = make_puller(transport, torch.zeros(2, *other.block_shape), other)
+
+    async def connect():
+        try:
+            await puller.connect(holder.address)
+        finally:
+            await puller.close()
+
+    with pytest.raises(KvIncompatibleError) as error:
+        asyncio.run(connect())
+    assert other.compat_hash in str(error.value) and LAYOUT.compat_hash in str(error.value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pull_after_release_is_lease_not_found(holder, transport):
+    handle, _ = holder.lend([1, 2])
+
+    async def release_then_pull():
+        puller = make_puller(transport, _local_pool(), LAYOUT)
+        try:
+            assert await puller.release(handle) is True
+            assert await puller.release(handle) is False
+            await puller.pull(handle, [0, 1])
+        finally:
+            await puller.close()
+
+    with pytest.raises(KvLeaseNotFound):
+        asyncio.run(release_then_pull())
+
+
+def test_expired_lease_is_freed_by_the_holder_and_not_served():
+    holder = HolderProcess(num_blocks=8, lease_ttl_s=0.3, no_nixl=True)
+    try:
+        assert holder.transports == ["grpc"]
+        handle, _ = holder.lend([1, 2])
+        time.sleep(0.6)
+        assert handle.lease_id in holder.freed()
+        with pytest.raises(KvLeaseNotFound):
+            asyncio.run(_pull("grpc", handle, [0, 1], _local_pool()))
+    finally:
+        holder.close()
+
+
+@pytest.mark.skipif("nixl" not in available_transports(), reason="NIXL not usable here")
+def test_nixl_over_tcp_only(monkeypatch, holder_data):
+    monkeypatch.setenv("UCX_TLS", "tcp,self")  # read by UCX when the puller's agent is created
+    holder = HolderProcess(num_blocks=HOLDER_BLOCKS, seed=SEED, env={"UCX_TLS": "tcp,self"})
+    try:
+        pool = _local_pool()
+        handle, _ = holder.lend(SRC)
+        result, _ = asyncio.run(_pull("nixl", handle, DST, pool))
+        assert result.transport == "nixl" and torch.equal(pool[DST], holder_data[SRC])
+    finally:
+        holder.close()

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from pdmesh.v1 import kv_transfer_pb2
+
+from kvtransfer.grpc_transport import parse_pull_chunk
+from kvtransfer.handle import KvHandle
+from kvtransfer.layout import KvLayout
+from kvtransfer.leases import Lease
+from kvtransfer.nixl_transport import contiguous_runs
+from kvtransfer.source import KvSource
+
+LAYOUT = KvLayout("m", "float32", 4, 2, 1, 8)  # 512-byte blocks
+
+
+def _handle(**overrides):
+    fields = dict(worker_id="w", transfer_address="127.0.0.1:1", lease_id="L", block_ids=(4, 2), num_tokens=7,
+                  layout=LAYOUT, block_checksums=(2**64 - 1, 5), lease_expires_unix_ms=123, transports=("nixl", "grpc"))
+    return KvHandle(**{**fields, **overrides})
+
+
+def test_handle_proto_round_trip_keeps_full_64_bit_checksums():
+    handle = _handle()
+    assert KvHandle.from_proto(handle.to_proto()) == handle
+    assert handle.num_bytes == 2 * LAYOUT.block_bytes
+
+
+def test_handle_rejects_inconsistent_fields():
+    with pytest.raises(ValueError):
+        _handle(block_checksums=(1,))
+    with pytest.raises(ValueError):
+        _handle(num_tokens=9)
+
+
+@pytest.mark.parametrize("offset, data", [(0, b""), (0, b"abc"), (2**40 + 3, bytes(range(256)) * 300)])
+def test_raw_chunk_parser_agrees_with_protobuf(offset, data):
+    raw = kv_transfer_pb2.PullKvResponse(offset=offset, data=data).SerializeToString()
+    parsed_offset, view = parse_pull_chunk(raw)
+    assert (parsed_offset, bytes(view)) == (offset, data)
+
+
+def test_contiguous_runs_coalesce_only_when_both_sides_advance():
+    assert contiguous_runs([5, 6, 7, 9], [0, 1, 3, 4]) == [(5, 0, 2), (7, 3, 1), (9, 4, 1)]
+
+
+def test_source_chunks_cover_the_lease_in_order_across_runs():
+    pool = torch.rand(8, *LAYOUT.block_shape)
+    source = KvSource(pool, LAYOUT, "w", "addr", enable_nixl=False, chunk_bytes=64 << 10)
+    lease = Lease("L", "r", (6, 1, 2, 3), 1e18, 0)
+    pieces = list(source.chunks(lease, chunk_bytes=1))  # clamped to the 64 KiB minimum
+    joined = b"".join(data for _, data in sorted(pieces))
+    expected = b"".join(pool[b].numpy().tobytes() for b in (6, 1, 2, 3))
+    assert joined == expected and [offset for offset, _ in pieces] == [0, LAYOUT.block_bytes]
+
+
+def test_lend_fills_checksums_lease_and_transports():
+    freed = []
+    pool = torch.rand(8, *LAYOUT.block_shape)
+    source = KvSource(pool, LAYOUT, "w", "addr:1", lease_ttl_s=5, on_free=freed.append, enable_nixl=False)
+    handle = source.lend("req", [3, 5], num_tokens=6)
+    assert handle.transports == ("grpc",) and len(handle.block_checksums) == 2
+    assert source.lease(handle.lease_id).block_ids == (3, 5)
+    assert source.release(handle.lease_id) and [lease.block_ids for lease in freed] == [(3, 5)]
