@@ -50,21 +50,25 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.config.max_num_batched_tokens
-        seqs, query_lens = [], []
+        """Picks the next step's batch; admits and preempts as a side effect."""
+        batch = ScheduledBatch([], [])
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running or not self._make_room(seq):
-                continue  # preempted
-            take = min(seq.num_uncomputed_tokens, budget)
-            seqs.append(seq)
-            query_lens.append(take)
-            budget -= take
+            if seq in self.running and self._make_room(seq):  # else seq itself was preempted
+                budget -= self._take(batch, seq, budget)
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         blocked = False
         for seq in list(self.waiting):
-            if not budget or len(self.running) >= self.config.max_num_seqs:
-                break
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                return
             # First come first served, except that sequences already holding their blocks
             # (imports) may pass a blocked one: they free blocks by finishing.
             if (blocked and not seq.block_table) or not self._admit(seq):
@@ -72,11 +76,14 @@ class Scheduler:
                 continue
             self.waiting.remove(seq)
             self.running.append(seq)
-            take = min(seq.num_uncomputed_tokens, budget)
-            seqs.append(seq)
-            query_lens.append(take)
-            budget -= take
-        return ScheduledBatch(seqs, query_lens)
+            budget -= self._take(batch, seq, budget)
+
+    @staticmethod
+    def _take(batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+        take = min(seq.num_uncomputed_tokens, budget)
+        batch.seqs.append(seq)
+        batch.query_lens.append(take)
+        return take
 
     def finish(self, seq: Sequence) -> None:
         """Removes a finished running seq (the caller frees or keeps its blocks)."""
