@@ -8,6 +8,7 @@ ends with exactly one message carrying a finish reason (or an error status).
 """
 
 import time
+import uuid
 from typing import NamedTuple
 
 import grpc
@@ -53,13 +54,16 @@ class RequestFlow:
             timings.queue_ms = queue_ms
             placement = self._place(job)
             timings.placement_ms = ms() - timings.queue_ms
+            # Workers see an id unique per attempt, so a client reusing its own id never collides.
+            worker_request_id = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
             decode_request = decode_pb2.DecodeRequest(
-                request_id=job.request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
+                request_id=worker_request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
                 max_tokens=job.max_tokens, ignore_eos=job.ignore_eos, priority=_PRIORITY[job.priority])
             cached = 0
             if placement.prefill is not None:
                 start = ms()
-                prefill = await self._prefill(job, placement.prefill.worker.worker_id, remaining(job, t0))
+                prefill = await self._prefill(job._replace(request_id=worker_request_id),
+                                              placement.prefill.worker.worker_id, remaining(job, t0))
                 timings.prefill_ms = ms() - start
                 decode_request.kv_handle.CopyFrom(prefill.kv_handle)
                 decode_request.first_token_id = prefill.first_token_id
