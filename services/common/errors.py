@@ -32,13 +32,13 @@ class FailedPrecondition(Exception):
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    from engine.errors import CapacityError, InvalidRequestError
+    from engine.errors import CapacityError, InvalidRequestError, UnknownRequestError
     from kvtransfer.errors import KvIncompatibleError, KvLeaseNotFound, KvTransferError
 
     table = [
         ((InvalidArgument, InvalidRequestError), grpc.StatusCode.INVALID_ARGUMENT),
         ((ResourceExhausted, CapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ((NotFound, KvLeaseNotFound), grpc.StatusCode.NOT_FOUND),
+        ((NotFound, KvLeaseNotFound, UnknownRequestError), grpc.StatusCode.NOT_FOUND),
         ((FailedPrecondition, KvIncompatibleError), grpc.StatusCode.FAILED_PRECONDITION),
         ((Unavailable, KvTransferError, ConnectionError), grpc.StatusCode.UNAVAILABLE),
         ((TimeoutError,), grpc.StatusCode.DEADLINE_EXCEEDED),
