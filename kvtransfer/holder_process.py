@@ -43,7 +43,7 @@ def _reply(payload: dict) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from kvtransfer.source import KvSource, KvTransferServicer
+    from kvtransfer.source import KvSource, KvTransferServicer, add_kv_transfer_service
 
     layout = KvLayout(args.model_id, "float32", args.block_size, args.num_layers, args.num_kv_heads, args.head_dim)
     pool = seeded_pool(layout, args.num_blocks, args.seed)
@@ -52,7 +52,10 @@ async def _serve(args: argparse.Namespace) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     source = KvSource(pool, layout, "holder-test", f"127.0.0.1:{port}", lease_ttl_s=args.lease_ttl_s,
                       on_free=lambda lease: freed.append(lease.lease_id), enable_nixl=not args.no_nixl)
-    kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server(KvTransferServicer(source), server)
+    if args.generated_registration:
+        kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server(KvTransferServicer(source), server)
+    else:
+        add_kv_transfer_service(KvTransferServicer(source), server)
     await server.start()
     source.start(interval_s=0.05)
     _reply({"address": f"127.0.0.1:{port}", "transports": list(source.transports), "pid": os.getpid()})
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lease-ttl-s", type=float, default=30.0)
     parser.add_argument("--no-nixl", action="store_true")
+    parser.add_argument("--generated-registration", action="store_true",
+                        help="register with the generated add_KvTransferServiceServicer_to_server")
     asyncio.run(_serve(parser.parse_args(argv)))
 
 

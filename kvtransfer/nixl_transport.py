@@ -13,6 +13,7 @@ before constructing a KvSource or NixlPuller.
 import asyncio
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -28,13 +29,18 @@ from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
 
 try:
+    import nixl_cu12._api as _nixl_api
     from nixl_cu12 import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 except ImportError:  # the rest of kvtransfer works without NIXL
-    nixl_agent = nixl_agent_config = nixl_thread_sync_t = None
+    _nixl_api = nixl_agent = nixl_agent_config = nixl_thread_sync_t = None
 
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_MODES = ("prepped", "coalesced")
+# The progress thread's wait between polls. nixl_agent hard-codes 0, which makes an idle agent spin
+# a whole core: fatal on a 2-core worker that also runs the model. 100 us costs ~2% of a core.
+DEFAULT_PROGRESS_DELAY_US = 100
+_construct_lock = threading.Lock()
 
 
 @functools.cache
@@ -43,11 +49,27 @@ def nixl_available() -> bool:
     if nixl_agent is None:
         return False
     try:
-        agent = nixl_agent(f"pdmesh-probe-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=["UCX"]))
+        agent = _new_agent(f"pdmesh-probe-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=["UCX"]))
         return "UCX" in agent.backends
     except Exception as e:  # noqa: BLE001 -- any failure means "not usable here"
         log.info("NIXL unavailable: %s", e)
         return False
+
+
+def _new_agent(name: str, config, progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US):
+    """nixl_agent(name, config) with the progress thread's delay set (the wrapper does not expose it)."""
+    with _construct_lock:
+        bound = _nixl_api.nixlBind.nixlAgent
+
+        def with_delay(agent_name, agent_config):
+            agent_config.pthrDelay = progress_delay_us
+            return bound(agent_name, agent_config)
+
+        _nixl_api.nixlBind.nixlAgent = with_delay
+        try:
+            return nixl_agent(name, config)
+        finally:
+            _nixl_api.nixlBind.nixlAgent = bound
 
 
 def pool_memory(pool: torch.Tensor) -> tuple[str, int]:
@@ -83,12 +105,15 @@ def contiguous_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]
 class NixlAgent:
     """A NIXL agent (UCX backend) with one KV pool registered once for its lifetime."""
 
-    def __init__(self, pool: torch.Tensor, name: str, thread_safe: bool = False) -> None:
+    def __init__(self, pool: torch.Tensor, name: str, thread_safe: bool = False, progress_thread: bool = True,
+                 progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US, num_threads: int = 0) -> None:
         if nixl_agent is None:
             raise KvTransferError("nixl_cu12 is not installed")
         sync = nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if thread_safe else None
         self.name = name
-        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"], sync_mode=sync))
+        config = nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"], sync_mode=sync,
+                                   num_threads=num_threads)
+        self.agent = _new_agent(name, config, progress_delay_us)
         if "UCX" not in self.agent.backends:
             raise KvTransferError("NIXL UCX backend unavailable")
         self.pool = pool
@@ -124,14 +149,16 @@ class NixlPuller(KvPuller):
     name = "nixl"
 
     def __init__(self, pool: torch.Tensor, layout: KvLayout, descriptor_mode: str = "prepped",
-                 timeout_s: float = 30.0, poll_sleep_s: float = 20e-6, agent_name: str | None = None) -> None:
+                 timeout_s: float = 30.0, poll_sleep_s: float = 20e-6, agent_name: str | None = None,
+                 progress_thread: bool = False, num_threads: int = 0) -> None:
         super().__init__(pool, layout)
         if descriptor_mode not in DESCRIPTOR_MODES:
             raise ValueError(f"unknown descriptor_mode {descriptor_mode!r}; known: {list(DESCRIPTOR_MODES)}")
         self.descriptor_mode = descriptor_mode
         self.timeout_s = timeout_s
         self.poll_sleep_s = poll_sleep_s
-        self.local = NixlAgent(pool, agent_name or f"pdmesh-puller-{uuid.uuid4().hex[:12]}", thread_safe=True)
+        self.local = NixlAgent(pool, agent_name or f"pdmesh-puller-{uuid.uuid4().hex[:12]}", thread_safe=True,
+                               progress_thread=progress_thread, num_threads=num_threads)
         self._local_dlist = self.local.agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", block_descs(self.local.base_address, range(self.local.num_blocks),
                                            layout.block_bytes, self.local.device_id), self.local.memory_type)

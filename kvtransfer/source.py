@@ -12,6 +12,7 @@ import uuid
 from typing import Callable, Iterator
 
 import grpc
+import numpy as np
 import torch
 
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -65,14 +66,15 @@ class KvSource:
     def lease(self, lease_id: str) -> Lease | None:
         return self.leases.get(lease_id)
 
-    def chunks(self, lease: Lease, chunk_bytes: int = 0) -> Iterator[tuple[int, bytes]]:
-        """(offset, bytes) pieces of the lease's blocks concatenated in lease order."""
+    def chunks(self, lease: Lease, chunk_bytes: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, uint8 view) pieces of the lease's blocks concatenated in lease order. Views of a
+        host pool alias it: copy them out before the lease can end."""
         chunk_bytes = min(max(chunk_bytes or self.chunk_bytes, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES)
         block_bytes = self.layout.block_bytes
         for run_offset, first_block, num_blocks in _runs(lease.block_ids):
             run = self._run_bytes(first_block, num_blocks)
             for start in range(0, num_blocks * block_bytes, chunk_bytes):
-                yield run_offset * block_bytes + start, bytes(run[start:start + chunk_bytes])
+                yield run_offset * block_bytes + start, run[start:start + chunk_bytes]
 
     def transfer_metadata(self) -> kv_transfer_pb2.GetTransferMetadataResponse:
         reply = kv_transfer_pb2.GetTransferMetadataResponse(layout=self.layout.to_proto(),
@@ -144,13 +146,65 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
         return self.source.transfer_metadata()
 
     async def PullKv(self, request, context):
+        async for offset, data in self._leased_chunks(request, context):
+            yield kv_transfer_pb2.PullKvResponse(offset=offset, data=bytes(data))
+
+    async def PullKvEncoded(self, request, context):
+        """PullKv yielding each PullKvResponse already encoded: one copy per byte instead of three
+        (bytes(), message construction, serialization). Served by add_kv_transfer_service."""
+        async for offset, data in self._leased_chunks(request, context):
+            yield b"".join((encode_pull_chunk_header(offset, len(data)), data))
+
+    async def _leased_chunks(self, request, context):
         lease = self.source.lease(request.lease_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} unknown or expired")
         for offset, data in self.source.chunks(lease, request.chunk_bytes):
             if self.source.lease(request.lease_id) is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
-            yield kv_transfer_pb2.PullKvResponse(offset=offset, data=data)
+            yield offset, data
 
     async def ReleaseKv(self, request, context):
         return kv_transfer_pb2.ReleaseKvResponse(released=self.source.release(request.lease_id))
+
+
+def add_kv_transfer_service(servicer: KvTransferServicer, server: grpc.aio.Server) -> None:
+    """Register servicer like kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server (which
+    also works), but with PullKv sending pre-encoded messages: the fallback transport's holder
+    side then copies each byte once instead of three times."""
+    pb = kv_transfer_pb2
+    handlers = {
+        "GetTransferMetadata": grpc.unary_unary_rpc_method_handler(
+            servicer.GetTransferMetadata, request_deserializer=pb.GetTransferMetadataRequest.FromString,
+            response_serializer=pb.GetTransferMetadataResponse.SerializeToString),
+        "PullKv": grpc.unary_stream_rpc_method_handler(
+            servicer.PullKvEncoded, request_deserializer=pb.PullKvRequest.FromString,
+            response_serializer=_already_encoded),
+        "ReleaseKv": grpc.unary_unary_rpc_method_handler(
+            servicer.ReleaseKv, request_deserializer=pb.ReleaseKvRequest.FromString,
+            response_serializer=pb.ReleaseKvResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
+
+
+_SERVICE = "pdmesh.v1.KvTransferService"
+
+
+def _already_encoded(message: bytes) -> bytes:
+    return message
+
+
+def encode_pull_chunk_header(offset: int, length: int) -> bytes:
+    """Wire bytes of PullKvResponse{offset, data} up to the data itself (fields 1 and 2)."""
+    head = (b"\x08" + _varint(offset)) if offset else b""
+    return head + b"\x12" + _varint(length) if length else head
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -56,6 +56,17 @@ def test_pull_is_byte_exact_and_release_frees(holder, holder_data, transport):
     assert released and handle.lease_id in holder.freed()
 
 
+def test_grpc_with_the_generated_servicer_registration(holder_data):
+    holder = HolderProcess(num_blocks=HOLDER_BLOCKS, seed=SEED, no_nixl=True, generated_registration=True)
+    try:
+        pool = _local_pool()
+        handle, _ = holder.lend(SRC)
+        asyncio.run(_pull("grpc", handle, DST, pool))
+        assert torch.equal(pool[DST], holder_data[SRC])
+    finally:
+        holder.close()
+
+
 @pytest.mark.skipif("nixl" not in available_transports(), reason="NIXL not usable here")
 def test_nixl_coalesced_descriptor_mode_is_byte_exact(holder, holder_data):
     pool = _local_pool()

@@ -61,3 +61,11 @@ def test_lend_fills_checksums_lease_and_transports():
     assert handle.transports == ("grpc",) and len(handle.block_checksums) == 2
     assert source.lease(handle.lease_id).block_ids == (3, 5)
     assert source.release(handle.lease_id) and [lease.block_ids for lease in freed] == [(3, 5)]
+
+
+@pytest.mark.parametrize("offset, length", [(0, 0), (0, 5), (300, 0), (2**40 + 3, 70_000)])
+def test_encoded_chunk_is_a_valid_pull_kv_response(offset, length):
+    from kvtransfer.source import encode_pull_chunk_header
+    data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    msg = kv_transfer_pb2.PullKvResponse.FromString(encode_pull_chunk_header(offset, length) + data)
+    assert (msg.offset, msg.data) == (offset, data)

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a side-by-side table and writes JSON (see ARCHITECTURE.md)."""

@@ -1,0 +1,238 @@
+"""KV handoff throughput between two processes: NIXL (default UCX transports), NIXL with both
+descriptor modes, NIXL forced onto TCP, the gRPC fallback, and an in-process memcpy baseline.
+
+    python -m bench.kv_transfer [--quick] [--json PATH]
+
+Each transport runs in its own puller process with its own holder process (UCX reads UCX_TLS at
+agent creation, so the TCP mode needs fresh processes on both sides). The parent drives every
+worker in turn, one handoff at a time, rotating the order each repetition so drift on a shared
+machine hits all transports alike. A handoff is what a decode worker sees: the holder lends
+(checksums) -> pull (handshake cached; bytes + checksum verify) -> release. Throughput counts
+only the byte movement (pull minus verify); handoff_ms counts everything.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from kvtransfer.layout import KvLayout
+
+LAYOUT = KvLayout("gemma-3-270m", "float32", 16, 18, 1, 256)  # 36,864 B/token, 589,824 B/block
+SIZES_TOKENS = (128, 512, 2048, 8192)
+DST_OFFSET_BLOCKS = 4  # land at different ids than the holder's
+# mode -> (puller transport, puller options, extra environment for puller and holder)
+MODES = {
+    "nixl": ("nixl", {"descriptor_mode": "prepped"}, {}),
+    "nixl_coalesced": ("nixl", {"descriptor_mode": "coalesced"}, {}),
+    "nixl_tcp": ("nixl", {"descriptor_mode": "prepped"}, {"UCX_TLS": "tcp,self"}),
+    "grpc": ("grpc", {}, {}),
+}
+_PREFIX = "KVBENCH "
+
+
+def _blocks(tokens: int) -> int:
+    return -(-tokens // LAYOUT.block_size)
+
+
+# ---- worker: one puller process (plus its holder process) -------------------------------------
+
+async def _worker(mode: str, max_tokens: int) -> None:
+    from kvtransfer import make_puller
+    from kvtransfer.holder_process import HolderProcess
+
+    transport, options, env = MODES[mode]
+    num_blocks = _blocks(max_tokens) + DST_OFFSET_BLOCKS
+    holder = HolderProcess(env=env, num_blocks=num_blocks, model_id=LAYOUT.model_id, no_nixl=transport != "nixl")
+    pool = torch.zeros((num_blocks, *LAYOUT.block_shape))
+    puller = make_puller(transport, pool, LAYOUT, **options)
+    await puller.connect(holder.address)
+    _answer({"ready": mode})
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        tokens = json.loads(line)["tokens"]
+        _answer(await _handoff(holder, puller, tokens))
+    await puller.close()
+    holder.close()
+
+
+async def _handoff(holder, puller, tokens: int) -> dict:
+    n = _blocks(tokens)
+    start = time.perf_counter()
+    handle, lend_ms = holder.lend(list(range(n)), num_tokens=tokens)
+    lent = time.perf_counter()
+    result = await puller.pull(handle, list(range(DST_OFFSET_BLOCKS, DST_OFFSET_BLOCKS + n)))
+    pulled = time.perf_counter()
+    await puller.release(handle)
+    released = time.perf_counter()
+    return {"bytes": result.num_bytes, "transfer_s": result.seconds - result.verify_seconds,
+            "verify_s": result.verify_seconds, "lend_ms": lend_ms, "control_ms": (lent - start) * 1000 - lend_ms,
+            "pull_ms": (pulled - lent) * 1000, "release_ms": (released - pulled) * 1000,
+            "handoff_ms": lend_ms + (released - lent) * 1000}
+
+
+def _answer(payload: dict) -> None:
+    sys.stdout.write(_PREFIX + json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+# ---- parent: drive workers side by side ----------------------------------------------------------
+
+class _Worker:
+    def __init__(self, mode: str, max_tokens: int) -> None:
+        env = {**os.environ, **MODES[mode][2]}
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.kv_transfer", "--worker", mode,
+                                      "--max-tokens", str(max_tokens)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def wait_ready(self) -> "_Worker":
+        self._read()
+        return self
+
+    def handoff(self, tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+    def _read(self) -> dict:
+        while line := self.proc.stdout.readline():
+            if line.startswith(_PREFIX):
+                return json.loads(line[len(_PREFIX):])
+        raise RuntimeError(f"bench worker exited with {self.proc.wait()}")
+
+
+class _Memcpy:
+    """The baseline: torch copy of the same bytes between two pools in one process."""
+
+    def __init__(self, max_tokens: int) -> None:
+        num_blocks = _blocks(max_tokens) + DST_OFFSET_BLOCKS
+        self.src = torch.rand((num_blocks, *LAYOUT.block_shape))
+        self.dst = torch.zeros_like(self.src)
+
+    def handoff(self, tokens: int) -> dict:
+        n = _blocks(tokens)
+        start = time.perf_counter()
+        self.dst[DST_OFFSET_BLOCKS:DST_OFFSET_BLOCKS + n].copy_(self.src[:n])
+        seconds = time.perf_counter() - start
+        return {"bytes": n * LAYOUT.block_bytes, "transfer_s": seconds}
+
+
+def _summarize(samples: dict, sizes, modes) -> list[dict]:
+    rows = []
+    for tokens in sizes:
+        memcpy_gbps = _gbps(samples[("memcpy", tokens)])
+        for mode in ("memcpy", *modes):
+            runs = samples[(mode, tokens)]
+            gbps = _gbps(runs)
+            row = {"tokens": tokens, "mode": mode, "bytes": runs[0]["bytes"], "gbps": round(gbps, 3),
+                   "transfer_ms": round(statistics.median(r["transfer_s"] for r in runs) * 1000, 3),
+                   "vs_memcpy": round(gbps / memcpy_gbps, 3), "reps": len(runs)}
+            for key in ("lend_ms", "pull_ms", "release_ms", "handoff_ms"):
+                if key in runs[0]:
+                    row[key] = round(statistics.median(r[key] for r in runs), 3)
+            if "verify_s" in runs[0]:
+                row["verify_ms"] = round(statistics.median(r["verify_s"] for r in runs) * 1000, 3)
+            rows.append(row)
+    return rows
+
+
+def _gbps(runs: list[dict]) -> float:
+    return runs[0]["bytes"] / statistics.median(r["transfer_s"] for r in runs) / 1e9
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"\n{'tokens':>6} {'mode':<15} {'MiB':>7} {'GB/s':>7} {'x memcpy':>9} {'xfer ms':>8} "
+          f"{'verify ms':>9} {'lend ms':>8} {'handoff ms':>10}")
+    for r in rows:
+        print(f"{r['tokens']:>6} {r['mode']:<15} {r['bytes'] / 2**20:>7.1f} {r['gbps']:>7.2f} {r['vs_memcpy']:>9.2f} "
+              f"{r['transfer_ms']:>8.2f} {r.get('verify_ms', 0):>9.2f} {r.get('lend_ms', 0):>8.2f} "
+              f"{r.get('handoff_ms', 0):>10.2f}")
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from kvtransfer import available_transports
+
+    sizes = SIZES_TOKENS
+    reps = args.reps or (5 if args.quick else 15)
+    modes = [m for m in MODES if MODES[m][0] != "nixl" or "nixl" in available_transports()]
+    max_tokens = max(sizes)
+    _progress(f"starting {len(modes)} puller+holder process pairs ({', '.join(modes)}) and the memcpy baseline")
+    starting = {m: _Worker(m, max_tokens) for m in modes}  # start all, then wait: startup runs in parallel
+    workers = {"memcpy": _Memcpy(max_tokens), **{m: w.wait_ready() for m, w in starting.items()}}
+    _progress("workers ready; warming up")
+    order = list(workers)
+    for tokens in sizes:  # warm-up: first touch of pages, connections, NIXL endpoints
+        for worker in workers.values():
+            worker.handoff(tokens)
+    samples: dict = {(mode, tokens): [] for mode in order for tokens in sizes}
+    for rep in range(reps):
+        order = order[1:] + order[:1]
+        for tokens in sizes:
+            for mode in order:
+                samples[(mode, tokens)].append(workers[mode].handoff(tokens))
+        _progress(f"rep {rep + 1}/{reps}: " + ", ".join(
+            f"{mode} {_gbps(samples[(mode, 2048)][-1:]):.2f}" for mode in order) + " GB/s at 2048 tokens")
+    for mode in modes:
+        workers[mode].close()
+    rows = _summarize(samples, sizes, modes)
+    return _report(rows, reps)
+
+
+def _report(rows: list[dict], reps: int) -> dict:
+    at = {(r["mode"], r["tokens"]): r for r in rows}
+    report = {"table": rows, "reps": reps, "layout": {"bytes_per_token": LAYOUT.bytes_per_token,
+                                                      "block_bytes": LAYOUT.block_bytes},
+              "ucx_tls": os.environ.get("UCX_TLS", "(default)")}
+    if ("nixl", 2048) in at:
+        report["nixl_vs_memcpy"] = at[("nixl", 2048)]["vs_memcpy"]
+        report["nixl_vs_memcpy_by_tokens"] = {t: at[("nixl", t)]["vs_memcpy"] for t in SIZES_TOKENS}
+        report["nixl_coalesced_vs_prepped_2048"] = round(at[("nixl_coalesced", 2048)]["gbps"] / at[("nixl", 2048)]["gbps"], 3)
+        report["fallback_vs_nixl_tcp"] = round(at[("grpc", 2048)]["gbps"] / at[("nixl_tcp", 2048)]["gbps"], 3)
+        report["fallback_vs_nixl_tcp_by_tokens"] = {
+            t: round(at[("grpc", t)]["gbps"] / at[("nixl_tcp", t)]["gbps"], 3) for t in SIZES_TOKENS}
+        row = at[("nixl", 2048)]
+        report["handoff_ms_2048"] = row["handoff_ms"]
+        report["handoff_breakdown_2048"] = {k: row[k] for k in ("lend_ms", "pull_ms", "verify_ms", "release_ms")}
+    report["handoff_ms_2048_grpc"] = at[("grpc", 2048)]["handoff_ms"]
+    return report
+
+
+def _progress(message: str) -> None:
+    print(f"[kv_transfer {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="KV handoff throughput: NIXL vs NIXL/TCP vs gRPC vs memcpy")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (~2 min)")
+    parser.add_argument("--reps", type=int, default=0, help="repetitions per size and transport")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--max-tokens", type=int, default=max(SIZES_TOKENS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        asyncio.run(_worker(args.worker, args.max_tokens))
+        return
+    report = _run(args)
+    _print_table(report["table"])
+    for key in ("nixl_vs_memcpy", "nixl_coalesced_vs_prepped_2048", "fallback_vs_nixl_tcp", "handoff_ms_2048",
+                "handoff_breakdown_2048", "handoff_ms_2048_grpc"):
+        if key in report:
+            print(f"{key}: {report[key]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        _progress(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
