@@ -77,9 +77,13 @@ def prepare(cache: Path | str | None = None) -> PreparedModel:
     return prepared
 
 
-def load_model(config: ModelConfig, device: str = "cpu"):
+def load_model(config: ModelConfig, device: str = "cpu", lm_head_dtype: torch.dtype | None = None):
     """The model in eval mode: random weights from `config.random_seed` if set, else the real
-    checkpoint (running prepare() first if needed)."""
+    checkpoint (running prepare() first if needed).
+
+    `lm_head_dtype` defaults to bfloat16 for the real weights (decode speed; top-32 logits per
+    row exact, the rest within ~0.12 of float32, see engine/model.py) and float32 for random
+    weights (tests compare exactly)."""
     from engine.model import Gemma3ForCausalLM
     _apply_thread_setting()
     if config.random_seed is not None:
@@ -87,7 +91,9 @@ def load_model(config: ModelConfig, device: str = "cpu"):
     else:
         from safetensors.torch import load_file
         state = load_file(str(prepare().weights_path))
-    model = Gemma3ForCausalLM(config)
+    if lm_head_dtype is None:
+        lm_head_dtype = torch.float32 if config.random_seed is not None else torch.bfloat16
+    model = Gemma3ForCausalLM(config, lm_head_dtype)
     model.load_state_dict_unfused(state)
     return model.to(device).eval()
 

@@ -1,7 +1,9 @@
 """Our Gemma-3-270M against Hugging Face transformers loading the same GGUF.
 
-Both dequantize the same Q4_K_M file to float32, so they should agree to float rounding: we
-observe a max abs logit difference of ~1.3e-5 (logits span about -30..+30) and assert < 1e-3.
+Both dequantize the same Q4_K_M file to float32, so they agree to float rounding: with a float32
+LM head we observe a max abs logit difference of ~1.3e-5 (logits span about -30..+30) and assert
+< 1e-3. The served bfloat16 LM head recomputes each row's top-32 logits in float32 (top-16 asserted
+< 1e-3 there too) and leaves the rest within ~0.12 (observed); we assert < 0.25 and the same argmax.
 """
 
 import os
@@ -16,6 +18,7 @@ from engine.weights import prepare
 
 PROMPT = "The capital of France is"
 LOGIT_ATOL = 1e-3
+SERVED_LOGIT_ATOL = 0.25
 # Greedy, 20 tokens, identical in both (a 4-bit 270M model is fluent, not knowledgeable).
 GOLDEN_CONTINUATION = " the capital of the country of France. It is the largest city in France and the second largest city"
 BLOCK_SIZE = 16
@@ -58,11 +61,21 @@ def test_next_token_logits_match_transformers(real_model, tokenizer, hf_model):
     ids = tokenizer.encode(PROMPT)
     with torch.inference_mode():
         theirs = hf_model(torch.tensor([ids])).logits[0, -1].float()
+        exact = real_model.compute_exact_logits(_paged_hidden(real_model, ids)[-1:])[0]
+        served = real_model.compute_logits(_paged_hidden(real_model, ids)[-1:])[0]
         reference = real_model.reference_forward(torch.tensor(ids))[-1]
-    _, paged = paged_greedy(real_model, ids, max_new_tokens=1)
-    assert (paged - theirs).abs().max() < LOGIT_ATOL
-    assert (reference - theirs).abs().max() < LOGIT_ATOL
-    assert int(paged.argmax()) == int(theirs.argmax())
+    assert (exact - theirs).abs().max() < LOGIT_ATOL
+    assert (served - theirs).abs().max() < SERVED_LOGIT_ATOL
+    top = theirs.topk(real_model.EXACT_TOP_K // 2).indices  # the edge of the approximate top-k may differ
+    assert (served[top] - theirs[top]).abs().max() < LOGIT_ATOL
+    assert (reference - theirs).abs().max() < SERVED_LOGIT_ATOL
+    assert int(served.argmax()) == int(theirs.argmax())
+
+
+def _paged_hidden(model, ids: list[int]) -> torch.Tensor:
+    pool = allocate_kv_pool(model.config, CacheConfig(block_size=BLOCK_SIZE, num_blocks=4))
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[3, 1]], BLOCK_SIZE)
+    return model(torch.tensor(ids), meta.positions(), pool, meta)
 
 
 def test_greedy_tokens_match_transformers(real_model, tokenizer, hf_model):

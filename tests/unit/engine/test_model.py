@@ -112,3 +112,15 @@ def test_forward_writes_new_tokens_kv_into_their_slots(tiny_model, pool):
     # Block table[1] holds positions 8, 9: written; its offsets 2.. stay untouched zeros.
     assert pool[table[1], :, :, :2].abs().sum() > 0
     assert pool[table[1], :, :, 2:].abs().sum() == 0
+
+
+def test_reduced_precision_lm_head_keeps_each_rows_top_logits_exact(tiny_config):
+    from engine.weights import load_model
+    model = load_model(tiny_config, lm_head_dtype=torch.bfloat16)
+    hidden = torch.randn(4, tiny_config.hidden_size, generator=torch.Generator().manual_seed(5)) * 3
+    with torch.inference_mode():
+        served, exact = model.compute_logits(hidden), model.compute_exact_logits(hidden)
+    top = exact.topk(model.EXACT_TOP_K // 2, dim=-1).indices
+    torch.testing.assert_close(served.gather(1, top), exact.gather(1, top), atol=1e-5, rtol=0)
+    assert torch.equal(served.argmax(-1), exact.argmax(-1))
+    assert 0 < (served - exact).abs().max() < 0.5  # the rest is bf16-rounded, not exact
