@@ -112,18 +112,25 @@ class _Worker:
 
 
 class _Memcpy:
-    """The baseline: torch copy of the same bytes between two pools in one process."""
+    """The baseline: torch copy of the same bytes between two pools in one process, with torch's
+    default intra-op threads ("memcpy", the reference of every ratio) or one thread ("memcpy_1t")."""
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, threads: int = 0) -> None:
         num_blocks = _blocks(max_tokens) + DST_OFFSET_BLOCKS
         self.src = torch.rand((num_blocks, *LAYOUT.block_shape))
         self.dst = torch.zeros_like(self.src)
+        self.threads = threads
 
     def handoff(self, tokens: int) -> dict:
         n = _blocks(tokens)
-        start = time.perf_counter()
-        self.dst[DST_OFFSET_BLOCKS:DST_OFFSET_BLOCKS + n].copy_(self.src[:n])
-        seconds = time.perf_counter() - start
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or default_threads)
+        try:
+            start = time.perf_counter()
+            self.dst[DST_OFFSET_BLOCKS:DST_OFFSET_BLOCKS + n].copy_(self.src[:n])
+            seconds = time.perf_counter() - start
+        finally:
+            torch.set_num_threads(default_threads)
         return {"bytes": n * LAYOUT.block_bytes, "transfer_s": seconds}
 
 
@@ -163,12 +170,13 @@ def _run(args: argparse.Namespace) -> dict:
     from kvtransfer import available_transports
 
     sizes = SIZES_TOKENS
-    reps = args.reps or (5 if args.quick else 15)
+    reps = args.reps or (15 if args.quick else 40)
     modes = [m for m in MODES if MODES[m][0] != "nixl" or "nixl" in available_transports()]
     max_tokens = max(sizes)
     _progress(f"starting {len(modes)} puller+holder process pairs ({', '.join(modes)}) and the memcpy baseline")
     starting = {m: _Worker(m, max_tokens) for m in modes}  # start all, then wait: startup runs in parallel
-    workers = {"memcpy": _Memcpy(max_tokens), **{m: w.wait_ready() for m, w in starting.items()}}
+    workers = {"memcpy": _Memcpy(max_tokens), "memcpy_1t": _Memcpy(max_tokens, threads=1),
+               **{m: w.wait_ready() for m, w in starting.items()}}
     _progress("workers ready; warming up")
     order = list(workers)
     for tokens in sizes:  # warm-up: first touch of pages, connections, NIXL endpoints
@@ -184,7 +192,7 @@ def _run(args: argparse.Namespace) -> dict:
             f"{mode} {_gbps(samples[(mode, 2048)][-1:]):.2f}" for mode in order) + " GB/s at 2048 tokens")
     for mode in modes:
         workers[mode].close()
-    rows = _summarize(samples, sizes, modes)
+    rows = _summarize(samples, sizes, ["memcpy_1t", *modes])
     return _report(rows, reps)
 
 
@@ -192,10 +200,12 @@ def _report(rows: list[dict], reps: int) -> dict:
     at = {(r["mode"], r["tokens"]): r for r in rows}
     report = {"table": rows, "reps": reps, "layout": {"bytes_per_token": LAYOUT.bytes_per_token,
                                                       "block_bytes": LAYOUT.block_bytes},
-              "ucx_tls": os.environ.get("UCX_TLS", "(default)")}
+              "ucx_tls": os.environ.get("UCX_TLS", "(default)"), "memcpy_torch_threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count()}
     if ("nixl", 2048) in at:
         report["nixl_vs_memcpy"] = at[("nixl", 2048)]["vs_memcpy"]
         report["nixl_vs_memcpy_by_tokens"] = {t: at[("nixl", t)]["vs_memcpy"] for t in SIZES_TOKENS}
+        report["nixl_vs_memcpy_1thread_2048"] = round(at[("nixl", 2048)]["gbps"] / at[("memcpy_1t", 2048)]["gbps"], 3)
         report["nixl_coalesced_vs_prepped_2048"] = round(at[("nixl_coalesced", 2048)]["gbps"] / at[("nixl", 2048)]["gbps"], 3)
         report["fallback_vs_nixl_tcp"] = round(at[("grpc", 2048)]["gbps"] / at[("nixl_tcp", 2048)]["gbps"], 3)
         report["fallback_vs_nixl_tcp_by_tokens"] = {
@@ -203,6 +213,9 @@ def _report(rows: list[dict], reps: int) -> dict:
         row = at[("nixl", 2048)]
         report["handoff_ms_2048"] = row["handoff_ms"]
         report["handoff_breakdown_2048"] = {k: row[k] for k in ("lend_ms", "pull_ms", "verify_ms", "release_ms")}
+        report["targets"] = {
+            "nixl_ge_0.8x_memcpy_at_ge_2048": all(at[("nixl", t)]["vs_memcpy"] >= 0.8 for t in SIZES_TOKENS if t >= 2048),
+            "fallback_ge_nixl_tcp": report["fallback_vs_nixl_tcp"] >= 1.0}
     report["handoff_ms_2048_grpc"] = at[("grpc", 2048)]["handoff_ms"]
     return report
 
@@ -224,8 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     report = _run(args)
     _print_table(report["table"])
-    for key in ("nixl_vs_memcpy", "nixl_coalesced_vs_prepped_2048", "fallback_vs_nixl_tcp", "handoff_ms_2048",
-                "handoff_breakdown_2048", "handoff_ms_2048_grpc"):
+    for key in ("nixl_vs_memcpy", "nixl_vs_memcpy_by_tokens", "nixl_vs_memcpy_1thread_2048", "nixl_coalesced_vs_prepped_2048", "fallback_vs_nixl_tcp",
+                "fallback_vs_nixl_tcp_by_tokens", "handoff_ms_2048", "handoff_breakdown_2048", "handoff_ms_2048_grpc",
+                "targets"):
         if key in report:
             print(f"{key}: {report[key]}")
     if args.json:
