@@ -31,7 +31,8 @@ _MIN_CHUNK_BYTES, _MAX_CHUNK_BYTES = 64 << 10, 32 << 20
 
 class KvSource:
     """Lends blocks of one pool. lend/release/lease are thread-safe; on_free(lease) runs in the
-    thread that released or expired the lease (the event loop for RPCs and the expiry task)."""
+    thread that released or expired the lease: the event loop for RPCs and the expiry task, or the
+    thread calling lend() (which sweeps expired leases first)."""
 
     def __init__(self, pool: torch.Tensor, layout: KvLayout, worker_id: str, advertise_address: str,
                  lease_ttl_s: float = 30.0, on_free: Callable[[Lease], None] | None = None,
@@ -88,8 +89,8 @@ class KvSource:
         return reply
 
     def start(self, interval_s: float | None = None) -> None:
-        """Start the background task that expires leases (needs a running event loop)."""
-        if self._expiry_task is None:
+        """Start the background task that expires leases (needs a running event loop; idempotent)."""
+        if self._expiry_task is None or self._expiry_task.done():
             interval_s = interval_s or min(1.0, self.leases.ttl_s / 4)
             self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever(interval_s))
 
@@ -131,12 +132,14 @@ def _runs(block_ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
 
 class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
     """pdmesh.v1.KvTransferService for grpc.aio over one KvSource. Maps domain state to status
-    codes: layout mismatch -> FAILED_PRECONDITION, unknown/expired lease -> NOT_FOUND."""
+    codes: layout mismatch -> FAILED_PRECONDITION, unknown/expired lease -> NOT_FOUND.
+    Starts the source's expiry task on its first RPC if nobody called source.start()."""
 
     def __init__(self, source: KvSource) -> None:
         self.source = source
 
     async def GetTransferMetadata(self, request, context):
+        self.source.start()
         mine = self.source.layout.compat_hash
         if request.layout.compat_hash != mine:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -156,6 +159,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
             yield b"".join((encode_pull_chunk_header(offset, len(data)), data))
 
     async def _leased_chunks(self, request, context):
+        self.source.start()
         lease = self.source.lease(request.lease_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} unknown or expired")
@@ -165,6 +169,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
             yield offset, data
 
     async def ReleaseKv(self, request, context):
+        self.source.start()
         return kv_transfer_pb2.ReleaseKvResponse(released=self.source.release(request.lease_id))
 
 
