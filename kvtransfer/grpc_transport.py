@@ -5,6 +5,7 @@ The stream is read with a raw deserializer that returns a view into the received
 of a protobuf bytes field, so each byte is copied once from gRPC's buffer into the pool.
 """
 
+import asyncio
 import time
 
 import grpc
@@ -57,7 +58,7 @@ class GrpcPuller(KvPuller):
                     raise domain_error(e, handle.lease_id) from e
                 retries += 1
         verify_start = time.perf_counter()
-        self.verify(handle, dst_block_ids)
+        await asyncio.to_thread(self.verify, handle, dst_block_ids)
         end = time.perf_counter()
         return TransferResult(self.name, handle.num_bytes, end - start, retries, end - verify_start)
 

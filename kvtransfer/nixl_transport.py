@@ -231,6 +231,10 @@ class NixlPuller(KvPuller):
         if not reply.nixl_agent_name:
             raise KvTransferError(f"holder {address} does not serve NIXL")
         agent = self.local.agent
+        try:  # a holder restarted under the same agent name: drop its stale metadata first
+            agent.remove_remote_agent(reply.nixl_agent_name)
+        except Exception:  # noqa: BLE001 -- the usual case: we never knew it
+            pass
         name = agent.add_remote_agent(reply.nixl_agent_metadata)
         name = name.decode() if isinstance(name, bytes) else name
         descs = block_descs(reply.pool_base_address, range(reply.num_blocks), self.layout.block_bytes,

@@ -157,3 +157,24 @@ def test_nixl_over_tcp_only(monkeypatch, holder_data):
         assert result.transport == "nixl" and torch.equal(pool[DST], holder_data[SRC])
     finally:
         holder.close()
+
+
+@pytest.mark.skipif("nixl" not in available_transports(), reason="NIXL not usable here")
+def test_nixl_stale_peer_is_re_handshaken_once(holder, holder_data):
+    pool = _local_pool()
+    handle, _ = holder.lend(SRC)
+
+    async def pull_with_stale_peer():
+        puller = make_puller("nixl", pool, LAYOUT, descriptor_mode="coalesced")
+        try:
+            await puller.connect(holder.address)
+            peer = puller._peers[holder.address]
+            # What a restarted holder looks like from here: cached metadata naming an agent that is gone.
+            puller._peers[holder.address] = dataclasses.replace(peer, agent_name="holder-that-restarted")
+            return await puller.pull(handle, DST)
+        finally:
+            await puller.release(handle)
+            await puller.close()
+
+    result = asyncio.run(pull_with_stale_peer())
+    assert result.retries == 1 and torch.equal(pool[DST], holder_data[SRC])
