@@ -93,11 +93,12 @@ def test_concurrent_pulls_on_one_puller(holder, holder_data, transport):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_block_corrupted_after_lend_is_detected(holder, transport):
-    handle, _ = holder.lend(SRC, corrupt=True)
+    src = [40 + i for i in range(len(DST))]  # blocks no other test reads: the corruption stays
+    handle, _ = holder.lend(src, corrupt=True)
     with pytest.raises(KvChecksumError) as error:
         asyncio.run(_pull(transport, handle, DST, _local_pool()))
-    assert error.value.bad_positions == [len(SRC) // 2]
-    assert error.value.bad_dst_block_ids == [DST[len(SRC) // 2]]
+    assert error.value.bad_positions == [len(src) // 2]
+    assert error.value.bad_dst_block_ids == [DST[len(src) // 2]]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
