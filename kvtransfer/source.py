@@ -7,7 +7,6 @@ once, here, so a puller's READ needs nothing from this process per handoff.
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Callable, Iterator
 
