@@ -114,12 +114,12 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         batch, max_query_len = plan.query_rows.shape
         group = cfg.num_heads // cfg.num_kv_heads
-        context = kv_cache[view.block_ids, self.layer]  # [B, NB, 2, bs, Hkv, D]
-        context = context.permute(2, 0, 4, 1, 3, 5).reshape(2, batch, cfg.num_kv_heads, -1, cfg.head_dim)
+        # [B, NB, bs, Hkv, D] -> [B, Hkv, NB * bs, D]: a view, no copy, when Hkv == 1.
+        keys, values = (kv_cache[view.block_ids, self.layer, kind].flatten(1, 2).transpose(1, 2) for kind in (0, 1))
         # [B, Q, Hkv, group, D] -> [B, Hkv, group * Q, D]
         padded_q = q[plan.query_rows].view(batch, max_query_len, cfg.num_kv_heads, group, cfg.head_dim)
         padded_q = padded_q.permute(0, 2, 3, 1, 4).reshape(batch, cfg.num_kv_heads, group * max_query_len, -1)
-        out = F.scaled_dot_product_attention(padded_q, context[0], context[1], attn_mask=view.mask,
+        out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=view.mask,
                                              scale=cfg.query_pre_attn_scalar ** -0.5)
         out = out.view(batch, cfg.num_kv_heads, group, max_query_len, cfg.head_dim).permute(0, 3, 1, 2, 4)
         return out[plan.query_valid].reshape(-1, cfg.num_heads * cfg.head_dim)

@@ -157,6 +157,7 @@ def _write_atomically(path: Path, write) -> None:
     tmp = _tmp_path(path)
     try:
         write(tmp)
+        tmp.chmod(0o644)  # some writers create 0600 temp files; the cache is shared read-only
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
