@@ -87,3 +87,30 @@ def test_workers_report_who_computed_the_prompt(tiny_mesh):
     else:
         assert report.prompt_tokens_computed_total == 0
     assert report.generated_tokens_total > 0
+
+
+def test_state_stream_snapshot_then_kv_events_use_the_engine_hashes(tiny_mesh):
+    from engine.hashing import block_hashes
+
+    holder = "decode-0" if tiny_mesh.mode == "local" else "prefill-0"
+    address = next(p for p in tiny_mesh.processes if p.name == holder).info["address"]
+    prompt = [2] + list(range(3000, 3040))  # 41 tokens: two full blocks of 16
+    expected = block_hashes(prompt, 16)
+    with grpc.insecure_channel(address) as channel:
+        stream = worker_state_pb2_grpc.WorkerStateServiceStub(channel).StreamState(
+            worker_state_pb2.StreamStateRequest(load_report_interval_ms=50), timeout=30)
+        first = next(stream)
+        assert first.worker_id == holder and first.WhichOneof("update") == "kv_events"
+        kinds = [e.WhichOneof("event") for e in first.kv_events.events]
+        assert kinds == ["cleared", "stored"], "a new subscriber starts from a snapshot"
+        assert not set(expected) & set(first.kv_events.events[1].stored.block_hashes)
+        run(tiny_mesh.stub, prompt, 2, common_pb2.SamplingParams())
+        stored = set()
+        for update in stream:
+            if update.WhichOneof("update") == "kv_events":
+                stored |= {h for e in update.kv_events.events if e.WhichOneof("event") == "stored"
+                           for h in e.stored.block_hashes}
+            if set(expected) <= stored:
+                break
+        stream.cancel()
+    assert set(expected) <= stored
