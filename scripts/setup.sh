@@ -5,17 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip -q still prints one warning per missing local index directory on these hosts; drop those.
+pip_install() { .venv/bin/pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 stamp=.venv/.pdmesh-installed
 want=$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+  pip_install torch==2.13.0
+  pip_install -r requirements-dev.txt
   # `nixl` (the meta package) also wants nixl-cu13; we import nixl_cu12 directly.
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps nixl-cu12==1.5.1
+  pip_install --no-deps nixl-cu12==1.5.1
   # The `pdmesh` command (editable: the repo is the code).
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  pip_install --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
 # Generated stubs are committed; regenerate only if someone deleted them.
