@@ -71,7 +71,9 @@ async def run_worker(config: WorkerConfig,
     log.info("%s worker %s listening on %s", config.role, config.worker_id, ctx.advertise_address)
     await stop.wait()
     log.info("draining (grace %.0fs)", config.drain_grace_s)
+    hub.close()  # routers see the state stream end and stop placing work here
     await server.drain_and_stop(config.drain_grace_s)
+    log.info("drained")
     if on_stop is not None:
         on_stop(ctx)
     runner.stop()

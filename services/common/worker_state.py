@@ -42,6 +42,7 @@ class WorkerStateHub:
         self._loop = loop
         self._subscribers: set[asyncio.Queue] = set()
         self.snapshot = WorkerSnapshot()
+        self.closed = False
 
     def publish_from_engine_thread(self, engine) -> None:
         """Called by the engine thread after each step."""
@@ -56,8 +57,16 @@ class WorkerStateHub:
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
+        if self.closed:
+            q.put_nowait(None)
         self._subscribers.add(q)
         return q
+
+    def close(self) -> None:
+        """Ends every subscription (a draining worker stops advertising itself)."""
+        self.closed = True
+        for q in self._subscribers:
+            q.put_nowait(None)
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self._subscribers.discard(q)
@@ -79,12 +88,19 @@ class WorkerStateServicer(ws_grpc.WorkerStateServiceServicer):
                 ws_pb2.KvEvent(cleared=ws_pb2.AllBlocksCleared()),
                 ws_pb2.KvEvent(stored=ws_pb2.BlocksStored(block_hashes=list(cached), block_size=self._block_size))]))
             yield self._load_message()
+            next_report = time.monotonic() + interval
             while True:
                 try:
-                    batch = await asyncio.wait_for(events.get(), timeout=interval)
-                    yield self._message(kv_events=ws_pb2.KvEventBatch(events=[self._event(e) for e in batch]))
+                    batch = await asyncio.wait_for(events.get(), timeout=max(0.0, next_report - time.monotonic()))
                 except asyncio.TimeoutError:
+                    batch = []
+                if batch is None:
+                    return  # the worker is draining
+                if batch:
+                    yield self._message(kv_events=ws_pb2.KvEventBatch(events=[self._event(e) for e in batch]))
+                if time.monotonic() >= next_report:  # load reports keep flowing under a storm of events
                     yield self._load_message()
+                    next_report = time.monotonic() + interval
         finally:
             self._hub.unsubscribe(events)
 
