@@ -274,3 +274,36 @@ def test_bad_requests_raise_typed_errors(tiny_model, tiny_config, prompt, max_to
     engine.add_request("r", [1, 2], GREEDY, 1)  # the failed add did not take the id
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("r", [1, 2], GREEDY, 1)
+
+
+class _LogitsRecorder:
+    """The real model, with every compute_logits result kept for comparison."""
+
+    def __init__(self, model):
+        self._model, self.logits = model, []
+
+    def forward(self, *args):
+        return self._model.forward(*args)
+
+    def compute_logits(self, hidden):
+        out = self._model.compute_logits(hidden)
+        self.logits.append(out.clone())
+        return out
+
+
+def test_prefix_cache_reuse_gives_the_same_logits_as_recompute(tiny_model, tiny_config):
+    shared = _prompt(20, 21)  # 5 full blocks of 4 reused, the rest computed
+    second = shared + _prompt(6, 22)
+    cached = _LogitsRecorder(tiny_model)
+    engine = _engine(cached, tiny_config)
+    engine.add_request("first", shared + _prompt(3, 23), GREEDY, 1, ignore_eos=True)
+    _run(engine)
+    engine.add_request("second", second, GREEDY, 1, ignore_eos=True)
+    out = _run(engine)
+    recomputed = _LogitsRecorder(tiny_model)
+    plain = _engine(recomputed, tiny_config, caching=False)
+    plain.add_request("second", second, GREEDY, 1, ignore_eos=True)
+    _run(plain)
+    assert engine.stats.prompt_tokens_cached == 20
+    assert out["second"][0]
+    torch.testing.assert_close(cached.logits[-1], recomputed.logits[-1], rtol=1e-5, atol=1e-5)
