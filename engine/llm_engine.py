@@ -211,11 +211,21 @@ class LLMEngine:
         tokens: list[int | None] = [None] * len(seqs)
         if done:
             rows = meta.last_token_indices()[done].to(device)
-            logits = self.model.compute_logits(hidden[rows]).float().cpu()
-            picked = sample(logits, [seqs[i].sampling for i in done], [seqs[i].num_generated_tokens for i in done])
+            params = [seqs[i].sampling for i in done]
+            logits = self._logits(hidden[rows], params)
+            picked = sample(logits, params, [seqs[i].num_generated_tokens for i in done])
             for i, token in zip(done, picked):
                 tokens[i] = token
         return tokens
+
+    def _logits(self, hidden: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Float32 logits per row. A reduced-precision LM head is exact only where greedy looks
+        (its top candidates), so rows that sample from the whole distribution get exact logits."""
+        logits = self.model.compute_logits(hidden).float()
+        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+        if sampled and hasattr(self.model, "compute_exact_logits"):
+            logits[sampled] = self.model.compute_exact_logits(hidden[sampled]).float()
+        return logits.cpu()
 
     def _advance(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[TokenOutput]:
         outputs = []

@@ -307,3 +307,14 @@ def test_prefix_cache_reuse_gives_the_same_logits_as_recompute(tiny_model, tiny_
     assert engine.stats.prompt_tokens_cached == 20
     assert out["second"][0]
     torch.testing.assert_close(cached.logits[-1], recomputed.logits[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_rows_get_exact_float32_logits(real_model, real_config):
+    engine = LLMEngine(EngineConfig(model=real_config, cache=CacheConfig(16, 8)), model=real_model)
+    hidden = torch.randn(3, real_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(), SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=0.5, top_p=0.9)]
+    with torch.inference_mode():
+        logits = engine._logits(hidden, params)
+        exact = real_model.compute_exact_logits(hidden).float()
+    assert torch.equal(logits[1:], exact[1:]), "sampling must see the exact distribution"
+    assert int(logits[0].argmax()) == int(exact[0].argmax()), "greedy rows keep the exact argmax"
