@@ -1,7 +1,9 @@
 """KV handoff throughput between two processes: NIXL (default UCX transports), NIXL with both
 descriptor modes, NIXL forced onto TCP, the gRPC fallback, and an in-process memcpy baseline.
 
-    python -m bench.kv_transfer [--quick] [--json PATH]
+    python -m bench.kv_transfer [--quick] [--json PATH] [--plot PATH]
+
+--json out/kv.json also draws out/kv_transfer.png (throughput vs KV size), unless --plot names another path.
 
 Each transport runs in its own puller process with its own holder process (UCX reads UCX_TLS at
 agent creation, so the TCP mode needs fresh processes on both sides). The parent drives every
@@ -220,6 +222,32 @@ def _report(rows: list[dict], reps: int) -> dict:
     return report
 
 
+def _plot(report: dict, path: str) -> None:
+    """GB/s against KV size in tokens (log x), one line per transport, memcpy baselines dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    modes = list(dict.fromkeys(r["mode"] for r in report["table"]))
+    for mode in modes:
+        rows = sorted((r for r in report["table"] if r["mode"] == mode), key=lambda r: r["tokens"])
+        ax.plot([r["tokens"] for r in rows], [r["gbps"] for r in rows], marker="o", label=mode,
+                linestyle="--" if mode.startswith("memcpy") else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(SIZES_TOKENS, [f"{t}\n({t * LAYOUT.bytes_per_token / 2**20:.0f} MiB)" for t in SIZES_TOKENS])
+    ax.set_xlabel("KV size (tokens)")
+    ax.set_ylabel("throughput (GB/s, median)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(f"KV handoff throughput, {report['cpu_count']} cores shared by holder and puller "
+                 f"({report['reps']} reps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _progress(message: str) -> None:
     print(f"[kv_transfer {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -229,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~2 min)")
     parser.add_argument("--reps", type=int, default=0, help="repetitions per size and transport")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="draw throughput vs size here (default: kv_transfer.png next to --json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--max-tokens", type=int, default=max(SIZES_TOKENS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -246,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         _progress(f"wrote {args.json}")
+    plot = args.plot or (args.json and os.path.join(os.path.dirname(args.json), "kv_transfer.png"))
+    if plot:
+        _plot(report, plot)
+        _progress(f"wrote {plot}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@ each chunk straight into its destination blocks.
 
 The stream is read with a raw deserializer that returns a view into the received message instead
 of a protobuf bytes field, so each byte is copied once from gRPC's buffer into the pool.
+
+Both sides call keep_freed_buffers(): gRPC allocates and frees a few chunk-sized buffers per
+message, and with glibc's default thresholds each one comes back from the kernel as fresh pages.
 """
 
 import asyncio
+import ctypes
+import ctypes.util
 import time
 
 import grpc
@@ -33,6 +38,7 @@ class GrpcPuller(KvPuller):
     def __init__(self, pool: torch.Tensor, layout: KvLayout, chunk_bytes: int = 0, timeout_s: float = 30.0,
                  max_retries: int = 1) -> None:
         super().__init__(pool, layout)
+        keep_freed_buffers()
         self.chunk_bytes = chunk_bytes
         self.max_retries = max_retries
         self._clients = HolderClients(timeout_s)
@@ -140,3 +146,29 @@ def _varint(view: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
+
+
+# glibc mallopt parameters (malloc.h) and the values keep_freed_buffers() sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum; chunks are clamped to 32 MiB (source.py)
+_TRIM_THRESHOLD_BYTES = 256 << 20
+_kept_freed_buffers = False
+
+
+def keep_freed_buffers() -> None:
+    """Make glibc malloc reuse freed buffers of up to 32 MiB instead of unmapping them, and keep up
+    to 256 MiB of free heap before returning it to the kernel. Per PullKv message gRPC Python
+    allocates and frees several chunk-sized buffers (holder: the encoded message and core's copy of
+    it; puller: core's read slices and the joined message); with the default thresholds each comes
+    back as fresh pages, and the page faults were ~30% of the transfer's CPU (+40% GB/s measured).
+    Side effect: process-wide; idempotent; a no-op where libc has no mallopt (not glibc)."""
+    global _kept_freed_buffers
+    if _kept_freed_buffers:
+        return
+    _kept_freed_buffers = True
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)

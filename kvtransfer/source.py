@@ -17,6 +17,7 @@ import torch
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 
 from kvtransfer.checksum import block_checksums, pool_bytes
+from kvtransfer.grpc_transport import keep_freed_buffers
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
 from kvtransfer.leases import Lease, LeaseTable
@@ -159,6 +160,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
 
     async def _leased_chunks(self, request, context):
         self.source.start()
+        keep_freed_buffers()
         lease = self.source.lease(request.lease_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} unknown or expired")
