@@ -11,9 +11,12 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 stamp=.venv/.pdmesh-installed
 want=$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing Python packages into .venv"
+  echo "setup: installing Python packages into .venv (about 2 minutes the first time)"
+  echo "setup: [1/4] torch 2.13.0 (CPU)"
   pip_install torch==2.13.0
+  echo "setup: [2/4] runtime and test packages"
   pip_install -r requirements-dev.txt
+  echo "setup: [3/4] NIXL (nixl-cu12) and [4/4] the pdmesh command"
   # `nixl` (the meta package) also wants nixl-cu13; we import nixl_cu12 directly.
   pip_install --no-deps nixl-cu12==1.5.1
   # The `pdmesh` command (editable: the repo is the code).
