@@ -12,6 +12,7 @@ Invariant: after a step, every unfinished sequence's blocks cover its computed t
 cache holds the K/V of exactly its first num_computed_tokens tokens.
 """
 
+import time
 from dataclasses import dataclass
 from itertools import chain
 from numbers import Integral
@@ -37,6 +38,9 @@ class TokenOutput(NamedTuple):
     token_id: int | None
     finish_reason: str | None
     num_cached_tokens: int
+    # Time from add_request/add_imported to the first step that scheduled the request (set on
+    # its first token's output, 0 on later ones).
+    queue_ms: float = 0.0
 
 
 class LoadSnapshot(NamedTuple):
@@ -190,6 +194,10 @@ class LLMEngine:
         the outputs decided since the last step)."""
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
         if batch.seqs:
             sampled = self._run_model(batch)
             outputs += self._advance(batch, sampled)
@@ -240,7 +248,8 @@ class LLMEngine:
                 self.stats.prompt_tokens_cached += seq.num_cached_tokens
             seq.append_token(token, self.config.model.eos_token_ids)
             self.stats.generated_tokens += 1
-            outputs.append(TokenOutput(seq.request_id, token, seq.finish_reason, seq.num_cached_tokens))
+            queue_ms, seq.queue_reported = (0.0 if seq.queue_reported else seq.queue_ms), True
+            outputs.append(TokenOutput(seq.request_id, token, seq.finish_reason, seq.num_cached_tokens, queue_ms))
             if seq.is_finished:
                 self._retire(seq)
         return outputs

@@ -1,5 +1,6 @@
 """One request inside the engine: its tokens, how many of them have KV in the cache, its blocks."""
 
+import time
 from enum import Enum
 
 from engine.sampling import SamplingParams
@@ -35,6 +36,16 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at (last) allocation
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.queue_reported = False  # the first output carries queue_ms
+
+    @property
+    def queue_ms(self) -> float:
+        """Waiting time before the first step that scheduled this sequence."""
+        if self.first_scheduled_time is None:
+            return (time.monotonic() - self.arrival_time) * 1000
+        return (self.first_scheduled_time - self.arrival_time) * 1000
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "

@@ -42,6 +42,7 @@ class TransferInfo(NamedTuple):
     ms: float = 0.0
     local_prefill_tokens: int = 0
     cached_tokens: int = 0
+    queue_ms: float = 0.0  # waiting for a batch slot (known with the first engine output)
 
 
 class DecodeEvent(NamedTuple):
@@ -142,7 +143,9 @@ class DecodeWorker:
                 raise out
             if transfer is None:
                 transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
-                                        cached_tokens=out.num_cached_tokens)
+                                        cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
+            elif out.queue_ms:
+                transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []
             yield DecodeEvent(tokens, out.finish_reason, transfer)
             transfer = TransferInfo()

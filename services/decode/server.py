@@ -45,4 +45,5 @@ def _stats(info) -> decode_pb2.DecodeStats | None:
     if info is None:
         return None
     return decode_pb2.DecodeStats(kv_transfer_ms=info.ms, kv_transfer_bytes=info.num_bytes, kv_transport=info.transport,
-                                  local_prefill_tokens=info.local_prefill_tokens, cached_tokens=info.cached_tokens)
+                                  local_prefill_tokens=info.local_prefill_tokens, cached_tokens=info.cached_tokens,
+                                  queue_ms=info.queue_ms)

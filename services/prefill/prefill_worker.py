@@ -46,13 +46,13 @@ class PrefillWorker:
             raise
         finally:
             self._runner.close_stream(request_id)
-        compute_ms = (time.perf_counter() - start) * 1000
+        compute_ms = (time.perf_counter() - start) * 1000 - out.queue_ms
         try:
             handle = self.source.lend(request_id, block_ids, len(prompt))
         except BaseException:
             self._runner.post(lambda engine: engine.release(request_id))
             raise
-        return PrefillResult(out.token_id, handle, out.num_cached_tokens, 0.0, compute_ms)
+        return PrefillResult(out.token_id, handle, out.num_cached_tokens, out.queue_ms, compute_ms)
 
 
 def _abort_and_release(engine, request_id: str) -> None:

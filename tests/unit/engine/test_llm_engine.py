@@ -318,3 +318,18 @@ def test_sampled_rows_get_exact_float32_logits(real_model, real_config):
         exact = real_model.compute_exact_logits(hidden).float()
     assert torch.equal(logits[1:], exact[1:]), "sampling must see the exact distribution"
     assert int(logits[0].argmax()) == int(exact[0].argmax()), "greedy rows keep the exact argmax"
+
+
+def test_first_output_reports_queue_time(tiny_model, tiny_config):
+    engine = _engine(tiny_model, tiny_config, max_num_seqs=1)
+    engine.add_request("first", _prompt(5, 30), GREEDY, 6, ignore_eos=True)
+    engine.add_request("second", _prompt(5, 31), GREEDY, 2, ignore_eos=True)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    first_of = {}
+    for out in outputs:
+        first_of.setdefault(out.request_id, out)
+    waited = [o.queue_ms for o in outputs if o.request_id == "second"]
+    assert waited[0] > first_of["first"].queue_ms, "the second request waited for the only slot"
+    assert all(q == 0.0 for q in waited[1:]), "queue time is reported once"
