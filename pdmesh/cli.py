@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     up.add_argument("--model", choices=["gemma-3-270m", "tiny"], default="gemma-3-270m")
     up.add_argument("--kv-transports", default="nixl,grpc", help="best first: nixl,grpc")
-    up.add_argument("--profile", default="round_robin", help="placement profile")
+    up.add_argument("--profile", default="prefix_aware", help="placement profile")
     up.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
     up.add_argument("--torch-threads", type=int, default=2)
     up.add_argument("--run-dir", default=None, help="where logs go (default: a temp dir)")

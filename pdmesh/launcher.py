@@ -25,7 +25,7 @@ class MeshSpec:
     router_port: int = 50051
     model: str = "gemma-3-270m"
     kv_transports: str = "nixl,grpc"
-    profile: str = "round_robin"
+    profile: str = "prefix_aware"
     num_blocks: int = 1024
     torch_threads: int = 2
     max_model_len: int = 4096

@@ -25,19 +25,27 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/router.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xfd\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.pdmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12*\n\x08priority\x18\x05 \x01(\x0e\x32\x18.pdmesh.v1.PriorityClass\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06prompt\"\xf5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.pdmesh.v1.PhaseTimings\x12+\n\tplacement\x18\x07 \x01(\x0b\x32\x18.pdmesh.v1.PlacementInfo\"Z\n\rPlacementInfo\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t2V\n\rRouterService\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/router.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xfd\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.pdmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12*\n\x08priority\x18\x05 \x01(\x0e\x32\x18.pdmesh.v1.PriorityClass\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06prompt\"\xf5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.pdmesh.v1.PhaseTimings\x12+\n\tplacement\x18\x07 \x01(\x0b\x32\x18.pdmesh.v1.PlacementInfo\"\xb5\x03\n\rPlacementInfo\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x05 \x01(\t\x12\x41\n\rdecode_scores\x18\x06 \x03(\x0b\x32*.pdmesh.v1.PlacementInfo.DecodeScoresEntry\x12\x43\n\x0eprefill_scores\x18\x07 \x03(\x0b\x32+.pdmesh.v1.PlacementInfo.PrefillScoresEntry\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x08 \x01(\r\x12\x1d\n\x15prefill_cached_tokens\x18\t \x01(\r\x1a\x33\n\x11\x44\x65\x63odeScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12PrefillScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32V\n\rRouterService\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PLACEMENTINFO_DECODESCORESENTRY']._loaded_options = None
+  _globals['_PLACEMENTINFO_DECODESCORESENTRY']._serialized_options = b'8\001'
+  _globals['_PLACEMENTINFO_PREFILLSCORESENTRY']._loaded_options = None
+  _globals['_PLACEMENTINFO_PREFILLSCORESENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=62
   _globals['_GENERATEREQUEST']._serialized_end=315
   _globals['_GENERATERESPONSE']._serialized_start=318
   _globals['_GENERATERESPONSE']._serialized_end=563
-  _globals['_PLACEMENTINFO']._serialized_start=565
-  _globals['_PLACEMENTINFO']._serialized_end=655
-  _globals['_ROUTERSERVICE']._serialized_start=657
-  _globals['_ROUTERSERVICE']._serialized_end=743
+  _globals['_PLACEMENTINFO']._serialized_start=566
+  _globals['_PLACEMENTINFO']._serialized_end=1003
+  _globals['_PLACEMENTINFO_DECODESCORESENTRY']._serialized_start=898
+  _globals['_PLACEMENTINFO_DECODESCORESENTRY']._serialized_end=949
+  _globals['_PLACEMENTINFO_PREFILLSCORESENTRY']._serialized_start=951
+  _globals['_PLACEMENTINFO_PREFILLSCORESENTRY']._serialized_end=1003
+  _globals['_ROUTERSERVICE']._serialized_start=1005
+  _globals['_ROUTERSERVICE']._serialized_end=1091
 # @@protoc_insertion_point(module_scope)

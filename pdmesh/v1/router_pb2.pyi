@@ -46,11 +46,37 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text_delta: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.PhaseTimings, _Mapping]] = ..., placement: _Optional[_Union[PlacementInfo, _Mapping]] = ...) -> None: ...
 
 class PlacementInfo(_message.Message):
-    __slots__ = ("prefill_worker_id", "decode_worker_id", "kv_transport")
+    __slots__ = ("prefill_worker_id", "decode_worker_id", "kv_transport", "decision", "decision_reason", "decode_scores", "prefill_scores", "decode_cached_tokens", "prefill_cached_tokens")
+    class DecodeScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PrefillScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SCORES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prefill_worker_id: str
     decode_worker_id: str
     kv_transport: str
-    def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., kv_transport: _Optional[str] = ...) -> None: ...
+    decision: str
+    decision_reason: str
+    decode_scores: _containers.ScalarMap[str, float]
+    prefill_scores: _containers.ScalarMap[str, float]
+    decode_cached_tokens: int
+    prefill_cached_tokens: int
+    def __init__(self, prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., kv_transport: _Optional[str] = ..., decision: _Optional[str] = ..., decision_reason: _Optional[str] = ..., decode_scores: _Optional[_Mapping[str, float]] = ..., prefill_scores: _Optional[_Mapping[str, float]] = ..., decode_cached_tokens: _Optional[int] = ..., prefill_cached_tokens: _Optional[int] = ...) -> None: ...

@@ -9,7 +9,7 @@ class RouterConfig:
     decode_addresses: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 50051
-    profile: str = "round_robin"
+    profile: str = "prefix_aware"
     max_model_len: int = 4096
     max_tokens_cap: int = 4096
     vocab_size: int = 262_144

@@ -25,7 +25,7 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--port", type=int, default=int(env("PDMESH_PORT", "50051")))
     p.add_argument("--prefill", default=env("PDMESH_PREFILL_ADDRESSES", ""), help="comma-separated host:port")
     p.add_argument("--decode", default=env("PDMESH_DECODE_ADDRESSES", ""), help="comma-separated host:port")
-    p.add_argument("--profile", default=env("PDMESH_PLACEMENT_PROFILE", "round_robin"),
+    p.add_argument("--profile", default=env("PDMESH_PLACEMENT_PROFILE", "prefix_aware"),
                    help="placement profile name (services/router/placement/profiles) or YAML path")
     p.add_argument("--max-model-len", type=int, default=int(env("PDMESH_MAX_MODEL_LEN", "4096")))
     p.add_argument("--max-tokens-cap", type=int, default=int(env("PDMESH_MAX_TOKENS_CAP", "4096")))

@@ -52,7 +52,7 @@ class RequestFlow:
         timings = common_pb2.PhaseTimings()
         async with self._admission.admit(job.priority) as queue_ms:
             timings.queue_ms = queue_ms
-            placement = self._place(job)
+            placement, placed = self._place(job)
             timings.placement_ms = ms() - timings.queue_ms
             # Workers see an id unique per attempt, so a client reusing its own id never collides.
             worker_request_id = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
@@ -89,9 +89,7 @@ class RequestFlow:
                         yield RelayEvent(list(message.token_ids), text, message.finish_reason,
                                          common_pb2.Usage(prompt_tokens=len(job.prompt), completion_tokens=completion,
                                                           cached_prompt_tokens=cached),
-                                         timings, {"prefill_worker_id": placement.prefill.worker.worker_id
-                                                   if placement.prefill else "",
-                                                   "decode_worker_id": decode_id, "kv_transport": transport})
+                                         timings, _placement_info(placement, placed, transport))
                         return
                     if message.token_ids or text:
                         yield RelayEvent(list(message.token_ids), text)
@@ -100,10 +98,12 @@ class RequestFlow:
             raise Unavailable(f"decode worker {decode_id} ended the stream without a finish reason")
 
     def _place(self, job: GenerateJob):
+        request = PlacementRequest(job.request_id, job.prompt, job.priority, self._registry.block_size)
         try:
-            return self._profile.place(PlacementRequest(job.request_id, job.prompt, job.priority),
-                                       self._registry.views())
+            return self._profile.place(request, self._registry.views(), self._registry.index), request
         except NoCandidates as exc:
+            if self._registry.has_healthy("decode"):
+                raise ResourceExhausted(f"{exc}: every decode worker is at capacity", retry_after_s=0.5) from exc
             raise Unavailable(str(exc)) from exc
 
     async def _prefill(self, job: GenerateJob, worker_id: str, timeout: float | None):
@@ -113,6 +113,17 @@ class RequestFlow:
             return await self._registry.prefill_stub(worker_id).Prefill(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _worker_error("prefill", worker_id, exc) from exc
+
+
+def _placement_info(placement, request: PlacementRequest, transport: str) -> dict:
+    prefill = placement.prefill
+    return {"prefill_worker_id": prefill.worker.worker_id if prefill else "",
+            "decode_worker_id": placement.decode.worker.worker_id, "kv_transport": transport,
+            "decision": "remote_prefill" if prefill else "local_prefill",
+            "decision_reason": placement.decision.reason, "decode_scores": placement.decode.scores,
+            "prefill_scores": prefill.scores if prefill else {},
+            "decode_cached_tokens": request.cached_tokens(placement.decode.worker),
+            "prefill_cached_tokens": request.cached_tokens(prefill.worker) if prefill else 0}
 
 
 _PRIORITY = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}

@@ -2,19 +2,22 @@
 
 For each configured worker address the router keeps a channel and one StreamState subscription.
 A worker is healthy while its stream is up; when the stream breaks the worker is marked
-unhealthy at once and the subscription is retried with exponential backoff.
+unhealthy at once, its entries leave the prefix index, and the subscription is retried with
+exponential backoff. Each stream starts with a snapshot, so a restarted router (or a
+reconnected worker) rebuilds the same index from the workers alone.
 """
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
 from services.common.server import CHANNEL_OPTIONS
 from services.router.placement.base import LoadView, WorkerView
+from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 _ROLE_NAMES = {worker_state_pb2.WORKER_ROLE_PREFILL: "prefill", worker_state_pb2.WORKER_ROLE_DECODE: "decode"}
@@ -29,7 +32,6 @@ class WorkerEndpoint:
     healthy: bool = False
     load: LoadView = LoadView()
     last_seen: float = 0.0
-    cached_blocks: set[int] = field(default_factory=set)
 
     def view(self) -> WorkerView:
         return WorkerView(self.worker_id or self.address, self.address, self.role, self.healthy, self.load)
@@ -42,6 +44,8 @@ class WorkerRegistry:
         self._endpoints += [WorkerEndpoint(a, "decode", _channel(a)) for a in decode_addresses]
         self._tasks: list[asyncio.Task] = []
         self.changed = asyncio.Event()
+        self.index = PrefixIndex()
+        self.block_size = 16  # learned from the workers' BlocksStored events
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow(e)) for e in self._endpoints]
@@ -91,6 +95,8 @@ class WorkerRegistry:
     def _apply(self, endpoint: WorkerEndpoint, update: worker_state_pb2.StreamStateResponse) -> None:
         if not endpoint.healthy:
             log.info("%s worker %s up at %s", _ROLE_NAMES.get(update.role, "?"), update.worker_id, endpoint.address)
+        if endpoint.worker_id and endpoint.worker_id != update.worker_id:  # another worker took the address
+            self.index.cleared(endpoint.worker_id)
         endpoint.worker_id, endpoint.healthy, endpoint.last_seen = update.worker_id, True, time.monotonic()
         kind = update.WhichOneof("update")
         if kind == "load_report":
@@ -101,16 +107,18 @@ class WorkerRegistry:
             for event in update.kv_events.events:
                 which = event.WhichOneof("event")
                 if which == "stored":
-                    endpoint.cached_blocks.update(event.stored.block_hashes)
+                    self.block_size = event.stored.block_size or self.block_size
+                    self.index.stored(update.worker_id, event.stored.block_hashes)
                 elif which == "removed":
-                    endpoint.cached_blocks.difference_update(event.removed.block_hashes)
+                    self.index.removed(update.worker_id, event.removed.block_hashes)
                 else:
-                    endpoint.cached_blocks.clear()
+                    self.index.cleared(update.worker_id)
         self.changed.set()
 
     def _mark_down(self, endpoint: WorkerEndpoint) -> None:
         endpoint.healthy = False
-        endpoint.cached_blocks.clear()
+        if endpoint.worker_id:
+            self.index.cleared(endpoint.worker_id)
         self.changed.set()
 
 

@@ -12,6 +12,7 @@ def mesh(request, tmp_path_factory):
     prepare()
     transports = "nixl,grpc" if request.param == "nixl" else "grpc"
     spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, kv_transports=transports, num_blocks=512,
+                    profile="round_robin",  # always disaggregated: these tests follow the KV across
                     torch_threads=2, max_model_len=2048)
     m = start_mesh(spec, str(tmp_path_factory.mktemp(f"mesh-{request.param}")), progress=lambda *_: None)
     m.transport = request.param

@@ -20,7 +20,7 @@ EXPECTED_SERVICES = {
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, model="tiny", kv_transports="grpc",
+    spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, model="tiny", kv_transports="grpc", profile="round_robin",
                     num_blocks=128, torch_threads=1, max_model_len=1024)
     m = start_mesh(spec, str(tmp_path_factory.mktemp("lifecycle")), progress=lambda *_: None)
     yield m

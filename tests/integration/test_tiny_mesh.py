@@ -28,6 +28,7 @@ def engine_alone(prompt, max_tokens, sampling):
 def tiny_mesh(request, tmp_path_factory):
     transports = {"nixl": "nixl,grpc", "grpc": "grpc", "local": "grpc"}[request.param]
     spec = MeshSpec(num_prefill=0 if request.param == "local" else 1, num_decode=1, router_port=0, model="tiny",
+                    profile="round_robin",
                     kv_transports=transports, num_blocks=128, torch_threads=1, max_model_len=512)
     mesh = start_mesh(spec, str(tmp_path_factory.mktemp(f"tiny-{request.param}")), progress=lambda *_: None)
     mesh.mode = request.param

@@ -1,8 +1,11 @@
 """Contracts of the placement plugins. Plugins are pure: they read the views, never mutate them,
-and do no I/O. The runner (not the plugin) clamps scores to [0, 1], weights them, times each
-plugin and logs."""
+and do no I/O. The runner (not the plugin) fills each view's prefix match from the router's
+prefix index, clamps scores to [0, 1], weights them, times each plugin and logs."""
 
+from functools import cached_property
 from typing import NamedTuple, Protocol
+
+from engine.hashing import block_hashes
 
 
 class LoadView(NamedTuple):
@@ -21,12 +24,30 @@ class WorkerView(NamedTuple):
     role: str  # "prefill" | "decode"
     healthy: bool
     load: LoadView = LoadView()
+    # Leading blocks of this request's prompt the worker holds (filled in by the runner).
+    prefix_blocks: int = 0
 
 
-class PlacementRequest(NamedTuple):
-    request_id: str
-    prompt_token_ids: list[int]
-    priority: str  # "interactive" | "batch"
+class PlacementRequest:
+    """One request as placement sees it. Block hashes are computed on first use, with the very
+    function the engine uses, so the router and the workers name blocks the same way."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], priority: str, block_size: int = 16):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.priority = priority  # "interactive" | "batch"
+        self.block_size = block_size
+
+    @cached_property
+    def block_hashes(self) -> list[int]:
+        return block_hashes(self.prompt_token_ids, self.block_size)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def cached_tokens(self, worker: WorkerView) -> int:
+        return min(worker.prefix_blocks * self.block_size, self.num_prompt_tokens)
 
 
 class Filter(Protocol):
@@ -53,10 +74,15 @@ class Picker(Protocol):
     def pick(self, request: PlacementRequest, scored: list[tuple[WorkerView, float]]) -> WorkerView: ...
 
 
+class Decision(NamedTuple):
+    remote_prefill: bool
+    reason: str
+
+
 class Decider(Protocol):
-    """Given the chosen decode worker, says whether prefilling on a prefill worker pays
-    (conditional disaggregation); False means the decode worker prefills locally."""
+    """Given the chosen decode worker (its prefix_blocks filled in), says whether prefilling on a
+    prefill worker pays (conditional disaggregation); False: the decode worker prefills locally."""
 
     name: str
 
-    def remote_prefill(self, request: PlacementRequest, decode: WorkerView, prefill_pool: list[WorkerView]) -> bool: ...
+    def decide(self, request: PlacementRequest, decode: WorkerView) -> Decision: ...

@@ -5,7 +5,7 @@ import importlib
 from collections.abc import Callable
 
 KINDS = ("filter", "scorer", "picker", "decider")
-_PLUGIN_MODULES = ("services.router.placement.plugins",)
+_PLUGIN_MODULES = ("services.router.placement.plugins",)  # a package: imports all its modules
 _registry: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 _loaded = False
 

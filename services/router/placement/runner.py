@@ -1,8 +1,9 @@
 """Runs a placement profile: per pool, filters -> weighted scorers -> picker; decode first, then
 the decider, then (if remote prefill pays) the prefill pool.
 
-The runner owns the cross-cutting work: it clamps every score to [0, 1], combines them as a
-weighted sum, times each plugin, and records the scores and decision for the request (tracing
+The runner owns the cross-cutting work: it fills each candidate's prefix match from the prefix
+index (only when a plugin of the profile uses it), clamps every score to [0, 1], combines them as
+a weighted sum, times each plugin, and records the scores and decision for the request (tracing
 puts them on spans). An empty candidate list after filtering raises NoCandidates.
 """
 
@@ -15,7 +16,8 @@ from typing import NamedTuple
 import yaml
 
 from services.router.placement import registry
-from services.router.placement.base import PlacementRequest, WorkerView
+from services.router.placement.base import Decision, PlacementRequest, WorkerView
+from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 PROFILES_DIR = pathlib.Path(__file__).parent / "profiles"
@@ -34,6 +36,7 @@ class PoolChoice(NamedTuple):
 class Placement(NamedTuple):
     decode: PoolChoice
     prefill: PoolChoice | None  # None: the decode worker prefills locally
+    decision: Decision
 
 
 @dataclass
@@ -41,6 +44,11 @@ class PoolProfile:
     filters: list
     scorers: list[tuple[object, float]]  # (scorer, weight)
     picker: object
+
+    @property
+    def uses_prefix_index(self) -> bool:
+        return any(getattr(p, "uses_prefix_index", False) for p in [*self.filters, *(s for s, _ in self.scorers),
+                                                                    self.picker])
 
     def choose(self, pool: str, request: PlacementRequest, workers: list[WorkerView]) -> PoolChoice:
         timings: dict[str, float] = {}
@@ -67,19 +75,30 @@ class PlacementProfile:
     decider: object
     counts: dict[str, int] = field(default_factory=dict)
 
-    def place(self, request: PlacementRequest, workers: list[WorkerView]) -> Placement:
+    def place(self, request: PlacementRequest, workers: list[WorkerView], index: PrefixIndex | None = None) -> Placement:
         decode_pool = [w for w in workers if w.role == "decode"]
         prefill_pool = [w for w in workers if w.role == "prefill"]
+        if index is not None and (self.decode.uses_prefix_index or getattr(self.decider, "uses_prefix_index", False)):
+            decode_pool = _with_prefix(request, decode_pool, index)
         decode = self.decode.choose("decode", request, decode_pool)
+        decision = self.decider.decide(request, decode.worker)
         prefill = None
-        if prefill_pool and self.decider.remote_prefill(request, decode.worker, prefill_pool):
+        if decision.remote_prefill:
+            if index is not None and self.prefill.uses_prefix_index:
+                prefill_pool = _with_prefix(request, prefill_pool, index)
             try:
                 prefill = self.prefill.choose("prefill", request, prefill_pool)
-            except NoCandidates:
-                log.warning("%s: no prefill worker available; prefilling on the decode worker", request.request_id)
+            except NoCandidates as exc:
+                log.warning("%s: %s; prefilling on the decode worker", request.request_id, exc)
+                decision = Decision(False, f"no prefill worker available ({decision.reason})")
         outcome = "remote_prefill" if prefill else "local_prefill"
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        return Placement(decode, prefill)
+        return Placement(decode, prefill, decision)
+
+
+def _with_prefix(request: PlacementRequest, pool: list[WorkerView], index: PrefixIndex) -> list[WorkerView]:
+    matched = index.matched_blocks(request.block_hashes, [w.worker_id for w in pool])
+    return [w._replace(prefix_blocks=matched[w.worker_id]) for w in pool]
 
 
 def load_profile(name_or_path: str) -> PlacementProfile:

@@ -3,7 +3,7 @@
 import pytest
 
 from services.router.placement import registry
-from services.router.placement.base import PlacementRequest, WorkerView
+from services.router.placement.base import LoadView, PlacementRequest, WorkerView
 from services.router.placement.runner import NoCandidates, PoolProfile, load_profile
 
 REQ = PlacementRequest("r1", [2, 3, 4], "interactive")
@@ -79,3 +79,74 @@ def test_unknown_names_list_the_known_ones():
         registry.build("picker", "nope")
     with pytest.raises(ValueError, match="known: .*round_robin"):
         load_profile("nope")
+
+
+def loaded(wid, role="decode", waiting=0, running=0, used=0, total=100, queued=0, prefix=0, healthy=True):
+    return WorkerView(wid, f"addr-{wid}", role, healthy, LoadView(waiting, running, used, total, queued), prefix)
+
+
+@pytest.mark.parametrize("name,pool,expected", [
+    ("queue_depth", [loaded("a", waiting=4), loaded("b", running=2), loaded("c")], {"a": 0.0, "b": 0.5, "c": 1.0}),
+    ("queue_depth", [loaded("a", running=3), loaded("b", waiting=3)], {"a": 1.0, "b": 1.0}),
+    ("kv_utilization", [loaded("a", used=25), loaded("b", used=100), loaded("c", total=0)],
+     {"a": 0.75, "b": 0.0, "c": 1.0}),
+    ("queued_prefill_tokens", [loaded("a", queued=1000), loaded("b", queued=250), loaded("c", queued=0)],
+     {"a": 0.0, "b": 0.75, "c": 1.0}),
+])
+def test_load_scorers(name, pool, expected):
+    assert registry.build("scorer", name).score(REQ, pool) == pytest.approx(expected)
+
+
+def test_prefix_overlap_is_the_share_of_prompt_blocks_held():
+    request = PlacementRequest("r", list(range(64)), "interactive", block_size=16)  # 4 full blocks
+    scores = registry.build("scorer", "prefix_overlap").score(request, [loaded("a", prefix=4), loaded("b", prefix=1),
+                                                                        loaded("c")])
+    assert scores == {"a": 1.0, "b": 0.25, "c": 0.0}
+    short = PlacementRequest("r", [1, 2, 3], "interactive", block_size=16)
+    assert registry.build("scorer", "prefix_overlap").score(short, [loaded("a")]) == {"a": 0.0}
+
+
+@pytest.mark.parametrize("pool,expected", [
+    ([loaded("a", used=96), loaded("b", used=94), loaded("c", waiting=65), loaded("d", total=0)], ["b", "d"]),
+])
+def test_has_capacity_filter(pool, expected):
+    kept = registry.build("filter", "has_capacity", max_kv_utilization=0.95, max_waiting=64).filter(REQ, pool)
+    assert [w.worker_id for w in kept] == expected
+
+
+@pytest.mark.parametrize("prompt_len,cached_blocks,remote", [
+    (100, 0, False),   # short prompt: prefill on the decode worker
+    (300, 0, True),    # long and cold: remote prefill pays
+    (300, 12, False),  # 192 of 300 cached on the decode worker: 108 left < 128
+    (300, 10, True),   # 160 cached: 140 left >= 128
+])
+def test_conditional_decider(prompt_len, cached_blocks, remote):
+    request = PlacementRequest("r", list(range(prompt_len)), "interactive", block_size=16)
+    decision = registry.build("decider", "conditional", min_uncached_tokens=128).decide(
+        request, loaded("d", prefix=cached_blocks))
+    assert decision.remote_prefill is remote
+    assert "uncached" in decision.reason
+
+
+def test_prefix_aware_profile_follows_the_cached_prefix_and_skips_remote_prefill():
+    from services.router.prefix_index import PrefixIndex
+    from engine.hashing import block_hashes
+    prompt = list(range(1000, 1400))  # 25 full blocks
+    index = PrefixIndex()
+    index.stored("d1", block_hashes(prompt, 16)[:20])
+    index.stored("p0", block_hashes(prompt, 16)[:5])
+    pool = [loaded("d0"), loaded("d1"), loaded("p0", role="prefill"), loaded("p1", role="prefill")]
+    profile = load_profile("prefix_aware")
+    placed = profile.place(PlacementRequest("r", prompt, "interactive"), pool, index)
+    assert placed.decode.worker.worker_id == "d1" and placed.decode.worker.prefix_blocks == 20
+    assert placed.prefill is None and not placed.decision.remote_prefill  # 80 uncached < 128
+    cold = list(range(5000, 5400))
+    placed = profile.place(PlacementRequest("r2", cold, "interactive"), pool, index)
+    assert placed.decision.remote_prefill and placed.prefill is not None
+
+
+def test_prefix_aware_avoids_a_saturated_worker():
+    pool = [loaded("d0", running=12, waiting=3, used=90), loaded("d1", running=1, used=10)]
+    choices = {load_profile("prefix_aware").place(PlacementRequest(f"r{i}", [5] * 40, "interactive"), pool,
+                                                  None).decode.worker.worker_id for i in range(20)}
+    assert choices == {"d1"}

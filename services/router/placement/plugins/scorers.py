@@ -1,0 +1,53 @@
+"""Scorers, each in [0, 1], higher is better. Formulas:
+
+- prefix_overlap: prefix_blocks / prompt_blocks — the share of the prompt's full blocks the
+  worker already holds (0 for a prompt shorter than one block).
+- queue_depth: (max_q - q) / (max_q - min_q) over the candidates, q = waiting + running
+  sequences; 1 for everyone when all are equal.
+- kv_utilization: 1 - kv_blocks_used / kv_blocks_total (1 before the first load report).
+- queued_prefill_tokens: (max_t - t) / (max_t - min_t) over the candidates; 1 when all equal.
+"""
+
+from services.router.placement.registry import register
+
+
+def _lower_is_better(values: dict[str, float]) -> dict[str, float]:
+    lo, hi = min(values.values()), max(values.values())
+    if hi == lo:
+        return {k: 1.0 for k in values}
+    return {k: (hi - v) / (hi - lo) for k, v in values.items()}
+
+
+@register("scorer", "prefix_overlap")
+class PrefixOverlapScorer:
+    name = "prefix_overlap"
+    uses_prefix_index = True
+
+    def score(self, request, workers):
+        blocks = len(request.block_hashes)
+        return {w.worker_id: (w.prefix_blocks / blocks if blocks else 0.0) for w in workers}
+
+
+@register("scorer", "queue_depth")
+class QueueDepthScorer:
+    name = "queue_depth"
+
+    def score(self, request, workers):
+        return _lower_is_better({w.worker_id: w.load.waiting + w.load.running for w in workers})
+
+
+@register("scorer", "kv_utilization")
+class KvUtilizationScorer:
+    name = "kv_utilization"
+
+    def score(self, request, workers):
+        return {w.worker_id: 1.0 - (w.load.kv_blocks_used / w.load.kv_blocks_total if w.load.kv_blocks_total else 0.0)
+                for w in workers}
+
+
+@register("scorer", "queued_prefill_tokens")
+class QueuedPrefillTokensScorer:
+    name = "queued_prefill_tokens"
+
+    def score(self, request, workers):
+        return _lower_is_better({w.worker_id: w.load.queued_prefill_tokens for w in workers})

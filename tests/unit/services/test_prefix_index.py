@@ -1,0 +1,52 @@
+"""The router's prefix index under a stream of KV events."""
+
+import random
+
+from engine.hashing import block_hashes
+from services.router.prefix_index import PrefixIndex
+
+
+def test_matched_blocks_counts_leading_blocks_only():
+    index = PrefixIndex()
+    hashes = block_hashes(list(range(160)), 16)  # 10 blocks
+    index.stored("a", hashes[:6])
+    index.stored("b", hashes[:2])
+    index.stored("c", hashes[3:])  # holds later blocks but not the start: no match
+    assert index.matched_blocks(hashes, ["a", "b", "c", "d"]) == {"a": 6, "b": 2, "c": 0, "d": 0}
+    index.removed("a", [hashes[3]])  # an evicted middle block ends the match
+    assert index.matched_blocks(hashes, ["a"]) == {"a": 3}
+    index.stored("b", hashes)
+    assert index.matched_blocks(hashes, ["b"]) == {"b": 10}
+
+
+def test_clear_and_worker_death_drop_only_that_worker():
+    index = PrefixIndex()
+    hashes = block_hashes(list(range(64)), 16)
+    index.stored("a", hashes)
+    index.stored("b", hashes)
+    index.cleared("a")
+    assert index.holders(hashes[0]) == {"b"} and index.num_blocks("a") == 0
+    index.cleared("b")
+    assert index.holders(hashes[0]) == set() and index.snapshot() == {}
+
+
+def test_rebuild_from_snapshots_gives_the_same_index():
+    rng = random.Random(7)
+    live, held = PrefixIndex(), {"a": set(), "b": set(), "c": set()}
+    for _ in range(2000):
+        worker, h = rng.choice("abc"), rng.randrange(300)
+        op = rng.random()
+        if op < 0.6:
+            live.stored(worker, [h])
+            held[worker].add(h)
+        elif op < 0.98:
+            live.removed(worker, [h])
+            held[worker].discard(h)
+        else:
+            live.cleared(worker)
+            held[worker].clear()
+    restarted = PrefixIndex()  # a new router: each worker's stream opens with cleared + stored(snapshot)
+    for worker, blocks in held.items():
+        restarted.cleared(worker)
+        restarted.stored(worker, blocks)
+    assert restarted.snapshot() == live.snapshot() == {w: frozenset(b) for w, b in held.items() if b}
