@@ -7,6 +7,7 @@ Invariant: every token the decode worker sends is relayed exactly once, in order
 ends with exactly one message carrying a finish reason (or an error status).
 """
 
+import contextlib
 import time
 import uuid
 from typing import NamedTuple
@@ -50,9 +51,10 @@ class RequestFlow:
         t0 = time.perf_counter()
         ms = lambda: (time.perf_counter() - t0) * 1000  # noqa: E731
         timings = common_pb2.PhaseTimings()
-        async with self._admission.admit(job.priority) as queue_ms:
+        async with self._admission.admit(job.priority) as queue_ms, contextlib.AsyncExitStack() as held:
             timings.queue_ms = queue_ms
             placement, placed = self._place(job)
+            held.enter_context(self._registry.track(placement.decode.worker.worker_id, 0))
             timings.placement_ms = ms() - timings.queue_ms
             # Workers see an id unique per attempt, so a client reusing its own id never collides.
             worker_request_id = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
@@ -62,8 +64,9 @@ class RequestFlow:
             cached = 0
             if placement.prefill is not None:
                 start = ms()
-                prefill = await self._prefill(job._replace(request_id=worker_request_id),
-                                              placement.prefill.worker.worker_id, remaining(job, t0))
+                with self._registry.track(placement.prefill.worker.worker_id, len(job.prompt)):
+                    prefill = await self._prefill(job._replace(request_id=worker_request_id),
+                                                  placement.prefill.worker.worker_id, remaining(job, t0))
                 timings.prefill_ms = ms() - start
                 decode_request.kv_handle.CopyFrom(prefill.kv_handle)
                 decode_request.first_token_id = prefill.first_token_id

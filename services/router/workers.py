@@ -8,6 +8,7 @@ reconnected worker) rebuilds the same index from the workers alone.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -33,8 +34,12 @@ class WorkerEndpoint:
     load: LoadView = LoadView()
     last_seen: float = 0.0
 
+    inflight: int = 0
+    inflight_tokens: int = 0
+
     def view(self) -> WorkerView:
-        return WorkerView(self.worker_id or self.address, self.address, self.role, self.healthy, self.load)
+        load = self.load._replace(router_inflight=self.inflight, router_inflight_tokens=self.inflight_tokens)
+        return WorkerView(self.worker_id or self.address, self.address, self.role, self.healthy, load)
 
 
 class WorkerRegistry:
@@ -70,6 +75,18 @@ class WorkerRegistry:
 
     def decode_stub(self, worker_id: str) -> decode_pb2_grpc.DecodeServiceStub:
         return decode_pb2_grpc.DecodeServiceStub(self.endpoint(worker_id).channel)
+
+    @contextlib.contextmanager
+    def track(self, worker_id: str, prompt_tokens: int):
+        """Counts a request as in flight on worker_id while the block runs."""
+        endpoint = self.endpoint(worker_id)
+        endpoint.inflight += 1
+        endpoint.inflight_tokens += prompt_tokens
+        try:
+            yield
+        finally:
+            endpoint.inflight -= 1
+            endpoint.inflight_tokens -= prompt_tokens
 
     def has_healthy(self, role: str) -> bool:
         return any(e.healthy and e.role == role for e in self._endpoints)

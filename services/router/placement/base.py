@@ -9,11 +9,24 @@ from engine.hashing import block_hashes
 
 
 class LoadView(NamedTuple):
+    """The worker's last load report, plus what this router sent it since (reports lag by up to
+    one interval, and a burst placed in between must not all land on one worker)."""
+
     waiting: int = 0
     running: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     queued_prefill_tokens: int = 0
+    router_inflight: int = 0  # this router's requests on the worker right now
+    router_inflight_tokens: int = 0  # their prompt tokens (prefill pool)
+
+    @property
+    def queue_depth(self) -> int:
+        return max(self.waiting + self.running, self.router_inflight)
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        return max(self.queued_prefill_tokens, self.router_inflight_tokens)
 
 
 class WorkerView(NamedTuple):

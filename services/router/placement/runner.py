@@ -93,6 +93,10 @@ class PlacementProfile:
                 decision = Decision(False, f"no prefill worker available ({decision.reason})")
         outcome = "remote_prefill" if prefill else "local_prefill"
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if index is not None and (self.decode.uses_prefix_index or self.prefill.uses_prefix_index):
+            # Both workers will hold the prompt's blocks (decode imports the pulled ones too).
+            for choice in filter(None, (decode, prefill)):
+                index.expect(choice.worker.worker_id, request.block_hashes)
         return Placement(decode, prefill, decision)
 
 

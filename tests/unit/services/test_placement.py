@@ -150,3 +150,22 @@ def test_prefix_aware_avoids_a_saturated_worker():
     choices = {load_profile("prefix_aware").place(PlacementRequest(f"r{i}", [5] * 40, "interactive"), pool,
                                                   None).decode.worker.worker_id for i in range(20)}
     assert choices == {"d1"}
+
+
+def test_router_inflight_counts_when_load_reports_lag():
+    # Reports say both idle, but this router just sent d0 three streams: the next goes to d1.
+    pool = [loaded("d0")._replace(load=LoadView(kv_blocks_total=100, router_inflight=3)), loaded("d1")]
+    assert registry.build("scorer", "queue_depth").score(REQ, pool) == {"d0": 0.0, "d1": 1.0}
+    prefill = [loaded("p0", role="prefill")._replace(load=LoadView(router_inflight_tokens=900)),
+               loaded("p1", role="prefill", queued=300)]
+    assert registry.build("scorer", "queued_prefill_tokens").score(REQ, prefill) == {"p0": 0.0, "p1": 1.0}
+
+
+def test_burst_of_one_prefix_sticks_to_one_worker_before_any_kv_event():
+    from services.router.prefix_index import PrefixIndex
+    index, profile = PrefixIndex(), load_profile("prefix_aware")
+    pool = [loaded("d0"), loaded("d1"), loaded("p0", role="prefill"), loaded("p1", role="prefill")]
+    shared = list(range(2000, 2512))
+    chosen = {profile.place(PlacementRequest(f"r{i}", shared + [i] * 8, "interactive"), pool, index)
+              .decode.worker.worker_id for i in range(6)}
+    assert len(chosen) == 1

@@ -50,3 +50,18 @@ def test_rebuild_from_snapshots_gives_the_same_index():
         restarted.cleared(worker)
         restarted.stored(worker, blocks)
     assert restarted.snapshot() == live.snapshot() == {w: frozenset(b) for w, b in held.items() if b}
+
+
+def test_expectations_count_until_confirmed_or_expired():
+    now = [0.0]
+    index = PrefixIndex(expect_ttl_s=5.0, clock=lambda: now[0])
+    hashes = block_hashes(list(range(64)), 16)
+    index.expect("a", hashes)
+    assert index.matched_blocks(hashes, ["a", "b"]) == {"a": 4, "b": 0}
+    assert index.snapshot() == {}, "expectations never enter the confirmed index"
+    index.stored("a", hashes[:2])  # confirmed in part
+    now[0] = 6.0  # the rest expired: the worker never stored them
+    assert index.matched_blocks(hashes, ["a"]) == {"a": 2}
+    index.expect("b", hashes)
+    index.cleared("b")  # a worker that goes away takes its expectations with it
+    assert index.matched_blocks(hashes, ["b"]) == {"b": 0}

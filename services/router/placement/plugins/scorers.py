@@ -2,10 +2,11 @@
 
 - prefix_overlap: prefix_blocks / prompt_blocks — the share of the prompt's full blocks the
   worker already holds (0 for a prompt shorter than one block).
-- queue_depth: (max_q - q) / (max_q - min_q) over the candidates, q = waiting + running
-  sequences; 1 for everyone when all are equal.
+- queue_depth: (max_q - q) / (max_q - min_q) over the candidates, q = max(waiting + running
+  sequences reported, this router's requests in flight there); 1 for everyone when all equal.
 - kv_utilization: 1 - kv_blocks_used / kv_blocks_total (1 before the first load report).
-- queued_prefill_tokens: (max_t - t) / (max_t - min_t) over the candidates; 1 when all equal.
+- queued_prefill_tokens: (max_t - t) / (max_t - min_t) over the candidates, t = max(queued
+  prompt tokens reported, prompt tokens of this router's prefills in flight); 1 when all equal.
 """
 
 from services.router.placement.registry import register
@@ -33,7 +34,7 @@ class QueueDepthScorer:
     name = "queue_depth"
 
     def score(self, request, workers):
-        return _lower_is_better({w.worker_id: w.load.waiting + w.load.running for w in workers})
+        return _lower_is_better({w.worker_id: w.load.queue_depth for w in workers})
 
 
 @register("scorer", "kv_utilization")
@@ -50,4 +51,4 @@ class QueuedPrefillTokensScorer:
     name = "queued_prefill_tokens"
 
     def score(self, request, workers):
-        return _lower_is_better({w.worker_id: w.load.queued_prefill_tokens for w in workers})
+        return _lower_is_better({w.worker_id: w.load.pending_prefill_tokens for w in workers})
