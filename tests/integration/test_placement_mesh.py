@@ -75,3 +75,44 @@ def test_new_requests_avoid_a_busy_decode_worker(mesh):
         assert len(busy) == 1, f"all new requests should go to the idle worker, got {placements}"
     finally:
         stream.cancel()
+
+
+def test_a_restarted_router_rebuilds_the_same_view_from_the_workers(mesh, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    holder = generate(mesh.stub, SYSTEM + "Do you ship to Iceland?")
+    time.sleep(0.5)
+    address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info.get("role") == role)  # noqa
+    ready = tmp_path / "router2.json"
+    router2 = subprocess.Popen([sys.executable, "-m", "services.router", "--port", "0", "--prefill", address("prefill"),
+                                "--decode", address("decode"), "--ready-file", str(ready)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if ready.exists():
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # snapshots arrive on the state streams
+        with grpc.insecure_channel(json.loads(ready.read_text())["address"]) as channel:
+            fresh = generate(router_pb2_grpc.RouterServiceStub(channel), SYSTEM + "And to Greenland?")
+        old = generate(mesh.stub, SYSTEM + "And to Greenland?")
+    finally:
+        router2.terminate()
+        router2.wait(timeout=30)
+    assert fresh.decode_worker_id == old.decode_worker_id == holder.decode_worker_id
+    assert fresh.decode_cached_tokens == old.decode_cached_tokens > 0
+
+
+def test_a_killed_worker_leaves_placement_and_its_prefix_entries_go(mesh):
+    import signal
+
+    holder = generate(mesh.stub, SYSTEM + "What is a customs declaration?")
+    victim = next(p for p in mesh.processes if p.name == holder.decode_worker_id)
+    victim.popen.send_signal(signal.SIGKILL)
+    victim.popen.wait(timeout=10)
+    time.sleep(0.5)  # the router sees the state stream break
+    after = generate(mesh.stub, SYSTEM + "What is a customs declaration?")
+    assert after.decode_worker_id != holder.decode_worker_id
+    assert holder.decode_worker_id not in after.decode_scores
