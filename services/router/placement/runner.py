@@ -61,7 +61,7 @@ class PoolProfile:
         for scorer, weight in self.scorers:
             raw = _timed(timings, f"scorer.{scorer.name}", scorer.score, request, candidates)
             for worker_id in totals:
-                totals[worker_id] += weight * min(1.0, max(0.0, float(raw.get(worker_id, 0.0))))
+                totals[worker_id] += weight * _clamp(float(raw.get(worker_id, 0.0)))
         scored = [(w, totals[w.worker_id]) for w in candidates]
         chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, scored)
         return PoolChoice(chosen, totals, timings)
@@ -102,7 +102,16 @@ class PlacementProfile:
 
 def _with_prefix(request: PlacementRequest, pool: list[WorkerView], index: PrefixIndex) -> list[WorkerView]:
     matched = index.matched_blocks(request.block_hashes, [w.worker_id for w in pool])
-    return [w._replace(prefix_blocks=matched[w.worker_id]) for w in pool]
+    # Most of a large pool matches nothing: keep those views as they are (no copy per worker).
+    return [w if matched[w.worker_id] == w.prefix_blocks else w._replace(prefix_blocks=matched[w.worker_id])
+            for w in pool]
+
+
+def _clamp(score: float) -> float:
+    """Into [0, 1]; NaN -> 0. (Comparisons, not min/max calls: this runs per worker per scorer.)"""
+    if 0.0 <= score <= 1.0:
+        return score
+    return 1.0 if score > 1.0 else 0.0
 
 
 def load_profile(name_or_path: str) -> PlacementProfile:

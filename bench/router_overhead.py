@@ -1,0 +1,364 @@
+"""What the router adds: TTFT through the router vs straight to the decode worker, and the cost of
+one placement decision over 1,000 synthetic workers.
+
+    python -m bench.router_overhead [--quick] [--json PATH] [--plot PATH]
+
+Part 1 (real processes, tiny model so model time does not bury the router's cost): a mesh of one
+decode worker and no prefill worker, with a profile that keeps prefill on the decode worker
+(prefix_aware's decode pool + the never_remote decider), so both arms run the very same engine
+work. 64 concurrent streams each send requests back to back; one batch is every stream doing
+`rounds` requests through one arm, and router/direct batches alternate (ABBA) so drift on this
+shared machine hits both alike. Router requests carry text the router tokenizes; direct requests
+carry the same token ids (checked against the router's usage.prompt_tokens). A few fixed prompts
+per size are reused, so after warm-up the decode worker serves them from its prefix cache and
+model time stays small in both arms. Added TTFT = router percentile - direct percentile.
+
+Part 2 (in process): the real prefix_aware profile places a 4,096-token prompt among 500 decode
+and 500 prefill workers whose prefix index holds 100,000 blocks; timed with the block hashing it
+does inside, and with the hashes already computed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import random
+import statistics
+import tempfile
+import time
+import uuid
+
+import grpc
+
+from pdmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
+
+STREAMS = 64
+PROMPT_KB = (1, 64)
+MAX_TOKENS = 4
+NUM_WORKERS, INDEX_BLOCKS, DECISION_PROMPT_TOKENS, SHARED_PREFIX_TOKENS = 1000, 100_000, 4096, 1600
+TARGETS = {"added_ttft_p50_ms": 1.0, "added_ttft_p99_ms": 5.0, "decision_ms_1000_workers": 1.0}
+LOCAL_PREFILL_PROFILE = """\
+# bench.router_overhead: prefix_aware's decode pool, prefill always on the decode worker.
+name: local_prefill
+decode:
+  filters: [healthy, has_capacity]
+  scorers:
+    - {name: prefix_overlap, weight: 2.0}
+    - {name: queue_depth, weight: 1.0}
+    - {name: kv_utilization, weight: 0.5}
+  picker: max_score
+prefill:
+  filters: [healthy]
+  picker: max_score
+decider: never_remote
+"""
+_WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
+          "an they you were her she there been one all we their has would when if so no more out up into do any "
+          "model cache block token router prefill decode worker stream latency request prompt memory").split()
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _text(num_bytes: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words, size = [f"#{seed}:"], len(f"#{seed}:")
+    while size < num_bytes:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)[:num_bytes]
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+# ---- part 1: added TTFT ------------------------------------------------------------------------
+
+class Arms:
+    """The two ways to send one prompt; each call returns its TTFT in ms."""
+
+    def __init__(self, router_address: str, decode_address: str):
+        from services.common.server import CHANNEL_OPTIONS
+        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in (router_address, decode_address)]
+        self._router = router_pb2_grpc.RouterServiceStub(self._channels[0])
+        self._decode = decode_pb2_grpc.DecodeServiceStub(self._channels[1])
+        self._sampling = common_pb2.SamplingParams(temperature=0.0)
+
+    async def router(self, text: str, ids: list[int]) -> float:
+        start = time.perf_counter()
+        ttft, last = None, None
+        async for m in self._router.Generate(router_pb2.GenerateRequest(
+                text=text, max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True), timeout=120):
+            if ttft is None and m.token_ids:
+                ttft = (time.perf_counter() - start) * 1000
+            last = m
+        if last.usage.prompt_tokens != len(ids):
+            raise RuntimeError(f"router tokenized {last.usage.prompt_tokens} tokens, the bench {len(ids)}")
+        return ttft
+
+    async def direct(self, text: str, ids: list[int]) -> float:
+        start = time.perf_counter()
+        ttft = None
+        request = decode_pb2.DecodeRequest(request_id=f"bench-{uuid.uuid4().hex}", prompt_token_ids=ids,
+                                           max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True)
+        async for m in self._decode.Decode(request, timeout=120):
+            if ttft is None and m.token_ids:
+                ttft = (time.perf_counter() - start) * 1000
+        return ttft
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+
+async def _batch(call, prompts: list[tuple[str, list[int]]], rounds: int, streams: int = STREAMS) -> list[float]:
+    """`streams` concurrent streams, each sending `rounds` requests back to back."""
+    async def stream(i: int) -> list[float]:
+        return [await call(*prompts[(i + r) % len(prompts)]) for r in range(rounds)]
+    per_stream = await asyncio.gather(*(stream(i) for i in range(streams)))
+    return [t for ts in per_stream for t in ts]
+
+
+async def _single_stream(arms: Arms, prompts, pairs: int) -> dict:
+    """Diagnostic: one request at a time, router and direct alternating (no queueing anywhere)."""
+    samples = {"router": [], "direct": []}
+    for pair in range(pairs):
+        for arm in (("router", "direct") if pair % 2 == 0 else ("direct", "router")):
+            samples[arm] += await _batch(getattr(arms, arm), prompts, 1, streams=1)
+    return samples
+
+
+async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int) -> dict:
+    samples = {"router": [], "direct": []}
+    for prompt in prompts:  # one at a time: 64 uncached 64 KB prefills at once exhaust memory
+        await arms.direct(*prompt)
+    await _batch(arms.router, prompts, 1)  # warm-up: channels, tokenizer, detokenizer
+    await _batch(arms.direct, prompts, 1)
+    for pair in range(pairs):
+        order = ("router", "direct") if pair % 2 == 0 else ("direct", "router")
+        for arm in order:
+            samples[arm] += await _batch(getattr(arms, arm), prompts, rounds)
+    return samples
+
+
+def _summarize_size(kb: int, num_tokens: int, samples: dict) -> dict:
+    row = {"prompt_kb": kb, "prompt_tokens": num_tokens, "requests_per_arm": len(samples["router"])}
+    for arm in ("router", "direct"):
+        row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
+        row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
+    row["added_p50_ms"] = row["router_p50_ms"] - row["direct_p50_ms"]
+    row["added_p99_ms"] = row["router_p99_ms"] - row["direct_p99_ms"]
+    return row
+
+
+def run_added_ttft(quick: bool, progress=_progress) -> tuple[list[dict], dict, dict]:
+    from engine.tokenizer import load_tokenizer
+    from pdmesh.launcher import MeshSpec, start_mesh
+
+    tokenizer = load_tokenizer()
+    num_prompts = 4
+    prompts = {kb: [(t, tokenizer.encode(t, add_bos=True)) for t in (_text(kb * 1024, s) for s in range(num_prompts))]
+               for kb in PROMPT_KB}
+    longest = max(len(ids) for ps in prompts.values() for _, ids in ps)
+    max_model_len = (longest + MAX_TOKENS + 1024) // 1024 * 1024
+    blocks_per_prompt = -(-max_model_len // 16)
+    num_blocks = num_prompts * len(PROMPT_KB) * blocks_per_prompt + 4 * STREAMS  # all prompts cached + in flight
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pdmesh-router-overhead-"))
+    (run_dir / "local_prefill.yaml").write_text(LOCAL_PREFILL_PROFILE)
+    spec = MeshSpec(num_prefill=0, num_decode=1, router_port=0, model="tiny", profile=str(run_dir / "local_prefill.yaml"),
+                    kv_transports="grpc", num_blocks=num_blocks, torch_threads=1, max_model_len=max_model_len,
+                    extra_env=(("PDMESH_MAX_NUM_SEQS", str(STREAMS)),))
+    setup = {"streams": STREAMS, "max_tokens": MAX_TOKENS, "prompts_per_size": num_prompts,
+             "max_model_len": max_model_len, "num_blocks": num_blocks, "max_num_seqs": STREAMS, "torch_threads": 1,
+             "mesh": "1 tiny decode worker, 0 prefill workers, profile local_prefill (never_remote)"}
+    progress(f"starting mesh: {setup['mesh']}, max_model_len {max_model_len}, {num_blocks} blocks ({run_dir})")
+    mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
+    pairs, rounds = (4, 2) if quick else (10, 3)
+    rows, raw = [], {}
+    try:
+        async def go():
+            arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
+            try:
+                for kb in PROMPT_KB:
+                    n = statistics.median(len(ids) for _, ids in prompts[kb])
+                    progress(f"{kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch pairs of "
+                             f"{STREAMS} streams x {rounds} requests")
+                    samples = await _measure_size(arms, prompts[kb], pairs, rounds)
+                    rows.append(_summarize_size(kb, int(n), samples))
+                    raw[kb] = samples
+                    single = _summarize_size(kb, int(n), await _single_stream(arms, prompts[kb], 40 if quick else 100))
+                    rows[-1]["single_stream"] = {k: v for k, v in single.items() if k.endswith("_ms")}
+                    r = rows[-1]
+                    progress(f"  router p50 {r['router_p50_ms']:.2f} ms, direct p50 {r['direct_p50_ms']:.2f} ms, "
+                             f"added p50 {r['added_p50_ms']:+.2f} ms, added p99 {r['added_p99_ms']:+.2f} ms; "
+                             f"one stream alone: added p50 {r['single_stream']['added_p50_ms']:+.2f} ms")
+            finally:
+                await arms.close()
+        asyncio.run(go())
+    finally:
+        mesh.stop()
+    return rows, raw, setup
+
+
+# ---- part 2: decision cost ---------------------------------------------------------------------
+
+def _synthetic_mesh(prompt_hashes: list[int], rng: random.Random):
+    """NUM_WORKERS workers (half decode, half prefill) with INDEX_BLOCKS blocks in all. Every 10th
+    worker holds a leading slice of the prompt (up to 100 blocks); the rest of each worker's
+    blocks are hashes no prompt has. Loads are random."""
+    from services.router.placement.base import LoadView, WorkerView
+    from services.router.prefix_index import PrefixIndex
+
+    index, views = PrefixIndex(), []
+    per_worker = INDEX_BLOCKS // NUM_WORKERS
+    for i in range(NUM_WORKERS):
+        role = "decode" if i % 2 == 0 else "prefill"
+        worker_id = f"{role}-{i}"
+        shared = prompt_hashes[:rng.randint(1, per_worker)] if i % 10 == 0 else []
+        index.stored(worker_id, shared + [rng.getrandbits(64) for _ in range(per_worker - len(shared))])
+        total = 4096
+        views.append(WorkerView(worker_id, f"10.0.{i // 250}.{i % 250}:50051", role, True,
+                                LoadView(rng.randint(0, 8), rng.randint(0, 16), rng.randint(0, total // 2), total,
+                                         rng.randint(0, 8192))))
+    return index, views
+
+
+def run_decision(quick: bool, progress=_progress) -> dict:
+    from engine.hashing import block_hashes
+    from services.router.placement.base import PlacementRequest
+    from services.router.placement.runner import load_profile
+
+    rng = random.Random(0)
+    reps, warmup = (200 if quick else 1000), 20
+    shared = [rng.randrange(3, 262_144) for _ in range(SHARED_PREFIX_TOKENS)]
+    # place() records the blocks it expects the chosen workers to store, so each repetition gets
+    # its own prompt: the shared prefix some workers hold, then a tail nobody has seen.
+    prompts = [shared + [rng.randrange(3, 262_144) for _ in range(DECISION_PROMPT_TOKENS - len(shared))]
+               for _ in range(2 * (reps + warmup))]
+    index, views = _synthetic_mesh(block_hashes(shared, 16), rng)
+    profile = load_profile("prefix_aware")
+    progress(f"decision: profile prefix_aware, {NUM_WORKERS} workers (500 decode, 500 prefill), "
+             f"{sum(index.num_blocks(v.worker_id) for v in views):,} indexed blocks, {DECISION_PROMPT_TOKENS}-token prompts")
+    timings = {"place_incl_hashing": [], "hashing": [], "place_hashes_precomputed": []}
+    plugin_ms: dict[str, list[float]] = {}
+    placement = None
+    for rep in range(reps + warmup):
+        request = PlacementRequest(f"r{rep}", prompts[2 * rep], "interactive")
+        start = time.perf_counter()
+        placement = profile.place(request, views, index)
+        full = (time.perf_counter() - start) * 1000
+        request = PlacementRequest(f"h{rep}", prompts[2 * rep + 1], "interactive")
+        start = time.perf_counter()
+        request.block_hashes  # noqa: B018 - the cached property computes the hashes
+        hashing = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        profile.place(request, views, index)
+        precomputed = (time.perf_counter() - start) * 1000
+        if rep < warmup:
+            continue
+        for key, value in zip(timings, (full, hashing, precomputed)):
+            timings[key].append(value)
+        for pool, choice in (("decode", placement.decode), ("prefill", placement.prefill)):
+            for name, ms in (choice.plugin_ms if choice else {}).items():
+                plugin_ms.setdefault(f"{pool}.{name}", []).append(ms)
+    out = {f"{k}_p50_ms": statistics.median(v) for k, v in timings.items()}
+    out.update({f"{k}_p99_ms": _pct(v, 99) for k, v in timings.items()})
+    out["plugin_p50_ms"] = {k: statistics.median(v) for k, v in plugin_ms.items()}
+    out["decision"] = placement.decision.reason
+    out["chosen"] = {"decode": placement.decode.worker.worker_id,
+                     "prefill": placement.prefill.worker.worker_id if placement.prefill else ""}
+    out["repetitions"] = reps
+    out["workers"] = {"decode": NUM_WORKERS // 2, "prefill": NUM_WORKERS // 2}
+    out["index_blocks"] = INDEX_BLOCKS
+    progress(f"  place p50 {out['place_incl_hashing_p50_ms']:.3f} ms (hashing {out['hashing_p50_ms']:.3f} ms, "
+             f"rest {out['place_hashes_precomputed_p50_ms']:.3f} ms); {out['decision']}")
+    return out
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def _print_table(rows: list[dict], decision: dict, per_kb: float) -> None:
+    print()
+    print(f"{'prompt':>7} {'tokens':>7} {'n/arm':>6} | {'router p50':>10} {'direct p50':>10} {'added p50':>9} | "
+          f"{'router p99':>10} {'direct p99':>10} {'added p99':>9}")
+    for r in rows:
+        print(f"{r['prompt_kb']:>5}KB {r['prompt_tokens']:>7} {r['requests_per_arm']:>6} | {r['router_p50_ms']:>10.2f} "
+              f"{r['direct_p50_ms']:>10.2f} {r['added_p50_ms']:>+9.2f} | {r['router_p99_ms']:>10.2f} "
+              f"{r['direct_p99_ms']:>10.2f} {r['added_p99_ms']:>+9.2f}")
+    for r in rows:
+        one = r["single_stream"]
+        print(f"{r['prompt_kb']:>5}KB, 1 stream alone (diagnostic): router p50 {one['router_p50_ms']:.2f} ms, direct p50 "
+              f"{one['direct_p50_ms']:.2f} ms, added p50 {one['added_p50_ms']:+.2f} ms, added p99 {one['added_p99_ms']:+.2f} ms")
+    if rows:
+        print(f"added per KB of prompt (slope of added p50, 1 -> 64 KB): {per_kb:+.3f} ms/KB")
+    print()
+    print(f"placement decision, {NUM_WORKERS} workers, {INDEX_BLOCKS:,} indexed blocks, {DECISION_PROMPT_TOKENS} tokens:")
+    print(f"  {'incl. block hashing':<28} p50 {decision['place_incl_hashing_p50_ms']:.3f} ms  "
+          f"p99 {decision['place_incl_hashing_p99_ms']:.3f} ms")
+    print(f"  {'block hashing alone':<28} p50 {decision['hashing_p50_ms']:.3f} ms  p99 {decision['hashing_p99_ms']:.3f} ms")
+    print(f"  {'hashes precomputed':<28} p50 {decision['place_hashes_precomputed_p50_ms']:.3f} ms  "
+          f"p99 {decision['place_hashes_precomputed_p99_ms']:.3f} ms")
+    for name, ms in decision["plugin_p50_ms"].items():
+        print(f"    {name:<34} {ms:.3f} ms")
+
+
+def _plot(path: pathlib.Path, raw: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(raw), figsize=(5 * len(raw), 3.8))
+    for ax, (kb, samples) in zip(axes, raw.items()):
+        for arm, style in (("direct", "-"), ("router", "--")):
+            values = sorted(samples[arm])
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], style, label=arm)
+        ax.set_title(f"{kb} KB prompt, {STREAMS} streams")
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench.router_overhead", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer batches and repetitions (~2 minutes)")
+    p.add_argument("--json", default=None, help="write results here (and a TTFT CDF PNG beside it)")
+    p.add_argument("--plot", default=None, help="PNG path (default: router_overhead.png beside --json)")
+    p.add_argument("--skip-mesh", action="store_true", help="only the decision cost (no processes)")
+    args = p.parse_args(argv)
+    _progress(f"load average {os.getloadavg()[0]:.2f} at start")
+    decision = run_decision(args.quick)
+    rows, raw, setup = ([], {}, {}) if args.skip_mesh else run_added_ttft(args.quick)
+    by_kb = {r["prompt_kb"]: r for r in rows}
+    per_kb = ((by_kb[64]["added_p50_ms"] - by_kb[1]["added_p50_ms"]) / 63) if rows else float("nan")
+    result = {
+        "added_ttft_p50_ms": by_kb[1]["added_p50_ms"] if rows else None,
+        "added_ttft_p99_ms": by_kb[1]["added_p99_ms"] if rows else None,
+        "added_ms_per_kb": per_kb if rows else None,
+        "decision_ms_1000_workers": decision["place_incl_hashing_p50_ms"],
+        "headline_note": "added_ttft_* are at 1 KB prompts; the 64 KB row is in sizes",
+        "sizes": rows, "setup": setup, "decision": decision, "targets": TARGETS,
+        "load_average_end": os.getloadavg()[0], "quick": args.quick,
+    }
+    _print_table(rows, decision, per_kb)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        if raw:
+            plot = pathlib.Path(args.plot) if args.plot else path.with_name("router_overhead.png")
+            _plot(plot, raw)
+            _progress(f"wrote {path} and {plot}")
+        else:
+            _progress(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
