@@ -1,6 +1,7 @@
 """RouterService servicer: validates and converts the request, relays the flow's events, and maps
 domain errors to status codes (once, via services.common.errors)."""
 
+import asyncio
 import uuid
 
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -8,6 +9,9 @@ from services.common.convert import check_max_tokens, check_token_ids, sampling_
 from services.common.errors import InvalidArgument, abort_with
 from services.router.config import RouterConfig
 from services.router.request_flow import GenerateJob, RequestFlow
+
+# Longer text is tokenized on a worker thread (the tokenizer releases the GIL).
+INLINE_TOKENIZE_MAX_CHARS = 8192
 
 _PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
                common_pb2.PRIORITY_CLASS_INTERACTIVE: "interactive", common_pb2.PRIORITY_CLASS_BATCH: "batch"}
@@ -17,12 +21,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
 
-    def _job(self, request: router_pb2.GenerateRequest, context) -> GenerateJob:
+    async def _job(self, request: router_pb2.GenerateRequest, context) -> GenerateJob:
         which = request.WhichOneof("prompt")
         if which == "text":
             if not request.text:
                 raise InvalidArgument("prompt is empty: send text or at least one token id")
-            ids = self._tokenizer.encode(request.text, add_bos=True)
+            if len(request.text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
+                ids = await asyncio.to_thread(self._tokenizer.encode, request.text, True)
+            else:
+                ids = self._tokenizer.encode(request.text, add_bos=True)
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
         else:
@@ -40,7 +47,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def Generate(self, request, context):
         try:
-            job = self._job(request, context)
+            job = await self._job(request, context)
             async for event in self._flow.run(job):
                 response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
                                                        text_delta=event.text_delta, finish_reason=event.finish_reason)
