@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from engine.kv_pool import allocate_host_pool
 from kvtransfer.layout import KvLayout
 
 LAYOUT = KvLayout("gemma-3-270m", "float32", 16, 18, 1, 256)  # 36,864 B/token, 589,824 B/block
@@ -37,6 +38,11 @@ MODES = {
     "grpc": ("grpc", {}, {}),
 }
 _PREFIX = "KVBENCH "
+# Every pool here is allocated the way engine.kv_pool allocates a real one (transparent huge pages):
+# the puller's and the memcpy baseline's through allocate_host_pool; the holder process builds its
+# seeded pool with torch.rand, so its torch allocator is asked for huge pages (torch reads this at
+# allocation time: 2 MiB alignment + MADV_HUGEPAGE for allocations >= 2 MiB).
+HOLDER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def _blocks(tokens: int) -> int:
@@ -51,8 +57,8 @@ async def _worker(mode: str, max_tokens: int) -> None:
 
     transport, options, env = MODES[mode]
     num_blocks = _blocks(max_tokens) + DST_OFFSET_BLOCKS
-    holder = HolderProcess(env=env, num_blocks=num_blocks, model_id=LAYOUT.model_id, no_nixl=transport != "nixl")
-    pool = torch.zeros((num_blocks, *LAYOUT.block_shape))
+    holder = HolderProcess(env={**HOLDER_ENV, **env}, num_blocks=num_blocks, model_id=LAYOUT.model_id, no_nixl=transport != "nixl")
+    pool = allocate_host_pool((num_blocks, *LAYOUT.block_shape))
     puller = make_puller(transport, pool, LAYOUT, **options)
     await puller.connect(holder.address)
     _answer({"ready": mode})
@@ -119,8 +125,8 @@ class _Memcpy:
 
     def __init__(self, max_tokens: int, threads: int = 0) -> None:
         num_blocks = _blocks(max_tokens) + DST_OFFSET_BLOCKS
-        self.src = torch.rand((num_blocks, *LAYOUT.block_shape))
-        self.dst = torch.zeros_like(self.src)
+        self.src = allocate_host_pool((num_blocks, *LAYOUT.block_shape)).uniform_()
+        self.dst = allocate_host_pool((num_blocks, *LAYOUT.block_shape))
         self.threads = threads
 
     def handoff(self, tokens: int) -> dict:
