@@ -34,6 +34,7 @@ DST_OFFSET_BLOCKS = 4  # land at different ids than the holder's
 MODES = {
     "nixl": ("nixl", {"descriptor_mode": "prepped"}, {}),
     "nixl_coalesced": ("nixl", {"descriptor_mode": "coalesced"}, {}),
+    "nixl_1thread": ("nixl", {"descriptor_mode": "prepped", "num_threads": 0}, {}),  # no parallel copy threads
     "nixl_tcp": ("nixl", {"descriptor_mode": "prepped"}, {"UCX_TLS": "tcp,self"}),
     "grpc": ("grpc", {}, {}),
 }
@@ -214,6 +215,7 @@ def _report(rows: list[dict], reps: int) -> dict:
         report["nixl_vs_memcpy"] = at[("nixl", 2048)]["vs_memcpy"]
         report["nixl_vs_memcpy_by_tokens"] = {t: at[("nixl", t)]["vs_memcpy"] for t in SIZES_TOKENS}
         report["nixl_vs_memcpy_1thread_2048"] = round(at[("nixl", 2048)]["gbps"] / at[("memcpy_1t", 2048)]["gbps"], 3)
+        report["nixl_vs_nixl_1thread_2048"] = round(at[("nixl", 2048)]["gbps"] / at[("nixl_1thread", 2048)]["gbps"], 3)
         report["nixl_coalesced_vs_prepped_2048"] = round(at[("nixl_coalesced", 2048)]["gbps"] / at[("nixl", 2048)]["gbps"], 3)
         report["fallback_vs_nixl_tcp"] = round(at[("grpc", 2048)]["gbps"] / at[("nixl_tcp", 2048)]["gbps"], 3)
         report["fallback_vs_nixl_tcp_by_tokens"] = {
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     report = _run(args)
     _print_table(report["table"])
-    for key in ("nixl_vs_memcpy", "nixl_vs_memcpy_by_tokens", "nixl_vs_memcpy_1thread_2048", "nixl_coalesced_vs_prepped_2048", "fallback_vs_nixl_tcp",
+    for key in ("nixl_vs_memcpy", "nixl_vs_memcpy_by_tokens", "nixl_vs_memcpy_1thread_2048", "nixl_vs_nixl_1thread_2048", "nixl_coalesced_vs_prepped_2048", "fallback_vs_nixl_tcp",
                 "fallback_vs_nixl_tcp_by_tokens", "handoff_ms_2048", "handoff_breakdown_2048", "handoff_ms_2048_grpc",
                 "targets"):
         if key in report:

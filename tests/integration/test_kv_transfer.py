@@ -75,6 +75,19 @@ def test_nixl_coalesced_descriptor_mode_is_byte_exact(holder, holder_data):
     assert torch.equal(pool[DST], holder_data[SRC])
 
 
+@pytest.mark.skipif("nixl" not in available_transports(), reason="NIXL not usable here")
+@pytest.mark.parametrize("descriptor_mode", ["prepped", "coalesced"])
+def test_nixl_split_across_copy_threads_is_byte_exact(holder, holder_data, descriptor_mode):
+    pool = _local_pool()
+    src = [*SRC, *range(21, 42)]  # 28 blocks (>= 16 descriptors: split between 2 threads)
+    dst = [*DST, *range(14, 30), 32, 33, 34, 35, 36]
+    handle, _ = holder.lend(src)
+    asyncio.run(_pull("nixl", handle, dst, pool, descriptor_mode=descriptor_mode, num_threads=2))
+    assert torch.equal(pool[dst], holder_data[src])
+    untouched = [b for b in range(LOCAL_BLOCKS) if b not in dst]
+    assert bool((pool[untouched] == -7.0).all())
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_concurrent_pulls_on_one_puller(holder, holder_data, transport):
     pool = _local_pool()

@@ -28,3 +28,4 @@ def test_huge_page_advice_is_accepted_on_a_large_pool():
     if "[never]" in mode:
         pytest.skip("transparent huge pages disabled")
     assert advise_huge_pages(torch.empty(8 << 20))  # 32 MiB
+
