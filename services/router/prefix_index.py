@@ -77,9 +77,10 @@ class PrefixIndex:
     def holders(self, block_hash: int) -> set[str]:
         return set(self._holders.get(block_hash, ()))
 
-    def matched_blocks(self, block_hashes: list[int], worker_ids: Iterable[str]) -> dict[str, int]:
-        """For each worker, how many leading blocks of the prompt it holds or is expected to hold
-        (0 when none)."""
+    def matched_blocks(self, block_hashes: list[int], worker_ids: Iterable[str],
+                       include_expected: bool = True) -> dict[str, int]:
+        """For each worker, how many leading blocks of the prompt it holds or (with
+        include_expected) is expected to hold; 0 when none."""
         matched = {w: 0 for w in worker_ids}
         alive = set(matched)
         now = self._clock()
@@ -88,7 +89,7 @@ class PrefixIndex:
                 break
             holders = self._holders.get(h)
             still = alive & holders if holders else set()
-            pending = self._expected.get(h)
+            pending = self._expected.get(h) if include_expected else None
             if pending:
                 still |= {w for w, expiry in pending.items() if expiry > now and w in alive}
             for w in alive - still:

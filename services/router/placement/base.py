@@ -37,8 +37,12 @@ class WorkerView(NamedTuple):
     role: str  # "prefill" | "decode"
     healthy: bool
     load: LoadView = LoadView()
-    # Leading blocks of this request's prompt the worker holds (filled in by the runner).
+    # Leading blocks of this request's prompt the worker holds or is expected to hold soon
+    # (filled in by the runner; scorers steer with it).
     prefix_blocks: int = 0
+    # Of those, the blocks the worker has confirmed with KV events (what a decider may rely on:
+    # an expected block still being computed elsewhere would be recomputed here).
+    confirmed_prefix_blocks: int = 0
 
 
 class PlacementRequest:
@@ -60,7 +64,8 @@ class PlacementRequest:
         return len(self.prompt_token_ids)
 
     def cached_tokens(self, worker: WorkerView) -> int:
-        return min(worker.prefix_blocks * self.block_size, self.num_prompt_tokens)
+        """Prompt tokens the worker has confirmed it holds."""
+        return min(worker.confirmed_prefix_blocks * self.block_size, self.num_prompt_tokens)
 
 
 class Filter(Protocol):

@@ -78,9 +78,13 @@ class PlacementProfile:
     def place(self, request: PlacementRequest, workers: list[WorkerView], index: PrefixIndex | None = None) -> Placement:
         decode_pool = [w for w in workers if w.role == "decode"]
         prefill_pool = [w for w in workers if w.role == "prefill"]
-        if index is not None and (self.decode.uses_prefix_index or getattr(self.decider, "uses_prefix_index", False)):
+        decode_uses_index = index is not None and (
+            self.decode.uses_prefix_index or getattr(self.decider, "uses_prefix_index", False))
+        if decode_uses_index:
             decode_pool = _with_prefix(request, decode_pool, index)
         decode = self.decode.choose("decode", request, decode_pool)
+        if decode_uses_index:
+            decode = decode._replace(worker=_with_confirmed(request, decode.worker, index))
         decision = self.decider.decide(request, decode.worker)
         prefill = None
         if decision.remote_prefill:
@@ -88,6 +92,8 @@ class PlacementProfile:
                 prefill_pool = _with_prefix(request, prefill_pool, index)
             try:
                 prefill = self.prefill.choose("prefill", request, prefill_pool)
+                if index is not None and self.prefill.uses_prefix_index:
+                    prefill = prefill._replace(worker=_with_confirmed(request, prefill.worker, index))
             except NoCandidates as exc:
                 log.warning("%s: %s; prefilling on the decode worker", request.request_id, exc)
                 decision = Decision(False, f"no prefill worker available ({decision.reason})")
@@ -112,6 +118,11 @@ def _clamp(score: float) -> float:
     if 0.0 <= score <= 1.0:
         return score
     return 1.0 if score > 1.0 else 0.0
+
+
+def _with_confirmed(request: PlacementRequest, worker: WorkerView, index: PrefixIndex) -> WorkerView:
+    confirmed = index.matched_blocks(request.block_hashes, [worker.worker_id], include_expected=False)
+    return worker._replace(confirmed_prefix_blocks=confirmed[worker.worker_id])
 
 
 def load_profile(name_or_path: str) -> PlacementProfile:

@@ -82,7 +82,7 @@ def test_unknown_names_list_the_known_ones():
 
 
 def loaded(wid, role="decode", waiting=0, running=0, used=0, total=100, queued=0, prefix=0, healthy=True):
-    return WorkerView(wid, f"addr-{wid}", role, healthy, LoadView(waiting, running, used, total, queued), prefix)
+    return WorkerView(wid, f"addr-{wid}", role, healthy, LoadView(waiting, running, used, total, queued), prefix, prefix)
 
 
 @pytest.mark.parametrize("name,pool,expected", [
@@ -169,3 +169,22 @@ def test_burst_of_one_prefix_sticks_to_one_worker_before_any_kv_event():
     chosen = {profile.place(PlacementRequest(f"r{i}", shared + [i] * 8, "interactive"), pool, index)
               .decode.worker.worker_id for i in range(6)}
     assert len(chosen) == 1
+
+
+def test_decider_relies_on_confirmed_blocks_only():
+    # Request 2 of a group arrives while request 1's prefill is still running: the router
+    # expects the prefix on d1 (steer there) but must not prefill locally on a promise.
+    from services.router.prefix_index import PrefixIndex
+    from engine.hashing import block_hashes
+    prompt = list(range(7000, 7400))
+    index = PrefixIndex()
+    index.expect("d1", block_hashes(prompt, 16))
+    index.expect("p0", block_hashes(prompt, 16))
+    pool = [loaded("d0"), loaded("d1"), loaded("p0", role="prefill"), loaded("p1", role="prefill")]
+    placed = load_profile("prefix_aware").place(PlacementRequest("r", prompt + [1] * 8, "interactive"), pool, index)
+    assert placed.decode.worker.worker_id == "d1"
+    assert placed.decode.worker.prefix_blocks == 25 and placed.decode.worker.confirmed_prefix_blocks == 0
+    assert placed.decision.remote_prefill and placed.prefill.worker.worker_id == "p0"
+    index.stored("d1", block_hashes(prompt, 16))  # now confirmed by the worker's KV events
+    placed = load_profile("prefix_aware").place(PlacementRequest("r2", prompt + [2] * 8, "interactive"), pool, index)
+    assert not placed.decision.remote_prefill
