@@ -77,3 +77,18 @@ async def run_worker(config: WorkerConfig,
     if on_stop is not None:
         on_stop(ctx)
     runner.stop()
+
+
+def worker_main(role: str, role_bindings: Callable[[WorkerContext], Iterable[ServiceBinding]],
+                argv: list[str] | None = None) -> None:
+    """Entry point shared by `python -m services.prefill` and `python -m services.decode`."""
+    import argparse
+
+    from services.common.server import configure_logging
+    from services.common.worker_config import add_worker_flags, worker_config_from_args
+
+    parser = argparse.ArgumentParser(prog=f"pdmesh-{role}", description=f"pdmesh {role} worker")
+    add_worker_flags(parser)
+    config = worker_config_from_args(role, parser.parse_args(argv))
+    configure_logging(config.worker_id)
+    asyncio.run(run_worker(config, role_bindings))

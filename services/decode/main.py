@@ -1,15 +1,11 @@
 """Entry point of a decode worker: `python -m services.decode --port 0 ...` (see --help)."""
 
-import argparse
-import asyncio
 import logging
 
 from kvtransfer.base import available_transports, make_puller
 from kvtransfer.layout import KvLayout
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
-from services.common.server import configure_logging
-from services.common.worker import WorkerContext, run_worker
-from services.common.worker_config import add_worker_flags, worker_config_from_args
+from services.common.worker import WorkerContext, worker_main
 from services.decode.decode_worker import DecodeWorker
 from services.decode.server import DecodeServicer
 
@@ -40,11 +36,7 @@ def _bindings(ctx: WorkerContext):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdmesh-decode", description="pdmesh decode worker")
-    add_worker_flags(parser)
-    config = worker_config_from_args("decode", parser.parse_args(argv))
-    configure_logging(config.worker_id)
-    asyncio.run(run_worker(config, _bindings))
+    worker_main("decode", _bindings, argv)
 
 
 if __name__ == "__main__":

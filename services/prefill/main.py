@@ -1,14 +1,10 @@
 """Entry point of a prefill worker: `python -m services.prefill --port 0 ...` (see --help)."""
 
-import argparse
-import asyncio
 
 from kvtransfer.layout import KvLayout
 from kvtransfer.source import KvSource, KvTransferServicer
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from services.common.server import configure_logging
-from services.common.worker import WorkerContext, run_worker
-from services.common.worker_config import add_worker_flags, worker_config_from_args
+from services.common.worker import WorkerContext, worker_main
 from services.prefill.prefill_worker import PrefillWorker
 from services.prefill.server import PrefillServicer
 
@@ -30,11 +26,7 @@ def _bindings(ctx: WorkerContext):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdmesh-prefill", description="pdmesh prefill worker")
-    add_worker_flags(parser)
-    config = worker_config_from_args("prefill", parser.parse_args(argv))
-    configure_logging(config.worker_id)
-    asyncio.run(run_worker(config, _bindings))
+    worker_main("prefill", _bindings, argv)
 
 
 if __name__ == "__main__":
