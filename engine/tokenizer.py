@@ -68,6 +68,12 @@ class Tokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else ids
 
+    def encode_without_gil(self, text: str, add_bos: bool = True) -> list[int]:
+        """encode(), but the library releases the GIL while it works (its single-text encode
+        holds it), so a long prompt tokenized on another thread does not stall the caller's."""
+        ids = self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+        return [self.bos_token_id, *ids] if add_bos else ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

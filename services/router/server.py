@@ -2,6 +2,7 @@
 domain errors to status codes (once, via services.common.errors)."""
 
 import asyncio
+import concurrent.futures
 import uuid
 
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -10,7 +11,8 @@ from services.common.errors import InvalidArgument, abort_with
 from services.router.config import RouterConfig
 from services.router.request_flow import GenerateJob, RequestFlow
 
-# Longer text is tokenized on a worker thread (the tokenizer releases the GIL).
+# Longer text is tokenized on one dedicated thread with the GIL released (encode_without_gil):
+# other streams keep flowing, and a burst of long prompts cannot oversubscribe the cores.
 INLINE_TOKENIZE_MAX_CHARS = 8192
 
 _PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
@@ -20,6 +22,7 @@ _PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     async def _job(self, request: router_pb2.GenerateRequest, context) -> GenerateJob:
         which = request.WhichOneof("prompt")
@@ -27,7 +30,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if not request.text:
                 raise InvalidArgument("prompt is empty: send text or at least one token id")
             if len(request.text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
-                ids = await asyncio.to_thread(self._tokenizer.encode, request.text, True)
+                ids = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenize_pool, self._tokenizer.encode_without_gil, request.text)
             else:
                 ids = self._tokenizer.encode(request.text, add_bos=True)
         elif which == "token_ids":

@@ -1,5 +1,7 @@
 """The Gemma tokenizer built from the GGUF: encoding, BOS, decoding and streaming detokenization."""
 
+import pathlib
+
 import pytest
 
 from engine.tokenizer import IncrementalDetokenizer
@@ -52,3 +54,9 @@ def test_incremental_detokenizer_holds_back_a_partial_character(tokenizer):
     assert len(ids) == 4  # four UTF-8 bytes, one token each
     detok = IncrementalDetokenizer(tokenizer)
     assert [detok.push([i]) for i in ids] == ["", "", "", RARE[0]]
+
+
+def test_encode_without_gil_gives_the_same_ids(tokenizer):
+    text = pathlib.Path(__file__).read_text() * 3 + " héllo 🤖 你好\n\n"
+    assert tokenizer.encode_without_gil(text) == tokenizer.encode(text)
+    assert tokenizer.encode_without_gil(text, add_bos=False) == tokenizer.encode(text, add_bos=False)
