@@ -9,7 +9,9 @@ Who calls what, and who owns which block when:
   4. If pull raised, the dst blocks hold garbage: free them or recompute the prompt into them.
 """
 
+import asyncio
 import importlib
+import time
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
@@ -76,6 +78,14 @@ class KvPuller(ABC):
         num_blocks = self.pool.shape[0]
         if any(not 0 <= b < num_blocks for b in dst_block_ids):
             raise ValueError(f"dst block ids must be in [0, {num_blocks})")
+
+    async def _verified(self, handle: KvHandle, dst_block_ids: list[int], start: float,
+                        retries: int) -> TransferResult:
+        """The bytes have landed: check them (off the event loop) and report the transfer."""
+        verify_start = time.perf_counter()
+        await asyncio.to_thread(self.verify, handle, dst_block_ids)
+        end = time.perf_counter()
+        return TransferResult(self.name, handle.num_bytes, end - start, retries, end - verify_start)
 
     def verify(self, handle: KvHandle, dst_block_ids: list[int]) -> None:
         """Raise KvChecksumError unless the dst blocks hash to the handle's checksums."""

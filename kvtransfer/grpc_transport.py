@@ -8,7 +8,6 @@ Both sides call keep_freed_buffers(): gRPC allocates and frees a few chunk-sized
 message, and with glibc's default thresholds each one comes back from the kernel as fresh pages.
 """
 
-import asyncio
 import ctypes
 import ctypes.util
 import time
@@ -63,10 +62,7 @@ class GrpcPuller(KvPuller):
                 if e.code() != grpc.StatusCode.UNAVAILABLE or retries >= self.max_retries:
                     raise domain_error(e, handle.lease_id) from e
                 retries += 1
-        verify_start = time.perf_counter()
-        await asyncio.to_thread(self.verify, handle, dst_block_ids)
-        end = time.perf_counter()
-        return TransferResult(self.name, handle.num_bytes, end - start, retries, end - verify_start)
+        return await self._verified(handle, dst_block_ids, start, retries)
 
     async def release(self, handle: KvHandle) -> bool:
         return await self._clients.get(handle.transfer_address).release(handle.lease_id)

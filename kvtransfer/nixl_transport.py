@@ -228,10 +228,7 @@ class NixlPuller(KvPuller):
             if retries:
                 raise KvTransferError(f"NIXL READ from {handle.transfer_address} ended in state {state}")
             retries += 1
-        verify_start = time.perf_counter()
-        await asyncio.to_thread(self.verify, handle, dst_block_ids)
-        end = time.perf_counter()
-        return TransferResult(self.name, handle.num_bytes, end - start, retries, end - verify_start)
+        return await self._verified(handle, dst_block_ids, start, retries)
 
     async def release(self, handle: KvHandle) -> bool:
         self._released[handle.lease_id] = None
