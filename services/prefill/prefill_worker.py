@@ -2,7 +2,7 @@
 
 Ownership: after `prefill` returns, the prompt's blocks are pinned in this worker's engine and
 belong to the lease in the returned handle. They are unpinned exactly once, when the lease is
-released by the puller or expires (KvSource calls `_on_lease_free`).
+released by the puller or expires (KvSource calls `on_lease_free`).
 """
 
 import time

@@ -37,9 +37,18 @@ class WorkerEndpoint:
     inflight: int = 0
     inflight_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        self.prefill_stub = prefill_pb2_grpc.PrefillServiceStub(self.channel)
+        self.decode_stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
+
+    @property
+    def key(self) -> str:
+        """The id placement knows this worker by (its address until it has said its id)."""
+        return self.worker_id or self.address
+
     def view(self) -> WorkerView:
         load = self.load._replace(router_inflight=self.inflight, router_inflight_tokens=self.inflight_tokens)
-        return WorkerView(self.worker_id or self.address, self.address, self.role, self.healthy, load)
+        return WorkerView(self.key, self.address, self.role, self.healthy, load)
 
 
 class WorkerRegistry:
@@ -47,6 +56,7 @@ class WorkerRegistry:
         self._max_backoff_s = max_backoff_s
         self._endpoints = [WorkerEndpoint(a, "prefill", _channel(a)) for a in prefill_addresses]
         self._endpoints += [WorkerEndpoint(a, "decode", _channel(a)) for a in decode_addresses]
+        self._by_key = {e.key: e for e in self._endpoints}
         self._tasks: list[asyncio.Task] = []
         self.changed = asyncio.Event()
         self.index = PrefixIndex()
@@ -65,16 +75,13 @@ class WorkerRegistry:
         return [e.view() for e in self._endpoints]
 
     def endpoint(self, worker_id: str) -> WorkerEndpoint:
-        for e in self._endpoints:
-            if (e.worker_id or e.address) == worker_id:
-                return e
-        raise KeyError(worker_id)
+        return self._by_key[worker_id]
 
     def prefill_stub(self, worker_id: str) -> prefill_pb2_grpc.PrefillServiceStub:
-        return prefill_pb2_grpc.PrefillServiceStub(self.endpoint(worker_id).channel)
+        return self._by_key[worker_id].prefill_stub
 
     def decode_stub(self, worker_id: str) -> decode_pb2_grpc.DecodeServiceStub:
-        return decode_pb2_grpc.DecodeServiceStub(self.endpoint(worker_id).channel)
+        return self._by_key[worker_id].decode_stub
 
     @contextlib.contextmanager
     def track(self, worker_id: str, prompt_tokens: int):
@@ -112,9 +119,13 @@ class WorkerRegistry:
     def _apply(self, endpoint: WorkerEndpoint, update: worker_state_pb2.StreamStateResponse) -> None:
         if not endpoint.healthy:
             log.info("%s worker %s up at %s", _ROLE_NAMES.get(update.role, "?"), update.worker_id, endpoint.address)
-        if endpoint.worker_id and endpoint.worker_id != update.worker_id:  # another worker took the address
-            self.index.cleared(endpoint.worker_id)
-        endpoint.worker_id, endpoint.healthy, endpoint.last_seen = update.worker_id, True, time.monotonic()
+        if endpoint.worker_id != update.worker_id:  # first contact, or another worker took the address
+            if endpoint.worker_id:
+                self.index.cleared(endpoint.worker_id)
+            self._by_key.pop(endpoint.key, None)
+            endpoint.worker_id = update.worker_id
+            self._by_key[endpoint.key] = endpoint
+        endpoint.healthy, endpoint.last_seen = True, time.monotonic()
         kind = update.WhichOneof("update")
         if kind == "load_report":
             r = update.load_report
