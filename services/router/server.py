@@ -1,5 +1,10 @@
 """RouterService servicer: validates and converts the request, relays the flow's events, and maps
-domain errors to status codes (once, via services.common.errors)."""
+domain errors to status codes (once, via services.common.errors).
+
+`generate()` is the one entry point every front door uses (gRPC here, the HTTP front beside it):
+it takes the GenerateRequest proto, the time left and the caller's metadata (W3C trace context)
+and yields GenerateResponse messages, raising domain errors the caller maps to its own status.
+"""
 
 import asyncio
 import concurrent.futures
@@ -24,7 +29,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    async def _job(self, request: router_pb2.GenerateRequest, context) -> GenerateJob:
+    async def _job(self, request: router_pb2.GenerateRequest, time_remaining: float | None) -> GenerateJob:
         which = request.WhichOneof("prompt")
         if which == "text":
             if not request.text:
@@ -47,18 +52,25 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                   "or PRIORITY_CLASS_BATCH")
         return GenerateJob(request.request_id or uuid.uuid4().hex, prompt, request.sampling, max_tokens,
                            _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
-                           context.time_remaining())
+                           time_remaining)
+
+    async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
+                       metadata: dict[str, str] | None = None):
+        """Validates, runs and relays one request; raises domain errors (see services.common.errors)."""
+        job = await self._job(request, time_remaining)
+        async for event in self._flow.run(job):
+            response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
+                                                   text_delta=event.text_delta, finish_reason=event.finish_reason)
+            if event.usage is not None:
+                response.usage.CopyFrom(event.usage)
+                response.timings.CopyFrom(event.timings)
+                response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
+            yield response
 
     async def Generate(self, request, context):
         try:
-            job = await self._job(request, context)
-            async for event in self._flow.run(job):
-                response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
-                                                       text_delta=event.text_delta, finish_reason=event.finish_reason)
-                if event.usage is not None:
-                    response.usage.CopyFrom(event.usage)
-                    response.timings.CopyFrom(event.timings)
-                    response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
+            async for response in self.generate(request, context.time_remaining(),
+                                                dict(context.invocation_metadata() or ())):
                 yield response
         except Exception as exc:
             await abort_with(context, exc)
