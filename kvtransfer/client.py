@@ -4,6 +4,7 @@ domain errors once and keeps one channel per holder address."""
 import asyncio
 
 import grpc
+from opentelemetry import propagate
 
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 
@@ -31,7 +32,7 @@ class HolderClient:
         """GetTransferMetadata; both sides compare compat hashes (the holder first)."""
         request = kv_transfer_pb2.GetTransferMetadataRequest(layout=layout.to_proto())
         try:
-            reply = await self.stub.GetTransferMetadata(request, timeout=self.timeout_s)
+            reply = await self.stub.GetTransferMetadata(request, timeout=self.timeout_s, metadata=trace_metadata())
         except grpc.aio.AioRpcError as e:
             raise _domain_error(e, "") from e
         if reply.layout.compat_hash != layout.compat_hash:
@@ -42,12 +43,12 @@ class HolderClient:
     def pull_stream(self, lease_id: str, chunk_bytes: int = 0):
         """The PullKv call (server streaming); iterate it, errors via domain_error()."""
         request = kv_transfer_pb2.PullKvRequest(lease_id=lease_id, chunk_bytes=chunk_bytes)
-        return self.stub.PullKv(request, timeout=self.timeout_s)
+        return self.stub.PullKv(request, timeout=self.timeout_s, metadata=trace_metadata())
 
     async def release(self, lease_id: str) -> bool:
         try:
             reply = await self.stub.ReleaseKv(kv_transfer_pb2.ReleaseKvRequest(lease_id=lease_id),
-                                              timeout=self.timeout_s)
+                                              timeout=self.timeout_s, metadata=trace_metadata())
         except grpc.aio.AioRpcError as e:
             raise _domain_error(e, lease_id) from e
         return reply.released
@@ -71,6 +72,14 @@ class HolderClients:
     async def close(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+def trace_metadata() -> tuple:
+    """The current W3C trace context as call metadata, so the holder's spans join the pull's
+    trace (empty when nothing is traced)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
 
 def domain_error(e: grpc.aio.AioRpcError, lease_id: str) -> KvTransferError:

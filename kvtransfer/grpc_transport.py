@@ -20,7 +20,7 @@ from pdmesh.v1 import kv_transfer_pb2
 
 from kvtransfer.base import KvPuller, TransferResult
 from kvtransfer.checksum import pool_bytes
-from kvtransfer.client import HolderClient, HolderClients, domain_error
+from kvtransfer.client import HolderClient, HolderClients, domain_error, trace_metadata
 from kvtransfer.errors import KvTransferError
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
@@ -79,7 +79,7 @@ class GrpcPuller(KvPuller):
             response_deserializer=parse_pull_chunk)
         request = kv_transfer_pb2.PullKvRequest(lease_id=handle.lease_id, chunk_bytes=self.chunk_bytes)
         received = 0
-        async for offset, data in call(request, timeout=client.timeout_s):
+        async for offset, data in call(request, timeout=client.timeout_s, metadata=trace_metadata()):
             placement.write(target, offset, data)
             received += len(data)
         if received != handle.num_bytes:

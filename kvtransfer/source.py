@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 import torch
+from opentelemetry import propagate, trace
 
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 
@@ -161,13 +162,21 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
     async def _leased_chunks(self, request, context):
         self.source.start()
         keep_freed_buffers()
-        lease = self.source.lease(request.lease_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} unknown or expired")
-        for offset, data in self.source.chunks(lease, request.chunk_bytes):
-            if self.source.lease(request.lease_id) is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
-            yield offset, data
+        caller = propagate.extract(dict(context.invocation_metadata() or ()))
+        with trace.get_tracer("pdmesh").start_as_current_span(
+                "kv.serve", context=caller, kind=trace.SpanKind.SERVER,
+                attributes={"pdmesh.kv.lease_id": request.lease_id, "pdmesh.kv.transport": "grpc"}) as span:
+            lease = self.source.lease(request.lease_id)
+            if lease is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} unknown or expired")
+            sent = 0
+            for offset, data in self.source.chunks(lease, request.chunk_bytes):
+                if self.source.lease(request.lease_id) is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
+                sent += len(data)
+                yield offset, data
+            if span.is_recording():
+                span.set_attribute("pdmesh.kv.bytes", sent)
 
     async def ReleaseKv(self, request, context):
         self.source.start()

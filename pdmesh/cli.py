@@ -1,4 +1,5 @@
-"""The `pdmesh` command: `pdmesh up` runs a local mesh; `pdmesh generate PROMPT` streams a completion."""
+"""The `pdmesh` command: `pdmesh up` runs a local mesh; `pdmesh generate PROMPT` streams a completion;
+`pdmesh traces` collects OTLP traces locally, draws one request's waterfall and reports per-phase latency."""
 
 import argparse
 import asyncio
@@ -15,11 +16,24 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.model != "tiny":
         prepare()  # the slow one-time work (GGUF -> safetensors, tokenizer.json) happens here, once
+    receiver = None
+    endpoint = args.otlp_endpoint
+    if args.traces:
+        from pdmesh.traces.receiver import OtlpReceiver
+        receiver = OtlpReceiver(jsonl_path=args.traces)
+        endpoint = receiver.endpoint
+        print(f"collecting traces into {args.traces} (OTLP/gRPC receiver at {endpoint})", flush=True)
     spec = MeshSpec(num_prefill=args.prefill, num_decode=args.decode, router_port=args.port, model=args.model,
                     kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
-                    torch_threads=args.torch_threads)
+                    torch_threads=args.torch_threads, otlp_endpoint=endpoint)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
     mesh = start_mesh(spec, args.run_dir)
+    for p in mesh.processes:
+        if p.info.get("metrics_address"):
+            print(f"  {p.name:<10} metrics at http://{p.info['metrics_address']}/metrics", flush=True)
+    if endpoint:
+        print(f"traces exported to {endpoint}" + (f"; view one: .venv/bin/pdmesh traces show {args.traces}"
+                                                   if args.traces else ""), flush=True)
     print(f"router listening on {mesh.router_address}\n"
           f"logs in {mesh.run_dir}\n"
           f"try:  .venv/bin/pdmesh generate \"The capital of France is\" --max-tokens 30 --router {mesh.router_address}\n"
@@ -38,6 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         print("stopping the mesh (draining streams) ...", flush=True)
         mesh.stop()
+        if receiver is not None:
+            receiver.stop()
     return 0
 
 
@@ -62,7 +78,8 @@ async def _generate(args: argparse.Namespace) -> int:
         try:
             if not args.quiet:
                 sys.stdout.write(args.prompt)
-            async for message in stub.Generate(request, timeout=args.timeout):
+            call = stub.Generate(request, timeout=args.timeout)
+            async for message in call:
                 sys.stdout.write(message.text_delta)
                 sys.stdout.flush()
                 if message.finish_reason:
@@ -75,6 +92,42 @@ async def _generate(args: argparse.Namespace) -> int:
     print(f"\n\n[{u.completion_tokens} tokens, finish={finish}, TTFT {t.time_to_first_token_ms:.0f} ms, "
           f"total {t.total_ms:.0f} ms, prefill on {p.prefill_worker_id or '(local)'} -> decode on "
           f"{p.decode_worker_id}, KV via {p.kv_transport or '-'} in {t.kv_transfer_ms:.1f} ms]", file=sys.stderr)
+    trace_id = dict(await call.initial_metadata() or ()).get("x-pdmesh-trace-id")
+    if trace_id:
+        print(f"[trace {trace_id}]", file=sys.stderr)
+    return 0
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from pdmesh.traces import waterfall
+    from pdmesh.traces.receiver import OtlpReceiver, load_jsonl
+
+    if args.action == "collect":
+        host, _, port = args.listen.rpartition(":")
+        receiver = OtlpReceiver(host or "127.0.0.1", int(port), jsonl_path=args.file)
+        print(f"OTLP/gRPC receiver at {receiver.endpoint}, appending spans to {args.file}; Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            receiver.stop()
+        return 0
+    traces = waterfall.by_trace(load_jsonl(args.file))
+    if not traces:
+        print(f"no spans in {args.file}", file=sys.stderr)
+        return 1
+    if args.action == "report":
+        spans = [s for t in traces.values() for s in t]
+        print(waterfall.format_report(waterfall.phase_report(spans), len(traces)))
+        return 0
+    trace_id = args.trace_id or max(traces, key=lambda t: min(s["start_ns"] for s in traces[t]))  # the latest
+    if trace_id not in traces:
+        print(f"trace {trace_id} not in {args.file} ({len(traces)} traces)", file=sys.stderr)
+        return 1
+    print(f"trace {trace_id}\n{waterfall.text_waterfall(traces[trace_id])}")
+    png = args.png or f"trace-{trace_id[:12]}.png"
+    waterfall.render_png(traces[trace_id], png)
+    print(f"waterfall written to {png}")
     return 0
 
 
@@ -91,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
     up.add_argument("--torch-threads", type=int, default=2)
     up.add_argument("--run-dir", default=None, help="where logs go (default: a temp dir)")
+    up.add_argument("--otlp-endpoint", default="", help="export traces to this OTLP/gRPC endpoint (Jaeger, Phoenix, "
+                                                        "a collector), e.g. http://127.0.0.1:4317")
+    up.add_argument("--traces", default="", metavar="FILE",
+                    help="collect traces locally: run a receiver and append spans to FILE (JSONL)")
     up.set_defaults(func=cmd_up)
     gen = sub.add_parser("generate", help="stream a completion through the router")
     gen.add_argument("prompt")
@@ -105,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     gen.add_argument("--quiet", action="store_true", help="do not echo the prompt")
     gen.set_defaults(func=cmd_generate)
+    traces = sub.add_parser("traces", help="collect traces, draw one request's waterfall, report per-phase latency")
+    traces.add_argument("action", choices=["collect", "show", "report"],
+                        help="collect: run an OTLP receiver into FILE; show: waterfall of one trace; "
+                             "report: p50/p99 per phase over all traces in FILE")
+    traces.add_argument("file", help="spans as JSONL (written by `collect` or `pdmesh up --traces`)")
+    traces.add_argument("--trace-id", default="", help="show: which trace (default: the latest)")
+    traces.add_argument("--png", default="", help="show: where to write the waterfall PNG")
+    traces.add_argument("--listen", default="127.0.0.1:4317", help="collect: host:port to listen on")
+    traces.set_defaults(func=cmd_traces)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -31,6 +31,10 @@ class MeshSpec:
     max_model_len: int = 4096
     extra_env: tuple[tuple[str, str], ...] = ()
     startup_timeout_s: float = 300.0
+    # OTLP/gRPC endpoint every service exports traces to ("" = tracing off).
+    otlp_endpoint: str = ""
+    # Serve Prometheus /metrics from every process on a free port (reported in its ready file).
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -74,18 +78,21 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **dict(spec.extra_env)}
     mesh = Mesh(spec, run, [])
+    metrics = ["--metrics-port", "0"] if spec.metrics else []
     try:
         common = ["--model", spec.model, "--num-blocks", str(spec.num_blocks), "--kv-transports", spec.kv_transports,
-                  "--torch-threads", str(spec.torch_threads), "--max-model-len", str(spec.max_model_len)]
+                  "--torch-threads", str(spec.torch_threads), "--max-model-len", str(spec.max_model_len), *metrics]
         for role, count in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
             for i in range(count):
                 name = f"{role}-{i}"
-                mesh.processes.append(_spawn(name, ["-m", f"services.{role}", "--worker-id", name, *common], run, env))
+                mesh.processes.append(_spawn(name, ["-m", f"services.{role}", "--worker-id", name, *common], run,
+                                             _service_env(env, spec, role, name)))
         _wait_ready(mesh.processes, spec.startup_timeout_s, progress)
         address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info["role"] == role)  # noqa
         router = _spawn("router", ["-m", "services.router", "--port", str(spec.router_port), "--prefill",
                                    address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
-                                   "--max-model-len", str(spec.max_model_len)], run, env)
+                                   "--max-model-len", str(spec.max_model_len), *metrics], run,
+                        _service_env(env, spec, "router", "router"))
         mesh.processes.append(router)
         _wait_ready([router], spec.startup_timeout_s, progress)
         mesh.router_address = router.info["address"]
@@ -93,6 +100,16 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
     except BaseException:
         mesh.stop(grace_s=5)
         raise
+
+
+def _service_env(env: dict, spec: MeshSpec, role: str, name: str) -> dict:
+    """The standard OpenTelemetry variables for one service (tracing only with an endpoint)."""
+    if not spec.otlp_endpoint:
+        return env
+    return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": spec.otlp_endpoint, "OTEL_SERVICE_NAME": f"pdmesh-{role}",
+            "OTEL_RESOURCE_ATTRIBUTES": f"service.instance.id={name}",
+            # Export within half a second (the SDK default is 5 s) so a local trace shows up at once.
+            "OTEL_BSP_SCHEDULE_DELAY": env.get("OTEL_BSP_SCHEDULE_DELAY", "500")}
 
 
 def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict) -> Process:

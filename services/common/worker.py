@@ -13,7 +13,9 @@ import torch
 
 from engine.config import EngineConfig
 from pdmesh.v1 import worker_state_pb2, worker_state_pb2_grpc
+from services.common import tracing
 from services.common.engine_runner import EngineRunner
+from services.common.metrics import register_worker, start_metrics_server
 from services.common.server import ServiceBinding, announce_ready, start_server, stop_event_on_signals
 from services.common.worker_config import WorkerConfig
 from services.common.worker_state import WorkerStateHub, WorkerStateServicer
@@ -66,8 +68,11 @@ async def run_worker(config: WorkerConfig,
 
     stop = stop_event_on_signals()
     server = await start_server(bindings, config.host, config.port)
+    register_worker(config.role, config.worker_id, hub)
+    metrics_port = start_metrics_server(config.metrics_port, config.host)
     announce_ready(config.ready_file, role=config.role, worker_id=config.worker_id, port=server.port,
-                   address=ctx.advertise_address)
+                   address=ctx.advertise_address,
+                   metrics_address=f"{config.advertise_host}:{metrics_port}" if metrics_port else "")
     log.info("%s worker %s listening on %s", config.role, config.worker_id, ctx.advertise_address)
     await stop.wait()
     log.info("draining (grace %.0fs)", config.drain_grace_s)
@@ -77,6 +82,7 @@ async def run_worker(config: WorkerConfig,
     if on_stop is not None:
         on_stop(ctx)
     runner.stop()
+    tracing.shutdown_tracing()
 
 
 def worker_main(role: str, role_bindings: Callable[[WorkerContext], Iterable[ServiceBinding]],
@@ -91,4 +97,5 @@ def worker_main(role: str, role_bindings: Callable[[WorkerContext], Iterable[Ser
     add_worker_flags(parser)
     config = worker_config_from_args(role, parser.parse_args(argv))
     configure_logging(config.worker_id)
+    tracing.init_tracing(role)
     asyncio.run(run_worker(config, role_bindings))

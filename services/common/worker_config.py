@@ -28,6 +28,7 @@ class WorkerConfig:
     max_tokens_cap: int = 4096
     ready_file: str | None = None
     drain_grace_s: float = 30.0
+    metrics_port: int | None = None  # Prometheus /metrics; 0 = any free port, None = off
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -55,6 +56,8 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated, best first: nixl,grpc")
     parser.add_argument("--lease-ttl-s", type=float, default=float(env("PDMESH_LEASE_TTL_S", "30")))
     parser.add_argument("--torch-threads", type=int, default=int(env("PDMESH_TORCH_THREADS", "2")))
+    parser.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
+                        help="serve Prometheus /metrics on this port (0: any free port; default off)")
     parser.add_argument("--ready-file", default=None, help="write a JSON line with the bound port here")
 
 
@@ -70,4 +73,10 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         advertise_host=args.advertise_host, engine=engine, lease_ttl_s=args.lease_ttl_s,
         kv_transports=tuple(t.strip() for t in args.kv_transports.split(",") if t.strip()),
         torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
+        metrics_port=args.metrics_port,
     )
+
+
+def metrics_port_from_env() -> int | None:
+    value = os.environ.get("PDMESH_METRICS_PORT", "")
+    return int(value) if value.strip() else None

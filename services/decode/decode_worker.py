@@ -14,9 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from engine.sampling import SamplingParams
 from kvtransfer.errors import KvChecksumError, KvTransferError
 from kvtransfer.handle import KvHandle
+from services.common import metrics, tracing
 from services.common.engine_runner import EngineFailure, EngineRunner
 from services.common.errors import ResourceExhausted
 
@@ -107,17 +110,26 @@ class DecodeWorker:
         if not offered:
             raise KvTransferError(f"no common KV transport: holder offers {list(handle.transports)}, "
                                   f"this worker has {list(self._pullers)}")
-        last_error: Exception | None = None
-        for name in offered:
-            try:
-                result = await self._pullers[name].pull(handle, dst)
+        with tracing.tracer().start_as_current_span("kv_transfer", kind=SpanKind.CLIENT, attributes={
+                "pdmesh.kv.source_worker_id": handle.worker_id, "pdmesh.kv.lease_id": handle.lease_id,
+                "pdmesh.kv.blocks": len(handle.block_ids), "pdmesh.kv.tokens": handle.num_tokens,
+                "pdmesh.kv.bytes": handle.num_bytes}) as span:
+            last_error: Exception | None = None
+            for attempt, name in enumerate(offered):
+                try:
+                    result = await self._pullers[name].pull(handle, dst)
+                except KvTransferError as exc:
+                    metrics.KV_FAILURES.labels(name, type(exc).__name__).inc()
+                    span.add_event("transport_failed", {"pdmesh.kv.transport": name, "exception.message": str(exc)})
+                    if isinstance(exc, KvChecksumError):
+                        span.set_status(Status(StatusCode.ERROR, "checksum mismatch: recomputing"))
+                        raise
+                    log.warning("KV pull over %s failed: %s; trying the next transport", name, exc)
+                    last_error = exc
+                    continue
+                _transfer_observed(span, result, attempt)
                 return TransferInfo(result.transport, result.num_bytes, result.seconds * 1000)
-            except KvChecksumError:
-                raise
-            except KvTransferError as exc:
-                log.warning("KV pull over %s failed: %s; trying the next transport", name, exc)
-                last_error = exc
-        raise last_error
+            raise last_error
 
     async def _release(self, handle: KvHandle) -> None:
         puller = next(iter(self._pullers.values()))
@@ -134,20 +146,43 @@ class DecodeWorker:
                       local_prompt_len: int):
         """Relays engine outputs. A pulled prompt's first token goes out at once; with local
         prefill, the first output says how much of the prompt was cached."""
+        start, first_at, generated = time.perf_counter(), None, 0
         if first:
             yield DecodeEvent(first, None, transfer)
-            transfer = TransferInfo()
+            transfer, first_at, generated = TransferInfo(), start, 1
         while True:
             out = await outputs.get()
             if isinstance(out, EngineFailure):
                 raise out
+            if out.queue_ms:
+                tracing.record_span("decode.queue", start, start + out.queue_ms / 1000)
             if transfer is None:
                 transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
                                         cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
             elif out.queue_ms:
                 transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []
+            generated += len(tokens)
+            if tokens and first_at is None:
+                first_at = time.perf_counter()
+                tracing.record_span("decode.local_prefill", start + out.queue_ms / 1000, first_at, {
+                    "pdmesh.prefill.cached_tokens": transfer.cached_tokens,
+                    "pdmesh.prefill.computed_tokens": transfer.local_prefill_tokens})
             yield DecodeEvent(tokens, out.finish_reason, transfer)
             transfer = TransferInfo()
             if out.finish_reason is not None:
+                tracing.record_span("decode.generate", first_at or start, time.perf_counter(),
+                                    {"gen_ai.usage.output_tokens": generated,
+                                     "gen_ai.response.finish_reasons": [out.finish_reason]})
                 return
+
+
+def _transfer_observed(span, result, attempt: int) -> None:
+    """A finished pull, on its span and in the metrics."""
+    metrics.KV_BYTES.labels(result.transport).inc(result.num_bytes)
+    metrics.KV_SECONDS.labels(result.transport).observe(result.seconds)
+    tracing.set_attributes(span, {
+        "pdmesh.kv.transport": result.transport, "pdmesh.kv.duration_ms": round(result.seconds * 1000, 3),
+        "pdmesh.kv.verify_ms": round(result.verify_seconds * 1000, 3),
+        "pdmesh.kv.throughput_gbps": round(result.num_bytes / max(result.seconds, 1e-9) / 1e9, 3),
+        "pdmesh.kv.retries": result.retries + attempt})

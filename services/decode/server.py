@@ -1,11 +1,14 @@
 """DecodeService servicer: proto <-> domain, and domain errors -> status codes (once)."""
 
+import asyncio
 import time
 
 from kvtransfer.handle import KvHandle
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
+from services.common import tracing
 from services.common.convert import FINISH_REASONS, check_max_tokens, check_token_ids, sampling_from_proto
-from services.common.errors import InvalidArgument, abort_with
+from services.common.errors import InvalidArgument, abort_with, status_for
+from services.common.metrics import REQUESTS
 from services.decode.decode_worker import DecodeJob, DecodeWorker
 
 
@@ -31,14 +34,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                          request.first_token_id if handle is not None else None, deadline)
 
     async def Decode(self, request, context):
-        try:
-            job = self._job(request, context)
-            async for event in self._worker.decode(job):
-                yield decode_pb2.DecodeResponse(
-                    token_ids=event.token_ids, finish_reason=FINISH_REASONS[event.finish_reason],
-                    stats=_stats(event.transfer))
-        except Exception as exc:
-            await abort_with(context, exc)
+        code = "OK"
+        with tracing.server_span("decode", context.invocation_metadata(),
+                                 {"pdmesh.request_id": request.request_id,
+                                  "gen_ai.usage.input_tokens": len(request.prompt_token_ids),
+                                  "pdmesh.decode.pulls_kv": request.HasField("kv_handle")}):
+            try:
+                job = self._job(request, context)
+                async for event in self._worker.decode(job):
+                    yield decode_pb2.DecodeResponse(
+                        token_ids=event.token_ids, finish_reason=FINISH_REASONS[event.finish_reason],
+                        stats=_stats(event.transfer))
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status_for(exc).name
+                await abort_with(context, exc)
+            finally:
+                REQUESTS.labels("decode", "Decode", code).inc()
 
 
 def _stats(info) -> decode_pb2.DecodeStats | None:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from engine.sampling import SamplingParams
 from kvtransfer.handle import KvHandle
+from services.common import tracing
 from services.common.engine_runner import EngineFailure, EngineRunner
 
 
@@ -46,7 +47,12 @@ class PrefillWorker:
             raise
         finally:
             self._runner.close_stream(request_id)
-        compute_ms = (time.perf_counter() - start) * 1000 - out.queue_ms
+        end = time.perf_counter()
+        compute_ms = (end - start) * 1000 - out.queue_ms
+        tracing.record_span("prefill.queue", start, start + out.queue_ms / 1000)
+        tracing.record_span("prefill.compute", start + out.queue_ms / 1000, end, {
+            "pdmesh.prefill.cached_tokens": out.num_cached_tokens,
+            "pdmesh.prefill.computed_tokens": len(prompt) - out.num_cached_tokens})
         try:
             handle = self.source.lend(request_id, block_ids, len(prompt))
         except BaseException:

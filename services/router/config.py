@@ -18,6 +18,7 @@ class RouterConfig:
     ready_file: str | None = None
     startup_timeout_s: float = 120.0
     drain_grace_s: float = 30.0
+    metrics_port: int | None = None  # Prometheus /metrics; 0 = any free port, None = off
 
     def __post_init__(self) -> None:
         if not self.decode_addresses:

@@ -7,12 +7,15 @@ import os
 
 from engine.tokenizer import load_tokenizer
 from pdmesh.v1 import router_pb2, router_pb2_grpc
+from services.common import tracing
+from services.common.metrics import start_metrics_server
 from services.common.server import announce_ready, configure_logging, start_server, stop_event_on_signals
 from services.router.admission import Admission
 from services.router.config import RouterConfig
 from services.router.placement.runner import load_profile
 from services.router.request_flow import RequestFlow
 from services.router.server import RouterServicer
+from services.common.worker_config import metrics_port_from_env
 from services.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,14 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-tokens-cap", type=int, default=int(env("PDMESH_MAX_TOKENS_CAP", "4096")))
     p.add_argument("--max-inflight", type=int, default=int(env("PDMESH_MAX_INFLIGHT", "64")))
     p.add_argument("--max-queued", type=int, default=int(env("PDMESH_MAX_QUEUED", "256")))
+    p.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
+                   help="serve Prometheus /metrics on this port (0: any free port; default off)")
     p.add_argument("--ready-file", default=None)
     a = p.parse_args(argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     return RouterConfig(split(a.prefill), split(a.decode), a.host, a.port, a.profile, a.max_model_len,
                         a.max_tokens_cap, max_inflight=a.max_inflight, max_queued=a.max_queued,
-                        ready_file=a.ready_file)
+                        ready_file=a.ready_file, metrics_port=a.metrics_port)
 
 
 async def serve(config: RouterConfig) -> None:
@@ -53,11 +58,14 @@ async def serve(config: RouterConfig) -> None:
     await server.set_serving(False)  # until the pools are reachable
     await _wait_for_pools(registry, config)
     await server.set_serving(True)
-    announce_ready(config.ready_file, role="router", port=server.port, address=f"{config.host}:{server.port}")
+    metrics_port = start_metrics_server(config.metrics_port, config.host)
+    announce_ready(config.ready_file, role="router", port=server.port, address=f"{config.host}:{server.port}",
+                   metrics_address=f"{config.host}:{metrics_port}" if metrics_port else "")
     log.info("router listening on %s:%d", config.host, server.port)
     await stop.wait()
     await server.drain_and_stop(config.drain_grace_s)
     await registry.close()
+    tracing.shutdown_tracing()
 
 
 async def _wait_for_pools(registry: WorkerRegistry, config: RouterConfig) -> None:
@@ -78,6 +86,7 @@ async def _wait_for_pools(registry: WorkerRegistry, config: RouterConfig) -> Non
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     configure_logging("router")
+    tracing.init_tracing("router")
     asyncio.run(serve(config))
 
 

@@ -13,9 +13,11 @@ import uuid
 from typing import NamedTuple
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from engine.tokenizer import IncrementalDetokenizer
 from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2
+from services.common import metrics, tracing
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.router.admission import Admission
 from services.router.placement.base import PlacementRequest
@@ -53,9 +55,13 @@ class RequestFlow:
         timings = common_pb2.PhaseTimings()
         async with self._admission.admit(job.priority) as queue_ms, contextlib.AsyncExitStack() as held:
             timings.queue_ms = queue_ms
+            tracing.record_span("router.queue", t0, t0 + queue_ms / 1000, {"pdmesh.priority": job.priority})
+            metrics.ROUTER_QUEUE.labels(job.priority).observe(queue_ms / 1000)
             placement, placed = self._place(job)
             held.enter_context(self._registry.track(placement.decode.worker.worker_id, 0))
             timings.placement_ms = ms() - timings.queue_ms
+            tracing.record_span("router.placement", t0 + queue_ms / 1000, time.perf_counter(),
+                                _placement_attributes(placement, placed))
             # Workers see an id unique per attempt, so a client reusing its own id never collides.
             worker_request_id = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
             decode_request = decode_pb2.DecodeRequest(
@@ -72,50 +78,74 @@ class RequestFlow:
                 decode_request.first_token_id = prefill.first_token_id
                 cached = prefill.cached_tokens
             detok = IncrementalDetokenizer(self._tokenizer)
-            completion, transport, first_at = 0, "", None
+            completion, transport, first_at, last_at = 0, "", None, 0.0
             decode_id = placement.decode.worker.worker_id
-            stream = self._registry.decode_stub(decode_id).Decode(decode_request, timeout=remaining(job, t0))
-            try:
-                async for message in stream:
-                    if message.stats.kv_transport:
-                        transport = message.stats.kv_transport
-                        timings.kv_transfer_ms = message.stats.kv_transfer_ms
-                    cached = cached or message.stats.cached_tokens
-                    if message.token_ids and first_at is None:
-                        first_at = ms()
-                        timings.time_to_first_token_ms = first_at
-                    completion += len(message.token_ids)
-                    text = detok.push(list(message.token_ids))
-                    if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        timings.decode_ms = ms() - (first_at or ms())
-                        timings.total_ms = ms()
-                        yield RelayEvent(list(message.token_ids), text, message.finish_reason,
-                                         common_pb2.Usage(prompt_tokens=len(job.prompt), completion_tokens=completion,
-                                                          cached_prompt_tokens=cached),
-                                         timings, _placement_info(placement, placed, transport))
-                        return
-                    if message.token_ids or text:
-                        yield RelayEvent(list(message.token_ids), text)
-            except grpc.aio.AioRpcError as exc:
-                raise _worker_error("decode", decode_id, exc) from exc
+            ttft, itl = metrics.TTFT.labels(job.priority), metrics.ITL.labels(job.priority)
+            with tracing.tracer().start_as_current_span("router.decode", kind=SpanKind.CLIENT,
+                                                        attributes={"pdmesh.worker_id": decode_id}) as span:
+                stream = self._registry.decode_stub(decode_id).Decode(
+                    decode_request, timeout=remaining(job, t0), metadata=tracing.outgoing_metadata())
+                try:
+                    async for message in stream:
+                        if message.stats.kv_transport:
+                            transport = message.stats.kv_transport
+                            timings.kv_transfer_ms = message.stats.kv_transfer_ms
+                        cached = cached or message.stats.cached_tokens
+                        now = ms()
+                        if message.token_ids:
+                            if first_at is None:
+                                first_at = timings.time_to_first_token_ms = now
+                                ttft.observe(now / 1000)
+                                span.add_event("first_token")
+                            else:
+                                itl.observe((now - last_at) / 1000)
+                            last_at = now
+                        completion += len(message.token_ids)
+                        text = detok.push(list(message.token_ids))
+                        if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                            timings.decode_ms = now - (first_at or now)
+                            timings.total_ms = now
+                            metrics.E2E.labels(job.priority).observe(now / 1000)
+                            metrics.ROUTER_PROMPT_TOKENS.labels("true").inc(cached)
+                            metrics.ROUTER_PROMPT_TOKENS.labels("false").inc(len(job.prompt) - cached)
+                            tracing.set_attributes(span, {"pdmesh.kv.transport": transport or None,
+                                                          "gen_ai.usage.output_tokens": completion})
+                            yield RelayEvent(list(message.token_ids), text, message.finish_reason,
+                                             common_pb2.Usage(prompt_tokens=len(job.prompt),
+                                                              completion_tokens=completion,
+                                                              cached_prompt_tokens=cached),
+                                             timings, _placement_info(placement, placed, transport))
+                            return
+                        if message.token_ids or text:
+                            yield RelayEvent(list(message.token_ids), text)
+                except grpc.aio.AioRpcError as exc:
+                    raise _worker_error("decode", decode_id, exc) from exc
             raise Unavailable(f"decode worker {decode_id} ended the stream without a finish reason")
 
     def _place(self, job: GenerateJob):
         request = PlacementRequest(job.request_id, job.prompt, job.priority, self._registry.block_size)
         try:
-            return self._profile.place(request, self._registry.views(), self._registry.index), request
+            placement = self._profile.place(request, self._registry.views(), self._registry.index)
         except NoCandidates as exc:
+            metrics.ROUTING.labels("rejected").inc()
             if self._registry.has_healthy("decode"):
                 raise ResourceExhausted(f"{exc}: every decode worker is at capacity", retry_after_s=0.5) from exc
             raise Unavailable(str(exc)) from exc
+        metrics.ROUTING.labels("remote_prefill" if placement.prefill else "local_prefill").inc()
+        return placement, request
 
     async def _prefill(self, job: GenerateJob, worker_id: str, timeout: float | None):
         request = prefill_pb2.PrefillRequest(request_id=job.request_id, prompt_token_ids=job.prompt,
                                              sampling=job.sampling, priority=_PRIORITY[job.priority])
-        try:
-            return await self._registry.prefill_stub(worker_id).Prefill(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _worker_error("prefill", worker_id, exc) from exc
+        with tracing.tracer().start_as_current_span("router.prefill", kind=SpanKind.CLIENT,
+                                                    attributes={"pdmesh.worker_id": worker_id}) as span:
+            try:
+                response = await self._registry.prefill_stub(worker_id).Prefill(
+                    request, timeout=timeout, metadata=tracing.outgoing_metadata())
+            except grpc.aio.AioRpcError as exc:
+                raise _worker_error("prefill", worker_id, exc) from exc
+            tracing.set_attributes(span, {"pdmesh.prefill.cached_tokens": response.cached_tokens})
+            return response
 
 
 def _placement_info(placement, request: PlacementRequest, transport: str) -> dict:
@@ -127,6 +157,18 @@ def _placement_info(placement, request: PlacementRequest, transport: str) -> dic
             "prefill_scores": prefill.scores if prefill else {},
             "decode_cached_tokens": request.cached_tokens(placement.decode.worker),
             "prefill_cached_tokens": request.cached_tokens(prefill.worker) if prefill else 0}
+
+
+def _placement_attributes(placement, request: PlacementRequest) -> dict:
+    """Span attributes of a placement: who was chosen, why, and every candidate's score."""
+    if not tracing.enabled():
+        return {}
+    info = _placement_info(placement, request, "")
+    attributes = {f"pdmesh.placement.{k}": v for k, v in info.items() if isinstance(v, (str, int)) and v != ""}
+    for pool in ("decode", "prefill"):
+        for worker_id, score in info[f"{pool}_scores"].items():
+            attributes[f"pdmesh.placement.{pool}_score.{worker_id}"] = round(score, 4)
+    return attributes
 
 
 _PRIORITY = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}

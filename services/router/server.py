@@ -11,8 +11,10 @@ import concurrent.futures
 import uuid
 
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.common import tracing
 from services.common.convert import check_max_tokens, check_token_ids, sampling_from_proto
-from services.common.errors import InvalidArgument, abort_with
+from services.common.errors import InvalidArgument, abort_with, status_for
+from services.common.metrics import REQUESTS
 from services.router.config import RouterConfig
 from services.router.request_flow import GenerateJob, RequestFlow
 
@@ -55,22 +57,65 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                            time_remaining)
 
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
-                       metadata: dict[str, str] | None = None):
-        """Validates, runs and relays one request; raises domain errors (see services.common.errors)."""
-        job = await self._job(request, time_remaining)
-        async for event in self._flow.run(job):
-            response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
-                                                   text_delta=event.text_delta, finish_reason=event.finish_reason)
-            if event.usage is not None:
-                response.usage.CopyFrom(event.usage)
-                response.timings.CopyFrom(event.timings)
-                response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
-            yield response
+                       metadata: dict[str, str] | None = None, on_trace_id=None):
+        """Validates, runs and relays one request; raises domain errors (see services.common.errors).
+
+        The request is one trace: the span continues the caller's W3C context from `metadata`;
+        `on_trace_id(hex)` (async, optional) is awaited with the trace id before the first
+        response when the request is traced, so front doors can hand it to the client."""
+        code = "OK"
+        with tracing.server_span("router.generate", metadata) as span:
+            try:
+                job = await self._job(request, time_remaining)
+                _request_attributes(span, job, request)
+                trace_id = tracing.trace_id_of(span)
+                if trace_id and on_trace_id is not None:
+                    await on_trace_id(trace_id)
+                async for event in self._flow.run(job):
+                    response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
+                                                           text_delta=event.text_delta,
+                                                           finish_reason=event.finish_reason)
+                    if event.usage is not None:
+                        response.usage.CopyFrom(event.usage)
+                        response.timings.CopyFrom(event.timings)
+                        response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
+                        _usage_attributes(span, response)
+                    yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status_for(exc).name
+                raise
+            finally:
+                REQUESTS.labels("router", "Generate", code).inc()
 
     async def Generate(self, request, context):
+        async def send_trace_id(trace_id: str) -> None:
+            await context.send_initial_metadata(((tracing.TRACE_ID_HEADER, trace_id),))
+
         try:
             async for response in self.generate(request, context.time_remaining(),
-                                                dict(context.invocation_metadata() or ())):
+                                                dict(context.invocation_metadata() or ()), send_trace_id):
                 yield response
         except Exception as exc:
             await abort_with(context, exc)
+
+
+def _request_attributes(span, job, request: router_pb2.GenerateRequest) -> None:
+    sampling = request.sampling
+    tracing.set_attributes(span, {
+        "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": job.max_tokens,
+        "gen_ai.request.temperature": sampling.temperature, "gen_ai.request.top_p": sampling.top_p or None,
+        "gen_ai.request.seed": sampling.seed if sampling.HasField("seed") else None,
+        "pdmesh.request_id": job.request_id, "pdmesh.priority": job.priority,
+        "pdmesh.tenant_id": job.tenant_id or None, "gen_ai.usage.input_tokens": len(job.prompt)})
+
+
+def _usage_attributes(span, response: router_pb2.GenerateResponse) -> None:
+    usage, timings = response.usage, response.timings
+    tracing.set_attributes(span, {
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
+        "gen_ai.usage.cache_read.input_tokens": usage.cached_prompt_tokens,
+        "gen_ai.response.finish_reasons": [common_pb2.FinishReason.Name(response.finish_reason)],
+        "pdmesh.ttft_ms": timings.time_to_first_token_ms, "pdmesh.total_ms": timings.total_ms})
