@@ -34,6 +34,8 @@ class GenerateJob(NamedTuple):
     tenant_id: str
     ignore_eos: bool
     timeout_s: float | None
+    # time.perf_counter() when the request reached the router: every timing counts from here.
+    arrived_at: float | None = None
 
 
 class RelayEvent(NamedTuple):
@@ -50,18 +52,20 @@ class RequestFlow:
         self._registry, self._profile, self._admission, self._tokenizer = registry, profile, admission, tokenizer
 
     async def run(self, job: GenerateJob):
-        t0 = time.perf_counter()
+        t0 = job.arrived_at or time.perf_counter()
         ms = lambda: (time.perf_counter() - t0) * 1000  # noqa: E731
         timings = common_pb2.PhaseTimings()
+        queued_at = time.perf_counter()
         async with self._admission.admit(job.priority) as queue_ms, contextlib.AsyncExitStack() as held:
             timings.queue_ms = queue_ms
-            tracing.record_span("router.queue", t0, t0 + queue_ms / 1000, {"pdmesh.priority": job.priority})
+            admitted_at = time.perf_counter()
+            tracing.record_span("router.queue", queued_at, admitted_at, {"pdmesh.priority": job.priority})
             metrics.ROUTER_QUEUE.labels(job.priority).observe(queue_ms / 1000)
             placement, placed = self._place(job)
             held.enter_context(self._registry.track(placement.decode.worker.worker_id, 0))
-            timings.placement_ms = ms() - timings.queue_ms
-            tracing.record_span("router.placement", t0 + queue_ms / 1000, time.perf_counter(),
-                                _placement_attributes(placement, placed))
+            placed_at = time.perf_counter()
+            timings.placement_ms = (placed_at - admitted_at) * 1000
+            tracing.record_span("router.placement", admitted_at, placed_at, _placement_attributes(placement, placed))
             # Workers see an id unique per attempt, so a client reusing its own id never collides.
             worker_request_id = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
             decode_request = decode_pb2.DecodeRequest(

@@ -8,6 +8,7 @@ and yields GenerateResponse messages, raising domain errors the caller maps to i
 
 import asyncio
 import concurrent.futures
+import time
 import uuid
 
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -31,7 +32,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    async def _job(self, request: router_pb2.GenerateRequest, time_remaining: float | None) -> GenerateJob:
+    async def _job(self, request: router_pb2.GenerateRequest, time_remaining: float | None,
+                   arrived_at: float) -> GenerateJob:
         which = request.WhichOneof("prompt")
         if which == "text":
             if not request.text:
@@ -54,7 +56,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                   "or PRIORITY_CLASS_BATCH")
         return GenerateJob(request.request_id or uuid.uuid4().hex, prompt, request.sampling, max_tokens,
                            _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
-                           time_remaining)
+                           time_remaining, arrived_at)
 
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
                        metadata: dict[str, str] | None = None, on_trace_id=None):
@@ -63,10 +65,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         The request is one trace: the span continues the caller's W3C context from `metadata`;
         `on_trace_id(hex)` (async, optional) is awaited with the trace id before the first
         response when the request is traced, so front doors can hand it to the client."""
-        code = "OK"
+        code, arrived_at = "OK", time.perf_counter()
         with tracing.server_span("router.generate", metadata) as span:
             try:
-                job = await self._job(request, time_remaining)
+                job = await self._job(request, time_remaining, arrived_at)
                 _request_attributes(span, job, request)
                 trace_id = tracing.trace_id_of(span)
                 if trace_id and on_trace_id is not None:
