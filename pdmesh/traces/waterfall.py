@@ -73,11 +73,14 @@ def render_png(spans: list[dict], path: str, title: str = "") -> None:
         ax.text(start + max(dur, 0.05), i, f" {dur:.1f} ms", va="center", fontsize=8)
         for event in s.get("events", []):
             ax.plot((event["time_ns"] - t0) / 1e6, i, marker="v", color="black", markersize=5)
-    ax.set_yticks(range(len(rows)), [f"{'  ' * d}{s['name']}" for d, s in rows], fontsize=9)
+    ax.set_yticks(range(len(rows)), [f"{s['name']} {'·' * d}" if d else s["name"] for d, s in rows], fontsize=9)
     ax.invert_yaxis()
+    end = max((s["end_ns"] - t0) / 1e6 for _, s in rows)
+    ax.set_xlim(0, end * 1.15)
     ax.set_xlabel("ms since the request reached the router")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SERVICE_COLORS.values()]
-    ax.legend(handles, list(SERVICE_COLORS), loc="lower right", fontsize=8)
+    ax.legend(handles, list(SERVICE_COLORS), loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8,
+              frameon=False)
     ax.set_title(title or f"trace {rows[0][1]['trace_id']}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
