@@ -37,6 +37,7 @@ class DecodeJob(NamedTuple):
     handle: KvHandle | None
     first_token_id: int | None
     deadline: float | None  # time.monotonic() by which the KV must be in place
+    priority: int = 0  # engine priority rank (engine.sequence.PRIORITY_*)
 
 
 class TransferInfo(NamedTuple):
@@ -93,12 +94,14 @@ class DecodeWorker:
         finally:
             await self._release(job.handle)
         await self._runner.call(lambda engine: engine.add_imported(
-            job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos))
+            job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos,
+            job.priority))
         return info
 
     async def _reserve(self, job: DecodeJob) -> list[int]:
         while True:
-            dst = await self._runner.call(lambda engine: engine.reserve_for_import(job.request_id, len(job.prompt)))
+            dst = await self._runner.call(lambda engine: engine.reserve_for_import(
+                job.request_id, len(job.prompt), job.priority))
             if dst is not None:
                 return dst
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -140,7 +143,8 @@ class DecodeWorker:
 
     async def _add_local(self, job: DecodeJob) -> None:
         await self._runner.call(lambda engine: engine.add_request(
-            job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos))
+            job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos,
+            priority=job.priority))
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
                       local_prompt_len: int):
