@@ -68,6 +68,7 @@ async def serve(config: RouterConfig) -> None:
     registry = WorkerRegistry([], [], remove_grace_s=config.drain_grace_s)
     registry.start()
     following = asyncio.create_task(follow(discovery, registry))
+    following.add_done_callback(_report_discovery_end)
     flow = RequestFlow(registry, load_profile(config.profile), Admission(config.max_inflight, config.max_queued),
                        tokenizer)
     servicer = RouterServicer(flow, config, tokenizer)
@@ -85,6 +86,11 @@ async def serve(config: RouterConfig) -> None:
     following.cancel()
     await asyncio.gather(following, return_exceptions=True)
     await registry.close()
+
+
+def _report_discovery_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker discovery stopped; the pools are frozen as they were", exc_info=task.exception())
 
 
 async def _wait_for_pools(registry: WorkerRegistry, config: RouterConfig) -> None:
