@@ -12,6 +12,7 @@ from services.common.metrics import start_metrics_server
 from services.common.server import announce_ready, configure_logging, start_server, stop_event_on_signals
 from services.router.admission import Admission
 from services.router.config import RouterConfig
+from services.router.discovery import follow, known_discoveries, make_discovery
 from services.router.placement.runner import load_profile
 from services.router.request_flow import RequestFlow
 from services.router.server import RouterServicer
@@ -37,17 +38,42 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
                    help="serve Prometheus /metrics on this port (0: any free port; default off)")
     p.add_argument("--ready-file", default=None)
+    add_discovery_flags(p)
     a = p.parse_args(argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     return RouterConfig(split(a.prefill), split(a.decode), a.host, a.port, a.profile, a.max_model_len,
                         a.max_tokens_cap, max_inflight=a.max_inflight, max_queued=a.max_queued,
-                        ready_file=a.ready_file, metrics_port=a.metrics_port)
+                        ready_file=a.ready_file, metrics_port=a.metrics_port, **discovery_fields(a))
+
+
+def add_discovery_flags(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--discovery", default=env("PDMESH_DISCOVERY", "static"), choices=known_discoveries(),
+                   help="where the workers are: static (--prefill/--decode), dns (headless Services), kubernetes "
+                        "(EndpointSlices, watched)")
+    p.add_argument("--prefill-dns", default=env("PDMESH_PREFILL_DNS", ""), help="headless Service name:port")
+    p.add_argument("--decode-dns", default=env("PDMESH_DECODE_DNS", ""), help="headless Service name:port")
+    p.add_argument("--dns-interval-s", type=float, default=float(env("PDMESH_DNS_INTERVAL_S", "5")))
+    p.add_argument("--prefill-selector", default=env("PDMESH_PREFILL_SELECTOR", ""),
+                   help="EndpointSlice label selector, e.g. kubernetes.io/service-name=pdmesh-prefill-headless")
+    p.add_argument("--decode-selector", default=env("PDMESH_DECODE_SELECTOR", ""))
+    p.add_argument("--namespace", default=env("PDMESH_NAMESPACE", ""), help="default: the pod's own namespace")
+    p.add_argument("--endpoint-port-name", default=env("PDMESH_ENDPOINT_PORT_NAME", "grpc"))
+
+
+def discovery_fields(a: argparse.Namespace) -> dict:
+    names = ("discovery", "prefill_dns", "decode_dns", "dns_interval_s", "prefill_selector", "decode_selector",
+             "namespace", "endpoint_port_name")
+    return {name: getattr(a, name) for name in names}
 
 
 async def serve(config: RouterConfig) -> None:
     tokenizer = await asyncio.to_thread(load_tokenizer)
-    registry = WorkerRegistry(list(config.prefill_addresses), list(config.decode_addresses))
+    discovery = make_discovery(config)
+    registry = WorkerRegistry([], [], remove_grace_s=config.drain_grace_s)
     registry.start()
+    following = asyncio.create_task(follow(discovery, registry))
+    following.add_done_callback(_report_discovery_end)
     flow = RequestFlow(registry, load_profile(config.profile), Admission(config.max_inflight, config.max_queued),
                        tokenizer)
     servicer = RouterServicer(flow, config, tokenizer)
@@ -64,14 +90,21 @@ async def serve(config: RouterConfig) -> None:
     log.info("router listening on %s:%d", config.host, server.port)
     await stop.wait()
     await server.drain_and_stop(config.drain_grace_s)
+    following.cancel()
+    await asyncio.gather(following, return_exceptions=True)
     await registry.close()
     tracing.shutdown_tracing()
+
+
+def _report_discovery_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker discovery stopped; the pools are frozen as they were", exc_info=task.exception())
 
 
 async def _wait_for_pools(registry: WorkerRegistry, config: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.startup_timeout_s
-    need_prefill = bool(config.prefill_addresses)
+    need_prefill = config.has_prefill_pool
     while not (registry.has_healthy("decode") and (registry.has_healthy("prefill") or not need_prefill)):
         if loop.time() > deadline:
             log.warning("pools not all reachable after %.0fs; serving anyway", config.startup_timeout_s)
