@@ -13,6 +13,7 @@ cache holds the K/V of exactly its first num_computed_tokens tokens.
 """
 
 import time
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 from itertools import chain
 from numbers import Integral
@@ -88,15 +89,24 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     max_tokens: int, ignore_eos: bool = False, keep_kv: bool = False,
-                    priority: int = PRIORITY_INTERACTIVE) -> None:
+                    priority: int = PRIORITY_INTERACTIVE, resume_token_ids: Sequence_[int] = ()) -> None:
         """Queues a prompt: prefill, then decode until max_tokens or an EOS id
         (config.model.eos_token_ids, unless ignore_eos). keep_kv=True: when it finishes its blocks
         stay pinned (block_ids_of works) until release(request_id). A lower priority rank runs
         first and may preempt less urgent running requests (see engine/scheduler.py).
+        resume_token_ids: tokens this request already generated elsewhere (failover); their KV is
+        computed with the prompt's, they count toward max_tokens and seeded sampling continues
+        exactly where it stopped.
         Raises InvalidRequestError (bad input, busy id) or CapacityError (can never fit the pool)."""
         self._check_new_id(request_id)
         self._check_prompt(prompt_token_ids, max_tokens, sampling)
+        if len(resume_token_ids) >= max_tokens:
+            raise InvalidRequestError(f"{len(resume_token_ids)} resumed tokens leave nothing to generate "
+                                      f"(max_tokens {max_tokens})")
+        for i, token in enumerate(resume_token_ids):
+            self._check_token(token, f"resume_token_ids[{i}]")
         seq = Sequence(request_id, prompt_token_ids, sampling, max_tokens, ignore_eos, keep_kv, priority)
+        seq.token_ids += [int(t) for t in resume_token_ids]
         self._unfinished[request_id] = seq
         self.scheduler.add(seq)
 

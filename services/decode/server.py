@@ -28,12 +28,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise InvalidArgument(f"first_token_id {request.first_token_id} is not a known token id")
             if handle.num_tokens != len(prompt):
                 raise InvalidArgument(f"kv_handle holds {handle.num_tokens} tokens but the prompt has {len(prompt)}")
+        if handle is not None and request.resume_token_ids:
+            raise InvalidArgument("resume_token_ids cannot be combined with kv_handle: a resumed request is "
+                                  "prefilled here")
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         return DecodeJob(request.request_id or context.peer(), prompt, sampling_from_proto(request.sampling),
                          max_tokens, request.ignore_eos, handle,
                          request.first_token_id if handle is not None else None, deadline,
-                         priority_from_proto(request.priority))
+                         priority_from_proto(request.priority), tuple(request.resume_token_ids))
 
     async def Decode(self, request, context):
         code = "OK"

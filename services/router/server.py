@@ -65,8 +65,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         The request is one trace: the span continues the caller's W3C context from `metadata`;
         `on_trace_id(hex)` (async, optional) is awaited with the trace id before the first
         response when the request is traced, so front doors can hand it to the client."""
-        code, arrived_at = "OK", time.perf_counter()
+        code = "OK"
         with tracing.server_span("router.generate", metadata) as span:
+            arrived_at = time.perf_counter()
             try:
                 job = await self._job(request, time_remaining, arrived_at)
                 _request_attributes(span, job, request)
