@@ -18,9 +18,19 @@ class RouterConfig:
     ready_file: str | None = None
     startup_timeout_s: float = 120.0
     drain_grace_s: float = 30.0
+    # OpenAI-compatible HTTP front (services/router/http_front.py); http_port None = off, 0 = any free port.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = 8000
+    api_keys: tuple[str, ...] = ()
+    served_model_name: str = "gemma-3-270m"
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not self.decode_addresses:
             raise ValueError("at least one decode worker address is required (--decode host:port)")
         if self.max_tokens_cap <= 0 or self.max_model_len <= 1:
             raise ValueError("max_tokens_cap must be positive and max_model_len above 1")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in 0..65535 (0 = any free port) or None (off), got {self.http_port}")
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")

@@ -34,11 +34,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if which == "text":
             if not request.text:
                 raise InvalidArgument("prompt is empty: send text or at least one token id")
-            if len(request.text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
-                ids = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenize_pool, self._tokenizer.encode_without_gil, request.text)
-            else:
-                ids = self._tokenizer.encode(request.text, add_bos=True)
+            ids = await self.tokenize(request.text)
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
         else:
@@ -53,6 +49,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return GenerateJob(request.request_id or uuid.uuid4().hex, prompt, request.sampling, max_tokens,
                            _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
                            time_remaining)
+
+    async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        if len(text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, self._tokenizer.encode_without_gil, text, add_bos)
+        return self._tokenizer.encode(text, add_bos=add_bos)
 
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
                        metadata: dict[str, str] | None = None):
