@@ -98,6 +98,10 @@ class RequestFlow:
                         yield RelayEvent(list(message.token_ids), text)
             except grpc.aio.AioRpcError as exc:
                 raise _worker_error("decode", decode_id, exc) from exc
+            finally:
+                # A consumer that stops early (client gone, stop string) closes this generator at a
+                # yield, where no await is interrupted: cancel explicitly so the worker frees the KV now.
+                stream.cancel()
             raise Unavailable(f"decode worker {decode_id} ended the stream without a finish reason")
 
     def _place(self, job: GenerateJob):

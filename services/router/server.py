@@ -8,6 +8,7 @@ and yields GenerateResponse messages, raising domain errors the caller maps to i
 
 import asyncio
 import concurrent.futures
+import contextlib
 import uuid
 
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -60,14 +61,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                        metadata: dict[str, str] | None = None):
         """Validates, runs and relays one request; raises domain errors (see services.common.errors)."""
         job = await self._job(request, time_remaining)
-        async for event in self._flow.run(job):
-            response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
-                                                   text_delta=event.text_delta, finish_reason=event.finish_reason)
-            if event.usage is not None:
-                response.usage.CopyFrom(event.usage)
-                response.timings.CopyFrom(event.timings)
-                response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
-            yield response
+        # aclosing: a caller that closes this generator early closes the flow (and its decode stream) at once.
+        async with contextlib.aclosing(self._flow.run(job)) as events:
+            async for event in events:
+                response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
+                                                       text_delta=event.text_delta, finish_reason=event.finish_reason)
+                if event.usage is not None:
+                    response.usage.CopyFrom(event.usage)
+                    response.timings.CopyFrom(event.timings)
+                    response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
+                yield response
 
     async def Generate(self, request, context):
         try:
