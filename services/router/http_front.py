@@ -101,6 +101,8 @@ class Relay:
         self.usage = usage_dict(prompt_tokens, 0, 0)
 
     async def pieces(self):
+        """Yields a piece per response with text, the first token's even without text (so the client
+        sees the first token at once), and the finish; returns after the finish."""
         completion = 0
         try:
             async for response in self._responses:
@@ -114,7 +116,7 @@ class Relay:
                     self.usage = usage_dict(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
                 else:
                     self.usage = usage_dict(self.usage["prompt_tokens"], completion, 0)
-                if text or finish:
+                if text or finish or completion == len(response.token_ids):
                     yield text, finish
                 if finish:
                     return
