@@ -9,9 +9,14 @@ work and differ only in the front door. 32 concurrent streams each send requests
 (1 KB text prompts, 4 tokens, greedy); one batch is every stream doing `rounds` requests through
 one arm, and HTTP/gRPC batches alternate (ABBA) so drift on this shared machine hits both alike.
 TTFT is measured at the client: the first gRPC message carrying a token vs the first SSE `data:`
-event (the front sends it as soon as the first token arrives). The HTTP client is httpx reading
-raw bytes, so little client-side parsing is counted against HTTP. Added TTFT = HTTP percentile -
+event (the front sends it as soon as the first token arrives). Added TTFT = HTTP percentile -
 gRPC percentile. A one-stream-at-a-time diagnostic runs the same comparison without queueing.
+
+The client shares this machine's cores with the mesh, and in a closed loop of 32 streams its own
+per-request CPU delays every request behind it, so the HTTP client is aiohttp (C-accelerated
+parser; what aiperf uses; installed with the kubernetes client) reading raw bytes, not httpx
+(about 1.5 ms more client CPU per request here). To tell the front's cost from the client's, the
+CPU time the router process and the client spend per request is recorded for each arm.
 """
 
 import argparse
@@ -23,8 +28,10 @@ import statistics
 import tempfile
 import time
 
+import resource
+
+import aiohttp
 import grpc
-import httpx
 
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -44,8 +51,9 @@ class Arms:
         self._channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._sampling = common_pb2.SamplingParams(temperature=0.0)
-        limits = httpx.Limits(max_connections=STREAMS * 2, max_keepalive_connections=STREAMS * 2)
-        self._http = httpx.AsyncClient(base_url=http_address, limits=limits, timeout=120)
+        self._url = f"{http_address}/v1/completions"
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=STREAMS * 2),
+                                           timeout=aiohttp.ClientTimeout(total=120))
 
     async def grpc(self, text: str) -> float:
         start = time.perf_counter()
@@ -60,10 +68,10 @@ class Arms:
         body = {"prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
         start = time.perf_counter()
         ttft = None
-        async with self._http.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-            async for chunk in response.aiter_raw():
+        async with self._http.post(self._url, json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:300]!r}")
+            async for chunk in response.content.iter_any():
                 if ttft is None and b"data:" in chunk:
                     ttft = (time.perf_counter() - start) * 1000
         return ttft
@@ -75,21 +83,39 @@ class Arms:
             grpc_tokens += len(m.token_ids)
             last = m
         body = {"prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
-        usage = (await self._http.post("/v1/completions", json=body)).json()["usage"]
+        async with self._http.post(self._url, json=body) as response:
+            usage = (await response.json())["usage"]
         if (usage["prompt_tokens"], usage["completion_tokens"]) != (last.usage.prompt_tokens, grpc_tokens):
             raise RuntimeError(f"the arms differ: HTTP usage {usage}, gRPC {last.usage}")
 
     async def close(self) -> None:
         await self._channel.close()
-        await self._http.aclose()
+        await self._http.close()
 
 
-async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, streams: int) -> dict:
-    samples = {"http": [], "grpc": []}
+class CpuMeter:
+    """CPU seconds the router process and this (client) process have used so far."""
+
+    def __init__(self, router_pid: int):
+        self._stat = f"/proc/{router_pid}/stat"
+
+    def read(self) -> tuple[float, float]:
+        fields = open(self._stat).read().rpartition(")")[2].split()
+        router = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return router, me.ru_utime + me.ru_stime
+
+
+async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, streams: int, cpu: CpuMeter) -> dict:
+    samples = {"http": [], "grpc": [], "cpu": {"http": [0.0, 0.0], "grpc": [0.0, 0.0]}}
     for pair in range(pairs):
         for arm in (("http", "grpc") if pair % 2 == 0 else ("grpc", "http")):
             call = getattr(arms, arm)
+            before = cpu.read()
             samples[arm] += await _batch(lambda text, _ids: call(text), [(p, None) for p in prompts], rounds, streams)
+            after = cpu.read()
+            for i in (0, 1):
+                samples["cpu"][arm][i] += after[i] - before[i]
     return samples
 
 
@@ -98,8 +124,12 @@ def _summarize(samples: dict) -> dict:
     for arm in ("http", "grpc"):
         row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
         row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
+        router_s, client_s = samples["cpu"][arm]
+        row[f"{arm}_router_cpu_ms_per_request"] = router_s * 1000 / len(samples[arm])
+        row[f"{arm}_client_cpu_ms_per_request"] = client_s * 1000 / len(samples[arm])
     row["added_p50_ms"] = row["http_p50_ms"] - row["grpc_p50_ms"]
     row["added_p99_ms"] = row["http_p99_ms"] - row["grpc_p99_ms"]
+    row["added_router_cpu_ms_per_request"] = row["http_router_cpu_ms_per_request"] - row["grpc_router_cpu_ms_per_request"]
     return row
 
 
@@ -114,20 +144,21 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
                     torch_threads=1, max_model_len=1024, extra_env=(("PDMESH_MAX_NUM_SEQS", str(STREAMS)),))
     setup = {"streams": STREAMS, "prompt_bytes": PROMPT_BYTES, "prompts": NUM_PROMPTS, "max_tokens": MAX_TOKENS,
              "mesh": "1 tiny decode worker, 0 prefill workers, profile local_prefill (never_remote)",
-             "http_client": f"httpx {httpx.__version__} (raw bytes)", "grpc_client": f"grpc.aio {grpc.__version__}"}
+             "http_client": f"aiohttp {aiohttp.__version__} (raw bytes)", "grpc_client": f"grpc.aio {grpc.__version__}"}
     progress(f"starting mesh: {setup['mesh']} ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
     pairs, rounds = (6, 2) if quick else (12, 4)
     try:
         async def go():
             arms = Arms(mesh.router_address, mesh.http_address)
+            cpu = CpuMeter(next(p.popen.pid for p in mesh.processes if p.name == "router"))
             try:
                 await arms.check_same_output(prompts[0])
-                await _measure(arms, prompts, 2, 1, STREAMS)  # warm-up: connections, prefix cache
+                await _measure(arms, prompts, 2, 1, STREAMS, cpu)  # warm-up: connections, prefix cache
                 progress(f"{pairs} HTTP/gRPC batch pairs of {STREAMS} streams x {rounds} requests")
-                concurrent = await _measure(arms, prompts, pairs, rounds, STREAMS)
+                concurrent = await _measure(arms, prompts, pairs, rounds, STREAMS, cpu)
                 progress("one stream alone (diagnostic)")
-                single = await _measure(arms, prompts, 40 if quick else 100, 1, 1)
+                single = await _measure(arms, prompts, 40 if quick else 100, 1, 1, cpu)
                 return concurrent, single
             finally:
                 await arms.close()
@@ -145,6 +176,9 @@ def _print_table(row: dict, single: dict) -> None:
         print(f"{name:>22} {r['requests_per_arm']:>6} | {r['http_p50_ms']:>9.2f} {r['grpc_p50_ms']:>9.2f} "
               f"{r['added_p50_ms']:>+9.2f} | {r['http_p99_ms']:>9.2f} {r['grpc_p99_ms']:>9.2f} {r['added_p99_ms']:>+9.2f}")
     print(f"TTFT in ms; target: added p50 <= {TARGETS['http_added_ttft_p50_ms']} ms at {STREAMS} streams")
+    print(f"CPU per request ({STREAMS} streams): router {row['http_router_cpu_ms_per_request']:.2f} ms HTTP vs "
+          f"{row['grpc_router_cpu_ms_per_request']:.2f} ms gRPC ({row['added_router_cpu_ms_per_request']:+.2f} ms); "
+          f"client {row['http_client_cpu_ms_per_request']:.2f} ms HTTP vs {row['grpc_client_cpu_ms_per_request']:.2f} ms gRPC")
 
 
 def _plot(path: pathlib.Path, samples: dict) -> None:
@@ -175,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     row, single, samples, setup = run(args.quick)
     result = {
         "http_added_ttft_p50_ms": row["added_p50_ms"], "http_added_ttft_p99_ms": row["added_p99_ms"],
+        "http_added_router_cpu_ms_per_request": row["added_router_cpu_ms_per_request"],
         "concurrent": row, "single_stream": single, "setup": setup, "targets": TARGETS,
         "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import grpc
+import pydantic
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -223,13 +224,18 @@ def create_app(front: OpenAIFront) -> FastAPI:
     app = FastAPI(title="pdmesh OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     auth = Depends(front.check_auth)
 
-    @app.post("/v1/completions", dependencies=[auth])
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await front.serve(body, request)
+    # The two hot endpoints validate the body themselves (pydantic-core parses and validates the
+    # JSON in one pass), skipping FastAPI's per-request dependency solving: about 0.3 ms less
+    # router CPU per request. Their request schemas are the models in openai_protocol.
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        await front.check_auth(request)
+        return await front.serve(_parse(CompletionRequest, await request.body()), request)
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await front.serve(body, request)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        await front.check_auth(request)
+        return await front.serve(_parse(ChatCompletionRequest, await request.body()), request)
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> Response:
@@ -251,21 +257,30 @@ def create_app(front: OpenAIFront) -> FastAPI:
     return app
 
 
+def _parse(model, body: bytes):
+    try:
+        return model.model_validate_json(body or b"{}")
+    except pydantic.ValidationError as exc:
+        raise ApiError(_invalid_request(exc.errors(include_url=False))) from None
+
+
 async def _api_error(_: Request, exc: ApiError) -> Response:
     return error_response(exc.reply)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-    """pydantic/FastAPI's 422 becomes OpenAI's 400 with a message naming the field."""
-    errors = exc.errors()
+    return error_response(_invalid_request(exc.errors()))
+
+
+def _invalid_request(errors) -> ErrorReply:
+    """pydantic's errors (FastAPI would answer 422) become OpenAI's 400 with a message naming the field."""
     if errors and errors[0].get("type") == "json_invalid":
         reason = errors[0].get("ctx", {}).get("error", "")
-        return error_response(reply_for_code(grpc.StatusCode.INVALID_ARGUMENT,
-                                             f"the request body is not valid JSON: {reason}".rstrip(": ")))
+        return reply_for_code(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON: {reason}".rstrip(": "))
     where = lambda e: ".".join(str(part) for part in e["loc"] if part != "body") or "body"
     message = "; ".join(f"{where(e)}: {e['msg']}" for e in errors[:3])
     param = where(errors[0]) if errors else None
-    return error_response(reply_for_code(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {message}", param=param))
+    return reply_for_code(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {message}", param=param)
 
 
 async def _http_error(_: Request, exc: HTTPException) -> Response:
@@ -304,7 +319,9 @@ class RunningHttp(NamedTuple):
 async def start_http(app: FastAPI, host: str, port: int) -> RunningHttp:
     """Serves `app` on host:port (0 picks a free port) in the running event loop."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it Nagle holds each SSE event until the client's delayed ACK (~40 ms per event).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -312,7 +329,7 @@ async def start_http(app: FastAPI, host: str, port: int) -> RunningHttp:
         sock.close()
         raise OSError(f"HTTP front could not bind {host}:{port}: {exc}") from exc
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False, log_level="warning",
-                            backlog=2048)
+                            backlog=2048, proxy_headers=False, server_header=False)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

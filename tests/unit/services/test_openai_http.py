@@ -235,3 +235,25 @@ def test_ready_follows_the_pools():
 def test_unknown_model_is_404_model_not_found():
     response = app_client().post("/v1/completions", json={"model": "gpt-4o", "prompt": "x"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_served_connections_have_tcp_nodelay():
+    """Without TCP_NODELAY each small SSE event waits for the client's delayed ACK (~40 ms)."""
+    import asyncio
+    import socket
+
+    from services.router.http_front import start_http
+
+    async def go():
+        http = await start_http(create_app(OpenAIFront(None, GEMMA, FrontSettings("m", 2048, 1024), lambda: True)),
+                                "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in await reader.readline()
+        [connection] = http.server.server_state.connections
+        nodelay = connection.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+        await http.stop(1.0)
+        return nodelay
+
+    assert asyncio.run(go()) != 0
