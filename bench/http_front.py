@@ -24,11 +24,10 @@ import asyncio
 import json
 import os
 import pathlib
+import resource
 import statistics
 import tempfile
 import time
-
-import resource
 
 import aiohttp
 import grpc
@@ -97,10 +96,10 @@ class CpuMeter:
     """CPU seconds the router process and this (client) process have used so far."""
 
     def __init__(self, router_pid: int):
-        self._stat = f"/proc/{router_pid}/stat"
+        self._stat = pathlib.Path(f"/proc/{router_pid}/stat")
 
     def read(self) -> tuple[float, float]:
-        fields = open(self._stat).read().rpartition(")")[2].split()
+        fields = self._stat.read_text().rpartition(")")[2].split()
         router = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         me = resource.getrusage(resource.RUSAGE_SELF)
         return router, me.ru_utime + me.ru_stime
@@ -112,7 +111,8 @@ async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, stre
         for arm in (("http", "grpc") if pair % 2 == 0 else ("grpc", "http")):
             call = getattr(arms, arm)
             before = cpu.read()
-            samples[arm] += await _batch(lambda text, _ids: call(text), [(p, None) for p in prompts], rounds, streams)
+            samples[arm] += await _batch(lambda text, _ids, call=call: call(text), [(p, None) for p in prompts],
+                                         rounds, streams)
             after = cpu.read()
             for i in (0, 1):
                 samples["cpu"][arm][i] += after[i] - before[i]
@@ -147,7 +147,7 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
              "http_client": f"aiohttp {aiohttp.__version__} (raw bytes)", "grpc_client": f"grpc.aio {grpc.__version__}"}
     progress(f"starting mesh: {setup['mesh']} ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
-    pairs, rounds = (6, 2) if quick else (12, 4)
+    pairs, rounds = (12, 3) if quick else (24, 4)
     try:
         async def go():
             arms = Arms(mesh.router_address, mesh.http_address)

@@ -170,7 +170,10 @@ class OpenAIFront:
             chunks = ChunkMaker(chat, response_id, model, body.include_usage())
             return StreamingResponse(_events(first, pieces, relay, chunks), media_type="text/event-stream",
                                      headers={**_SSE_HEADERS, **echo})
-        text, finish = await _collect(first, pieces)
+        try:
+            text, finish = await _collect(first, pieces)
+        except Exception as exc:
+            return error_response(reply_for_exception(exc), echo)
         make = chat_body if chat else completion_body
         return json_response(make(response_id, model, text, finish, relay.usage), headers=echo)
 
