@@ -200,12 +200,13 @@ class OpenAIFront:
 async def _events(first: tuple[str, str | None], pieces, relay: Relay, chunks: ChunkMaker):
     """The SSE body: one event per piece, usage if asked, then [DONE]; an error mid-stream is an event too."""
     try:
-        yield sse(chunks.piece(*first, first=True))
-        async for text, finish in pieces:
-            yield sse(chunks.piece(text, finish))
-        if chunks.include_usage:
-            yield sse(chunks.usage(relay.usage))
-        yield "data: [DONE]\n\n"
+        event, finish = sse(chunks.piece(*first, first=True)), first[1]
+        while finish is None:  # Relay ends every stream with a finish piece (or raises)
+            yield event
+            text, finish = await anext(pieces)
+            event = sse(chunks.piece(text, finish))
+        # The last piece, the usage and [DONE] are known together: one write (each write is a syscall).
+        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + "data: [DONE]\n\n"
     except Exception as exc:
         log.warning("stream failed after it started: %s", exc)
         yield sse(reply_for_exception(exc).body)
