@@ -106,16 +106,20 @@ class CpuMeter:
 
 
 async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, streams: int, cpu: CpuMeter) -> dict:
-    samples = {"http": [], "grpc": [], "cpu": {"http": [0.0, 0.0], "grpc": [0.0, 0.0]}}
+    samples = {"http": [], "grpc": [], "cpu": {"http": [0.0, 0.0], "grpc": [0.0, 0.0]}, "pair_added_p50": []}
     for pair in range(pairs):
+        medians = {}
         for arm in (("http", "grpc") if pair % 2 == 0 else ("grpc", "http")):
             call = getattr(arms, arm)
             before = cpu.read()
-            samples[arm] += await _batch(lambda text, _ids, call=call: call(text), [(p, None) for p in prompts],
-                                         rounds, streams)
+            batch = await _batch(lambda text, _ids, call=call: call(text), [(p, None) for p in prompts], rounds,
+                                 streams)
             after = cpu.read()
+            samples[arm] += batch
+            medians[arm] = statistics.median(batch)
             for i in (0, 1):
                 samples["cpu"][arm][i] += after[i] - before[i]
+        samples["pair_added_p50"].append(medians["http"] - medians["grpc"])
     return samples
 
 
@@ -128,6 +132,9 @@ def _summarize(samples: dict) -> dict:
         row[f"{arm}_router_cpu_ms_per_request"] = router_s * 1000 / len(samples[arm])
         row[f"{arm}_client_cpu_ms_per_request"] = client_s * 1000 / len(samples[arm])
     row["added_p50_ms"] = row["http_p50_ms"] - row["grpc_p50_ms"]
+    # Each HTTP batch against the gRPC batch beside it: the spread says how much is drift.
+    row["pair_added_p50_ms"] = samples["pair_added_p50"]
+    row["median_pair_added_p50_ms"] = statistics.median(samples["pair_added_p50"])
     row["added_p99_ms"] = row["http_p99_ms"] - row["grpc_p99_ms"]
     row["added_router_cpu_ms_per_request"] = row["http_router_cpu_ms_per_request"] - row["grpc_router_cpu_ms_per_request"]
     return row
@@ -147,7 +154,7 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
              "http_client": f"aiohttp {aiohttp.__version__} (raw bytes)", "grpc_client": f"grpc.aio {grpc.__version__}"}
     progress(f"starting mesh: {setup['mesh']} ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
-    pairs, rounds = (12, 3) if quick else (24, 4)
+    pairs, rounds = (24, 3) if quick else (48, 4)
     try:
         async def go():
             arms = Arms(mesh.router_address, mesh.http_address)
@@ -176,6 +183,9 @@ def _print_table(row: dict, single: dict) -> None:
         print(f"{name:>22} {r['requests_per_arm']:>6} | {r['http_p50_ms']:>9.2f} {r['grpc_p50_ms']:>9.2f} "
               f"{r['added_p50_ms']:>+9.2f} | {r['http_p99_ms']:>9.2f} {r['grpc_p99_ms']:>9.2f} {r['added_p99_ms']:>+9.2f}")
     print(f"TTFT in ms; target: added p50 <= {TARGETS['http_added_ttft_p50_ms']} ms at {STREAMS} streams")
+    pairs = sorted(row["pair_added_p50_ms"])
+    print(f"added p50 per HTTP/gRPC batch pair ({STREAMS} streams): median {row['median_pair_added_p50_ms']:+.2f} ms, "
+          f"range {pairs[0]:+.2f} .. {pairs[-1]:+.2f} ms over {len(pairs)} pairs")
     print(f"CPU per request ({STREAMS} streams): router {row['http_router_cpu_ms_per_request']:.2f} ms HTTP vs "
           f"{row['grpc_router_cpu_ms_per_request']:.2f} ms gRPC ({row['added_router_cpu_ms_per_request']:+.2f} ms); "
           f"client {row['http_client_cpu_ms_per_request']:.2f} ms HTTP vs {row['grpc_client_cpu_ms_per_request']:.2f} ms gRPC")

@@ -74,17 +74,17 @@ async def serve(config: RouterConfig) -> None:
                                                router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name)],
                                 config.host, config.port)
     await server.set_serving(False)  # until the pools are reachable
-    serving = [False]
-    http = await _start_http(config, servicer, template, lambda: serving[0] and _pools_up(registry, config))
+    serving = asyncio.Event()  # set between startup and drain; /ready also needs the pools up
+    http = await _start_http(config, servicer, template, lambda: serving.is_set() and _pools_up(registry, config))
     await _wait_for_pools(registry, config)
     await server.set_serving(True)
-    serving[0] = True
+    serving.set()
     announce_ready(config.ready_file, role="router", port=server.port, address=f"{config.host}:{server.port}",
                    http_address=http.address if http else "")
     log.info("router listening on %s:%d%s", config.host, server.port,
              f"; OpenAI-compatible HTTP at {http.address}/v1" if http else "")
     await stop.wait()
-    serving[0] = False  # /ready answers 503 while both fronts drain
+    serving.clear()  # /ready answers 503 while both fronts drain
     await asyncio.gather(server.drain_and_stop(config.drain_grace_s),
                          *([http.stop(config.drain_grace_s)] if http else []))
     await registry.close()
