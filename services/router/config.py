@@ -30,6 +30,12 @@ class RouterConfig:
     decode_selector: str = ""
     namespace: str = ""
     endpoint_port_name: str = "grpc"
+    # OpenAI-compatible HTTP front (services/router/http_front.py); http_port None = off, 0 = any free port.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = 8000
+    api_keys: tuple[str, ...] = ()
+    served_model_name: str = "gemma-3-270m"
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         need = {"static": ("decode_addresses", "--decode host:port"),
@@ -50,3 +56,7 @@ class RouterConfig:
         """Whether a prefill pool is configured at all (without one, decode workers prefill locally)."""
         return bool({"static": self.prefill_addresses, "dns": self.prefill_dns,
                      "kubernetes": self.prefill_selector}[self.discovery])
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in 0..65535 (0 = any free port) or None (off), got {self.http_port}")
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")

@@ -94,12 +94,13 @@ class RequestFlow:
             decode_id, failed = placement.decode.worker.worker_id, set()
             for attempt in range(MAX_DECODE_ATTEMPTS):
                 try:
-                    async for event in self._decode(decode_id, decode_request, relay):
-                        if event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                            yield event._replace(placement=_placement_info(placement, placed, relay.transport,
-                                                                           decode_id))
-                            return
-                        yield event
+                    async with contextlib.aclosing(self._decode(decode_id, decode_request, relay)) as events:
+                        async for event in events:
+                            if event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                                yield event._replace(placement=_placement_info(placement, placed, relay.transport,
+                                                                               decode_id))
+                                return
+                            yield event
                 except _WorkerLost as lost:
                     if attempt + 1 == MAX_DECODE_ATTEMPTS:
                         raise Unavailable(str(lost)) from lost
@@ -134,6 +135,10 @@ class RequestFlow:
                 if exc.code() in _LOST:
                     raise _WorkerLost(f"decode worker {decode_id} lost: {exc.code().name}: {exc.details()}") from exc
                 raise _worker_error("decode", decode_id, exc) from exc
+            finally:
+                # A consumer that stops early (client gone, stop string) closes this generator at a
+                # yield, where no await is interrupted: cancel explicitly so the worker frees the KV now.
+                stream.cancel()
         if final is None:
             raise _WorkerLost(f"decode worker {decode_id} ended the stream without a finish reason")
         yield final
