@@ -192,5 +192,5 @@ def _transfer_observed(span, result, attempt: int) -> None:
     tracing.set_attributes(span, {
         "pdmesh.kv.transport": result.transport, "pdmesh.kv.duration_ms": round(result.seconds * 1000, 3),
         "pdmesh.kv.verify_ms": round(result.verify_seconds * 1000, 3),
-        "pdmesh.kv.throughput_gbps": round(result.num_bytes / max(result.seconds, 1e-9) / 1e9, 3),
+        "pdmesh.kv.throughput_gbps": round(result.num_bytes / max(result.seconds, 1e-9) / 1e9, 6),
         "pdmesh.kv.retries": result.retries + attempt})

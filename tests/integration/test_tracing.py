@@ -56,7 +56,7 @@ def generate(stub, metadata=(), prompt=PROMPT, max_tokens=6):
 def spans_of_trace(receiver, trace_id, expected_names):
     def complete(spans):
         return expected_names <= {s["name"] for s in spans if s["trace_id"] == trace_id}
-    return [s for s in receiver.wait_for(complete, timeout_s=15) if s["trace_id"] == trace_id]
+    return [s for s in receiver.wait_for(complete, timeout_s=60) if s["trace_id"] == trace_id]
 
 
 def by_name(spans):
