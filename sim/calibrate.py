@@ -22,14 +22,11 @@ import sys
 import time
 
 import numpy as np
-import torch
 import yaml
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.sampling import SamplingParams
 
 BLOCK_SIZE = 16
-GREEDY = SamplingParams(temperature=0.0)
 FULL = {"prefill": [(u, c) for c in (0, 512, 1024) for u in (32, 128, 512, 1024, 2048)],
         "decode": [(b, c) for b in (1, 4, 8, 16) for c in (128, 512, 1024)], "repeats": 2}
 QUICK = {"prefill": [(u, c) for c in (0, 1024) for u in (64, 512, 1536)],
@@ -42,12 +39,15 @@ def progress(message: str) -> None:
 
 class Bench:
     def __init__(self, num_blocks: int = 2048):
+        # torch is imported only where timing needs it (fit() is tested without it)
         from engine.llm_engine import LLMEngine
+        from engine.sampling import SamplingParams
         from engine.weights import load_model
         config = EngineConfig(ModelConfig(), CacheConfig(BLOCK_SIZE, num_blocks),
                               SchedulerConfig(max_num_seqs=16, max_model_len=8192))
         self.engine = LLMEngine(config, load_model(config.model))
         self.max_num_seqs = config.scheduler.max_num_seqs
+        self._greedy = SamplingParams(temperature=0.0)
         self._rng = random.Random(0)
         self._ids = 0
 
@@ -58,7 +58,7 @@ class Bench:
         """Runs the prompts together; returns the wall time of every step."""
         for p in prompts:
             self._ids += 1
-            self.engine.add_request(f"c{self._ids}", p, GREEDY, max_tokens, ignore_eos=True)
+            self.engine.add_request(f"c{self._ids}", p, self._greedy, max_tokens, ignore_eos=True)
         steps = []
         while self.engine.has_unfinished():
             start = time.perf_counter()
@@ -92,6 +92,7 @@ def fit(rows: list[list[float]], y: list[float]) -> list[float]:
 
 
 def copy_bytes_per_s(tokens: int = 2048, repeats: int = 5) -> float:
+    import torch
     nbytes = tokens * ModelConfig().kv_bytes_per_token
     src, dst = torch.rand(nbytes // 4), torch.empty(nbytes // 4)
     best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
@@ -105,6 +106,7 @@ def _timed(fn) -> float:
 
 
 def calibrate(grid: dict, threads: int) -> dict:
+    import torch
     torch.set_num_threads(threads)
     progress(f"loading the model ({threads} torch thread(s), load average {os.getloadavg()[0]:.1f})")
     bench = Bench()

@@ -45,7 +45,9 @@ class SimRouter:
         self.index = PrefixIndex(clock=clock)
         self._roles, self._load_of, self._clock = roles, load_of, clock
         self._interval = report_interval_s
-        self._reported = {w: (LoadView(), -1e18) for w in roles}  # worker -> (report, when)
+        self._reports = dict.fromkeys(roles, LoadView())
+        self._reported_at = dict.fromkeys(roles, -1e18)
+        self._views: dict[str, WorkerView] = {}
         self.inflight = dict.fromkeys(roles, 0)
         self.inflight_tokens = dict.fromkeys(roles, 0)
 
@@ -58,15 +60,21 @@ class SimRouter:
             self.index.cleared(worker_id)
 
     def views(self) -> list[WorkerView]:
+        """WorkerRegistry.views(): each worker's last report plus this router's in-flight counts.
+        A view is rebuilt only when its report was refreshed or its in-flight counts changed."""
         now, views = self._clock(), []
         for worker_id, role in self._roles.items():
-            load, when = self._reported[worker_id]
-            if now - when >= self._interval:
-                load = self._load_of(worker_id)
-                self._reported[worker_id] = (load, now)
-            load = load._replace(router_inflight=self.inflight[worker_id],
-                                 router_inflight_tokens=self.inflight_tokens[worker_id])
-            views.append(WorkerView(worker_id, worker_id, role, True, load))
+            view = self._views.get(worker_id)
+            if now - self._reported_at[worker_id] >= self._interval:
+                self._reports[worker_id] = self._load_of(worker_id)
+                self._reported_at[worker_id] = now
+                view = None
+            if view is None:
+                r = self._reports[worker_id]
+                load = LoadView(r.waiting, r.running, r.kv_blocks_used, r.kv_blocks_total, r.queued_prefill_tokens,
+                                self.inflight[worker_id], self.inflight_tokens[worker_id])
+                view = self._views[worker_id] = WorkerView(worker_id, worker_id, role, True, load)
+            views.append(view)
         return views
 
     def place(self, request: PlacementRequest) -> Placement:
@@ -76,3 +84,4 @@ class SimRouter:
         """A request (with prompt_tokens to prefill there) starts (+1) or ends (-1) on worker_id."""
         self.inflight[worker_id] += sign
         self.inflight_tokens[worker_id] += sign * prompt_tokens
+        self._views.pop(worker_id, None)
