@@ -78,17 +78,28 @@ class Bench:
 
 
 def fit(rows: list[list[float]], y: list[float]) -> list[float]:
-    """Least squares with non-negative coefficients (drop the negative ones and refit)."""
-    x, y = np.array(rows, dtype=float), np.array(y, dtype=float)
+    """Least squares on relative error (every point counts alike, short prompts as much as long
+    ones), coefficients kept non-negative (drop the most negative one and refit)."""
+    y = np.array(y, dtype=float)
+    x = np.array(rows, dtype=float) / y[:, None]
+    ones = np.ones_like(y)
     keep = list(range(x.shape[1]))
     while True:
-        coef = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        coef = np.linalg.lstsq(x[:, keep], ones, rcond=None)[0]
         if (coef >= 0).all() or len(keep) == 1:
             out = [0.0] * x.shape[1]
             for i, c in zip(keep, coef):
                 out[i] = max(0.0, float(c))
             return out
         keep.pop(int(np.argmin(coef)))
+
+
+def fit_coefficients(prefill: list[dict], decode: list[dict]) -> dict:
+    p = fit([[1, r["uncached"], r["uncached"] * (r["cached"] + r["uncached"] / 2)] for r in prefill],
+            [r["seconds"] for r in prefill])
+    d = fit([[1, r["batch"], r["batch"] * r["context_per_seq"]] for r in decode], [r["seconds"] for r in decode])
+    return {"prefill_base_s": p[0], "prefill_per_token_s": p[1], "prefill_per_token_ctx_s": p[2],
+            "decode_base_s": d[0], "decode_per_seq_s": d[1], "decode_per_ctx_token_s": d[2]}
 
 
 def copy_bytes_per_s(tokens: int = 2048, repeats: int = 5) -> float:
@@ -121,9 +132,6 @@ def calibrate(grid: dict, threads: int) -> dict:
         s = min(bench.decode_step_s(b, c) for _ in range(grid["repeats"]))
         decode.append({"batch": b, "context_per_seq": c, "seconds": round(s, 5)})
         progress(f"decode B={b} context={c}: {s * 1000:.1f} ms/step")
-    p = fit([[1, r["uncached"], r["uncached"] * (r["cached"] + r["uncached"] / 2)] for r in prefill],
-            [r["seconds"] for r in prefill])
-    d = fit([[1, r["batch"], r["batch"] * r["context_per_seq"]] for r in decode], [r["seconds"] for r in decode])
     bandwidth = copy_bytes_per_s()
     progress(f"KV copy bandwidth: {bandwidth / 1e9:.2f} GB/s")
     model = ModelConfig()
@@ -134,8 +142,7 @@ def calibrate(grid: dict, threads: int) -> dict:
                      "model": model.name, "prefill": prefill, "decode": decode,
                      "kv_copy_bytes_per_s": round(bandwidth)},
         "coefficients": {
-            "prefill_base_s": p[0], "prefill_per_token_s": p[1], "prefill_per_token_ctx_s": p[2],
-            "decode_base_s": d[0], "decode_per_seq_s": d[1], "decode_per_ctx_token_s": d[2],
+            **fit_coefficients(prefill, decode),
             "transfer_latency_s": 0.01, "transfer_bytes_per_s": bandwidth,
             "kv_bytes_per_token": model.kv_bytes_per_token,
             "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": bench.max_num_seqs, "rpc_s": 0.003,
@@ -158,8 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="sim/profiles/cpu-local.yaml")
     parser.add_argument("--quick", action="store_true", help="fewer points (~2 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as each mesh worker uses")
+    parser.add_argument("--refit", help="refit the points measured in this profile YAML (no measuring)")
     args = parser.parse_args(argv)
-    profile = calibrate(QUICK if args.quick else FULL, args.threads)
+    if args.refit:
+        with open(args.refit) as f:
+            profile = yaml.safe_load(f)
+        profile["coefficients"] |= fit_coefficients(profile["measured"]["prefill"], profile["measured"]["decode"])
+    else:
+        profile = calibrate(QUICK if args.quick else FULL, args.threads)
     header = ("# Calibrated on this machine by `python -m sim.calibrate`; re-run it on a quiet machine.\n"
               "# coefficients: the fit (sim/costs.py); measured: the raw points it was fitted to.\n")
     with open(args.out, "w") as f:
