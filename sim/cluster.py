@@ -13,9 +13,8 @@ router could see (KV events, load) happens inside an event at the current time.
 Decode steps are not simulated one by one: while a decode worker's batch does not change, its
 steps are identical but for the context growing by the batch size each step, so a run of n steps
 is one event (time from a closed form). A sequence joining mid-run cuts the run at the end of the
-step in progress, where the real engine would admit it. Modelling choices, stated: a prefill
-worker runs one prompt at a time (FIFO; cost is affine in tokens, so batching prompts changes
-little); a decode worker reserves KV for the whole output when it admits a sequence (no
+step in progress, where the real engine would admit it. Prefill workers run chunked prefill
+steps like the engine's scheduler (PrefillWorker). Modelling choices, stated: a decode worker reserves KV for the whole output when it admits a sequence (no
 preemption); transfers into one decode worker share its link one at a time.
 """
 
@@ -125,57 +124,99 @@ class Cluster:
 
 
 class PrefillWorker:
-    """FIFO, one prompt at a time; the prompt's blocks stay leased until the decode worker pulled them."""
+    """Chunked prefill as the engine schedules it: each step computes up to prefill_chunk_tokens
+    prompt tokens, prompts already started first (in arrival order), then waiting ones admitted
+    while there is budget, a slot (max_batch) and KV room; a prompt's first token comes at the end
+    of the step that computes its last chunk. Its blocks stay leased until the decode worker has
+    pulled them."""
 
     def __init__(self, worker_id: str, cluster: Cluster, capacity_blocks: int):
-        self.id, self.cluster = worker_id, cluster
+        self.id, self.cluster, self.costs = worker_id, cluster, cluster.costs
         self.cache = KvCache(capacity_blocks, lambda kind, hashes: cluster.on_kv_event(worker_id, kind, hashes))
-        self.queue: deque[Job] = deque()
-        self.current: Job | None = None
+        self.waiting: deque[Job] = deque()
+        self.running: list[list] = []  # [job, uncached tokens, tokens computed so far]
+        self.stepping = False
         self.busy_s = 0.0
         self._queued_tokens = 0
 
     def load(self) -> LoadView:
-        return LoadView(len(self.queue), int(self.current is not None), self.cache.used_blocks, self.cache.capacity,
+        return LoadView(len(self.waiting), len(self.running), self.cache.used_blocks, self.cache.capacity,
                         self._queued_tokens)
 
     def submit(self, job: Job) -> None:
-        self.queue.append(job)
+        self.waiting.append(job)
         self._queued_tokens += job.req.prompt_tokens
-        self._start_next()
+        self._kick()
 
-    def _start_next(self) -> None:
-        if self.current is not None or not self.queue:
-            return
-        job, bs = self.queue[0], self.cluster.block_size
+    def release(self, job: Job) -> None:
+        """The decode worker pulled the KV: the lease ends, the blocks stay cached (evictable)."""
+        self.cache.release(*job.held.pop(self.id))
+        self._kick()
+
+    def _kick(self) -> None:
+        """Starts a step at the end of this instant, so prompts arriving together share it."""
+        if not self.stepping:
+            self.stepping = True
+            self.cluster.at(self.cluster.now, self._step)
+
+    def _admit(self) -> list | None:
+        job, bs = self.waiting[0], self.cluster.block_size
         n = job.req.prompt_tokens
         hits = self.cache.match(job.req.block_hashes, (n - 1) // bs)
         hashes = job.req.block_hashes[:hits]
         new = _blocks(n, bs) - hits
         if not self.cache.can_acquire(hashes, new):
-            return  # every block is leased out; a release restarts this
-        self.queue.popleft()
+            return None  # every block is leased out; a release restarts this
+        self.waiting.popleft()
         self.cache.acquire(hashes, new)
         job.cached_tokens = hits * bs
         job.held[self.id] = (list(hashes), new)
-        duration = self.cluster.costs.prefill_s(n - job.cached_tokens, job.cached_tokens)
-        self.current = job
-        self.busy_s += duration
-        self.cluster.at(self.cluster.now + duration, self._done, job, hits)
+        seq = [job, n - job.cached_tokens, 0]
+        self.running.append(seq)
+        return seq
 
-    def _done(self, job: Job, hits: int) -> None:
+    def _step(self) -> None:
+        costs, budget, chunks = self.costs, self.costs.prefill_chunk_tokens, []
+        step_s = costs.prefill_base_s
+        for seq in self.running:
+            if budget <= 0:
+                break
+            budget -= self._chunk(seq, budget, chunks)
+        while self.waiting and budget > 0 and len(self.running) < costs.max_batch:
+            seq = self._admit()
+            if seq is None:
+                break
+            budget -= self._chunk(seq, budget, chunks)
+        if not chunks:
+            self.stepping = False
+            return
+        for seq, n in chunks:
+            context = seq[0].cached_tokens + seq[2]
+            step_s += costs.prefill_per_token_s * n + costs.prefill_per_token_ctx_s * n * (context + n / 2)
+        self.stepping = True
+        self.busy_s += step_s
+        self.cluster.at(self.cluster.now + step_s, self._end_step, chunks)
+
+    @staticmethod
+    def _chunk(seq: list, budget: int, chunks: list) -> int:
+        n = min(seq[1] - seq[2], budget)
+        chunks.append((seq, n))
+        return n
+
+    def _end_step(self, chunks) -> None:
+        for seq, n in chunks:
+            seq[2] += n
+            if seq[2] >= seq[1]:
+                self.running.remove(seq)
+                self._done(seq[0])
+        self._step()
+
+    def _done(self, job: Job) -> None:
         hashed, unhashed = job.held[self.id]
-        stored = self.cache.store(job.req.block_hashes[hits:])
+        stored = self.cache.store(job.req.block_hashes[len(hashed):])
         job.held[self.id] = (hashed + stored, unhashed - len(stored))
         self._queued_tokens -= job.req.prompt_tokens
-        self.current = None
         self.cluster.prefilled(job)
-        self._start_next()
-
-    def release(self, job: Job) -> None:
-        """The decode worker pulled the KV: the lease ends, the blocks stay cached (evictable)."""
-        self.cache.release(*job.held.pop(self.id))
-        self._start_next()
 
 
 class DecodeWorker:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import yaml
 
 PROFILES_DIR = pathlib.Path(__file__).parent / "profiles"
-_INTS = ("kv_bytes_per_token", "kv_capacity_tokens", "max_batch")
+_INTS = ("kv_bytes_per_token", "kv_capacity_tokens", "max_batch", "prefill_chunk_tokens")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class CostModel:
     transfer_bytes_per_s: float
     kv_bytes_per_token: int
     kv_capacity_tokens: int  # per worker
-    max_batch: int = 256  # decode sequences per step
+    max_batch: int = 256  # sequences per step
+    prefill_chunk_tokens: int = 8192  # prompt tokens computed per step at most (chunked prefill)
     rpc_s: float = 0.0  # router <-> worker round trip, paid once per RPC on the request's path
 
     def __post_init__(self) -> None:
@@ -83,6 +84,7 @@ def derive(spec: dict) -> dict:
         "kv_bytes_per_token": kv_bytes,
         "kv_capacity_tokens": int(kv_budget // kv_bytes),
         "max_batch": int(eff["max_batch"]),
+        "prefill_chunk_tokens": int(eff["prefill_chunk_tokens"]),
         "rpc_s": hw.get("rpc_s", 0.0),
     }
 

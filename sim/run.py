@@ -7,6 +7,7 @@
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -38,6 +39,7 @@ def workload(args) -> list:
 def simulate(requests, costs, num_prefill: int, num_decode: int, profile: str, seed: int = 0,
              slo: Slo = DEFAULT_SLO, progress: bool = False, block_size: int | None = None) -> dict:
     """Runs one configuration; returns the summary (metrics.summarize) plus wall time."""
+    logging.getLogger("services.router.placement.runner").setLevel(logging.ERROR)  # fallbacks counted instead
     cluster = Cluster(costs, num_prefill, num_decode, profile, block_size or requests[0].block_size, seed)
     bar = None
     if progress:
@@ -49,8 +51,12 @@ def simulate(requests, costs, num_prefill: int, num_decode: int, profile: str, s
     wall = time.perf_counter() - start
     if bar:
         bar.close()
-    return summarize(jobs, cluster, slo) | {"wall_s": round(wall, 2), "profile": profile,
-                                            "prefill": num_prefill, "decode": num_decode}
+    out = summarize(jobs, cluster, slo) | {"wall_s": round(wall, 2), "profile": profile,
+                                           "prefill": num_prefill, "decode": num_decode}
+    if len(jobs) <= 1000:  # small runs (validation) keep every request's TTFT
+        out["ttft_each_s"] = [round(j.first_token_s - j.req.arrival_s, 3) if j.first_token_s is not None else None
+                              for j in jobs]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,20 +82,26 @@ async def _replay(address: str, requests: list[Request], tokens: dict) -> list[f
                                            for r in requests)))
 
 
-async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> float:
+async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict:
+    """Sends one request at `at` (0: now); TTFT from `at`, plus the router's phase timings."""
     from pdmesh.v1 import common_pb2, router_pb2
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     at = at or time.perf_counter()
     request = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=ids), max_tokens=max_tokens,
                                          sampling=common_pb2.SamplingParams(temperature=0.0), ignore_eos=True)
-    first = None
+    first, last = None, None
     async for message in stub.Generate(request, timeout=900):
         if message.token_ids and first is None:
             first = time.perf_counter()
-    return first - at
+        last = message
+    t, p = last.timings, last.placement
+    return {"ttft_s": first - at, "router_ttft_ms": round(t.time_to_first_token_ms, 1),
+            "prefill_ms": round(t.prefill_ms, 1), "kv_transfer_ms": round(t.kv_transfer_ms, 1),
+            "decision": p.decision, "prefill_worker": p.prefill_worker_id, "decode_worker": p.decode_worker_id,
+            "cached_tokens": last.usage.cached_prompt_tokens}
 
 
-def measure_mesh(s: Slice, requests: list[Request], tokens: dict, progress) -> list[float]:
+def measure_mesh(s: Slice, requests: list[Request], tokens: dict, progress) -> list[dict]:
     from pdmesh.launcher import MeshSpec, start_mesh
     spec = MeshSpec(num_prefill=2, num_decode=2, router_port=0, profile="prefix_aware", num_blocks=s.num_blocks,
                     torch_threads=1, max_model_len=4096)
@@ -113,7 +119,8 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
     requests, tokens = scaled_requests(s)
     costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
     predicted = simulate(requests, costs, 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
-    measured = measure_mesh(s, requests, tokens, progress)
+    per_request = measure_mesh(s, requests, tokens, progress)
+    measured = [r["ttft_s"] for r in per_request]
     m50, m90 = percentile(measured, 0.5), percentile(measured, 0.9)
     out = {
         "slice": s._asdict(), "requests": len(requests),
@@ -124,7 +131,37 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
         "predicted_prefix_hit_rate": predicted["prefix_hit_rate"],
         "ttft_p50_prediction_error": round(abs(predicted["ttft_p50_s"] - m50) / m50, 3),
         "ttft_p90_prediction_error": round(abs(predicted["ttft_p90_s"] - m90) / m90, 3),
-        "measured_ttft_s": [round(x, 3) for x in measured],
+        "measured": [{"prompt_tokens": q.prompt_tokens, "arrival_s": round(q.arrival_s, 2)} | r
+                     for q, r in zip(requests, per_request)],
+        "predicted_ttft_s": predicted["ttft_each_s"],
         "load_average_after": round(os.getloadavg()[0], 2),
     }
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    import sys
+
+    from sim.costs import load_costs
+    parser = argparse.ArgumentParser(description="replay a scaled trace slice on the real mesh vs the simulator")
+    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=0.4)
+    parser.add_argument("--costs", default="cpu-local")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    out = validate(load_costs(args.costs), Slice(n=args.n, rate=args.rate),
+                   lambda m: print(f"[sim.validate] {m}", file=sys.stderr, flush=True))
+    for q, p in zip(out["measured"], out["predicted_ttft_s"]):
+        print(f"{q['prompt_tokens']:>5} tokens at {q['arrival_s']:>6.1f} s: measured {q['ttft_s']:6.2f} s "
+              f"(router {q['router_ttft_ms'] / 1000:5.2f}, prefill {q['prefill_ms'] / 1000:5.2f}, pull "
+              f"{q['kv_transfer_ms']:5.0f} ms, {q['decision']}, cached {q['cached_tokens']}) predicted {p:6.2f} s")
+    print({k: v for k, v in out.items() if k not in ("measured", "predicted_ttft_s")})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,8 @@
 
 Costs are powers of two so every time below is exact in floating point."""
 
+import dataclasses
+
 import pytest
 
 from sim.cluster import Cluster
@@ -73,3 +75,18 @@ def test_prefix_aware_reuses_more_than_round_robin():
     _, rr = run_shared("round_robin", 0)
     assert aware["prefix_hit_rate"] > rr["prefix_hit_rate"] + 0.2
     assert aware["ttft_p50_s"] < rr["ttft_p50_s"]
+
+
+def test_prompts_arriving_together_prefill_in_one_step():
+    cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
+    a, b = cluster.run([request(1, 0.0, 128, 2), request(2, 0.0, 64, 2)])
+    assert a.first_token_s == pytest.approx(192 * 2**-10 + 2**-5)  # one step of 192 tokens, then the pull
+    assert b.first_token_s == pytest.approx(192 * 2**-10 + 2 * 2**-5)  # its pull waits for the link
+
+
+def test_long_prompts_are_chunked_at_the_token_budget():
+    costs = dataclasses.replace(FIXED, prefill_chunk_tokens=128)
+    cluster = Cluster(costs, 1, 1, "round_robin", block_size=16)
+    a, b = cluster.run([request(1, 0.0, 256, 2), request(2, 0.0, 64, 2)])
+    assert a.first_token_s == pytest.approx(256 * 2**-10 + 2**-5)  # two full chunks
+    assert b.first_token_s == pytest.approx(320 * 2**-10 + 2**-5)  # admitted once the budget allows
