@@ -84,7 +84,9 @@ def run(cfg: dict, validate: bool) -> dict:
     if validate:
         report["validation"] = _validate(cfg["slice"])
         report["ttft_p50_prediction_error"] = report["validation"]["ttft_p50_prediction_error"]
-        report["ttft_p90_prediction_error"] = report["validation"]["ttft_p90_prediction_error"]
+        for key in ("ttft_p90_prediction_error", "ttft_p50_prediction_error_probe_scaled",
+                    "ttft_p90_prediction_error_probe_scaled", "probe_slowdown"):
+            report[key] = report["validation"][key]
     return report
 
 
@@ -143,8 +145,12 @@ def print_table(report: dict) -> None:
               f"(error {v['ttft_p50_prediction_error']:.0%})")
         print(f"  TTFT p90 measured {v['measured_ttft_p90_s']:.3f} s vs predicted {v['predicted_ttft_p90_s']:.3f} s "
               f"(error {v['ttft_p90_prediction_error']:.0%})")
+        print(f"  probe prefill {v['probe_prefill_s']} s = {v['probe_slowdown']}x the profile; scaled by it: TTFT p50 "
+              f"{v['scaled_ttft_p50_s']:.3f} s (error {v['ttft_p50_prediction_error_probe_scaled']:.0%}), p90 "
+              f"{v['scaled_ttft_p90_s']:.3f} s (error {v['ttft_p90_prediction_error_probe_scaled']:.0%})")
     for key in ("wall_s_full_trace_64w", "reuse_unbounded", "ttft_p50_ratio_prefix_vs_rr", "ttft_p90_ratio_prefix_vs_rr",
-                "goodput_ratio_prefix_vs_rr", "best_split", "ttft_p50_prediction_error"):
+                "goodput_ratio_prefix_vs_rr", "best_split", "ttft_p50_prediction_error",
+                "ttft_p50_prediction_error_probe_scaled", "probe_slowdown"):
         if key in report:
             print(f"{key}: {report[key]}")
 

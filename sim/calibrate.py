@@ -146,7 +146,7 @@ def calibrate(grid: dict, threads: int) -> dict:
             "transfer_latency_s": 0.01, "transfer_bytes_per_s": bandwidth,
             "kv_bytes_per_token": model.kv_bytes_per_token,
             "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": bench.max_num_seqs, "rpc_s": 0.003,
-            "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens,
+            "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens, "attention": "padded",
         },
         "sources": {
             "prefill_*, decode_*": "least-squares fit to the points under measured (sim/calibrate.py)",
@@ -157,6 +157,7 @@ def calibrate(grid: dict, threads: int) -> dict:
             "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
             "max_batch": "the workers' default max_num_seqs",
             "prefill_chunk_tokens": "engine SchedulerConfig.max_num_batched_tokens default",
+            "attention": "engine/model.py pads every sequence of a step to the longest query and context",
             "rpc_s": "assumption: a loopback gRPC hop through the router (README: +2.4 ms for one stream)",
         },
     }

@@ -190,9 +190,8 @@ class PrefillWorker:
         if not chunks:
             self.stepping = False
             return
-        for seq, n in chunks:
-            context = seq[0].cached_tokens + seq[2]
-            step_s += costs.prefill_per_token_s * n + costs.prefill_per_token_ctx_s * n * (context + n / 2)
+        step_s += costs.prefill_per_token_s * sum(n for _, n in chunks)
+        step_s += costs.attention_s([(n, seq[0].cached_tokens + seq[2]) for seq, n in chunks])
         self.stepping = True
         self.busy_s += step_s
         self.cluster.at(self.cluster.now + step_s, self._end_step, chunks)
@@ -309,9 +308,11 @@ class DecodeWorker:
         decode_s = costs.decode_step_s(batch, context) if batch else 0.0
         local = self._admit_local() if batch < costs.max_batch else None
         if local is not None:
-            job = local
-            uncached = job.req.prompt_tokens - job.cached_tokens
-            self._schedule(self.cluster.now, 1, costs.prefill_s(uncached, job.cached_tokens) + decode_s, 0.0, job)
+            uncached = local.req.prompt_tokens - local.cached_tokens
+            # One mixed step: the prompt's tokens plus one token of every running sequence.
+            mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
+            step_s = costs.prefill_base_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
+            self._schedule(self.cluster.now, 1, step_s + decode_s, 0.0, local)
         elif batch:
             steps = min(s[1] for s in self.running)
             self._schedule(self.cluster.now, steps, decode_s, costs.decode_per_ctx_token_s * batch, None)

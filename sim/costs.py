@@ -39,17 +39,30 @@ class CostModel:
     kv_capacity_tokens: int  # per worker
     max_batch: int = 256  # sequences per step
     prefill_chunk_tokens: int = 8192  # prompt tokens computed per step at most (chunked prefill)
+    # How a step of several sequences pays for attention: "varlen" (each sequence its own
+    # n * (c + n/2), as FlashAttention's variable-length kernels do) or "padded" (every sequence
+    # padded to the step's longest query and context, as our CPU engine's batched SDPA does).
+    attention: str = "varlen"
     rpc_s: float = 0.0  # router <-> worker round trip, paid once per RPC on the request's path
 
     def __post_init__(self) -> None:
         if self.transfer_bytes_per_s <= 0 or self.kv_capacity_tokens <= 0 or self.max_batch <= 0:
             raise ValueError(f"{self.name}: transfer bandwidth, KV capacity and max_batch must be positive")
+        if self.attention not in ("varlen", "padded"):
+            raise ValueError(f"{self.name}: attention must be 'varlen' or 'padded', got {self.attention!r}")
         if min(self.prefill_per_token_s, self.decode_base_s) <= 0:
             raise ValueError(f"{self.name}: prefill_per_token_s and decode_base_s must be positive")
 
     def prefill_s(self, uncached: int, cached: int = 0) -> float:
         return self.prefill_base_s + self.prefill_per_token_s * uncached + \
             self.prefill_per_token_ctx_s * uncached * (cached + uncached / 2)
+
+    def attention_s(self, chunks: list[tuple[int, int]]) -> float:
+        """The attention term of one step over (new tokens, context before them) per sequence."""
+        if self.attention == "padded" and len(chunks) > 1:
+            longest = max(n for n, _ in chunks)
+            return self.prefill_per_token_ctx_s * len(chunks) * longest * (max(c for _, c in chunks) + longest / 2)
+        return self.prefill_per_token_ctx_s * sum(n * (c + n / 2) for n, c in chunks)
 
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
         return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * context_tokens
@@ -99,5 +112,6 @@ def load_costs(name_or_path: str) -> CostModel:
         raise ValueError(f"unknown cost profile {name_or_path!r}; known: {', '.join(known)} (or a YAML path)")
     spec = yaml.safe_load(path.read_text())
     coefficients = derive(spec["derive"]) if "derive" in spec else dict(spec["coefficients"])
-    coefficients = {k: (int(v) if k in _INTS else float(v)) for k, v in coefficients.items()}
+    coefficients = {k: (v if k == "attention" else int(v) if k in _INTS else float(v))
+                    for k, v in coefficients.items()}
     return CostModel(name=spec.get("name", path.stem), **coefficients)

@@ -10,7 +10,8 @@ shared prefixes are real shared prefixes for the engine's prefix cache. Arrivals
 order and relative spacing, rescaled so the slice arrives at `rate` requests per second (open loop).
 TTFT is measured by the client from each request's scheduled arrival. The simulator runs the same
 requests (block hashes from engine/hashing.py over the same tokens) on 2 prefill + 2 decode
-workers with the worker's KV size and the cpu-local cost profile.
+workers with the worker's KV size and the cpu-local cost profile — as calibrated, and scaled by
+the slowdown of a 512-token probe prompt timed alone on the live mesh before the replay.
 """
 
 import asyncio
@@ -66,20 +67,26 @@ def scaled_requests(s: Slice) -> tuple[list[Request], dict[str, list[int]]]:
     return [r._replace(arrival_s=(r.arrival_s - t0) * stretch) for r in picked], tokens
 
 
-async def _replay(address: str, requests: list[Request], tokens: dict) -> list[float]:
+PROBE_TOKENS = 512
+
+
+async def _replay(address: str, requests: list[Request], tokens: dict) -> tuple[list[dict], list[float]]:
+    """Warm-up, then two probe prompts alone (their prefill time on the live mesh), then the slice."""
     import grpc
 
     from pdmesh.v1 import router_pb2_grpc
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        rng = random.Random(-1)  # warm-up prompts share nothing with the slice
+        rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
+        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
         for _ in range(2):
-            await asyncio.gather(*(_first_token(stub, [rng.randrange(1000, 200_000) for _ in range(160)], 2, 0.0)
-                                   for _ in range(2)))
+            await asyncio.gather(*(_first_token(stub, draw(160), 2, 0.0) for _ in range(2)))
+        probes = [(await _first_token(stub, draw(PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
         await asyncio.sleep(1.0)
         t0 = time.perf_counter() + 0.5
-        return list(await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens, t0 + r.arrival_s)
-                                           for r in requests)))
+        measured = await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens, t0 + r.arrival_s)
+                                          for r in requests))
+        return list(measured), probes
 
 
 async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict:
@@ -101,7 +108,7 @@ async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict
             "cached_tokens": last.usage.cached_prompt_tokens}
 
 
-def measure_mesh(s: Slice, requests: list[Request], tokens: dict, progress) -> list[dict]:
+def measure_mesh(s: Slice, requests: list[Request], tokens: dict, progress) -> tuple[list[dict], list[float]]:
     from pdmesh.launcher import MeshSpec, start_mesh
     spec = MeshSpec(num_prefill=2, num_decode=2, router_port=0, profile="prefix_aware", num_blocks=s.num_blocks,
                     torch_threads=1, max_model_len=4096)
@@ -115,29 +122,45 @@ def measure_mesh(s: Slice, requests: list[Request], tokens: dict, progress) -> l
         mesh.stop()
 
 
+def slowed(costs: CostModel, factor: float) -> CostModel:
+    """The profile with every compute time multiplied by factor (transfers and RPCs unchanged)."""
+    return dataclasses.replace(costs, **{k: getattr(costs, k) * factor for k in (
+        "prefill_base_s", "prefill_per_token_s", "prefill_per_token_ctx_s",
+        "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s")})
+
+
 def validate(costs: CostModel, s: Slice, progress) -> dict:
+    """Measures the slice on the real mesh and predicts it twice: with the calibrated profile as
+    is, and with its compute times scaled by the slowdown of a probe prompt measured on the live
+    mesh just before the replay (on a shared machine the mesh's processes get less CPU than the
+    calibration did; the probe measures how much less, not the slice itself)."""
     requests, tokens = scaled_requests(s)
     costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
-    predicted = simulate(requests, costs, 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
-    per_request = measure_mesh(s, requests, tokens, progress)
+    per_request, probes = measure_mesh(s, requests, tokens, progress)
     measured = [r["ttft_s"] for r in per_request]
+    slowdown = min(probes) / costs.prefill_s(PROBE_TOKENS)
+    predicted = simulate(requests, costs, 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
+    scaled = simulate(requests, slowed(costs, slowdown), 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
     m50, m90 = percentile(measured, 0.5), percentile(measured, 0.9)
-    out = {
+    err = lambda p, m: round(abs(p - m) / m, 3)
+    return {
         "slice": s._asdict(), "requests": len(requests),
         "prompt_tokens_mean": round(sum(r.prompt_tokens for r in requests) / len(requests), 1),
         "output_tokens_mean": round(sum(r.output_tokens for r in requests) / len(requests), 1),
         "measured_ttft_p50_s": round(m50, 3), "measured_ttft_p90_s": round(m90, 3),
         "predicted_ttft_p50_s": predicted["ttft_p50_s"], "predicted_ttft_p90_s": predicted["ttft_p90_s"],
+        "ttft_p50_prediction_error": err(predicted["ttft_p50_s"], m50),
+        "ttft_p90_prediction_error": err(predicted["ttft_p90_s"], m90),
+        "probe_prefill_s": [round(p, 3) for p in probes], "probe_slowdown": round(slowdown, 2),
+        "scaled_ttft_p50_s": scaled["ttft_p50_s"], "scaled_ttft_p90_s": scaled["ttft_p90_s"],
+        "ttft_p50_prediction_error_probe_scaled": err(scaled["ttft_p50_s"], m50),
+        "ttft_p90_prediction_error_probe_scaled": err(scaled["ttft_p90_s"], m90),
         "predicted_prefix_hit_rate": predicted["prefix_hit_rate"],
-        "ttft_p50_prediction_error": round(abs(predicted["ttft_p50_s"] - m50) / m50, 3),
-        "ttft_p90_prediction_error": round(abs(predicted["ttft_p90_s"] - m90) / m90, 3),
         "measured": [{"prompt_tokens": q.prompt_tokens, "arrival_s": round(q.arrival_s, 2)} | r
                      for q, r in zip(requests, per_request)],
-        "predicted_ttft_s": predicted["ttft_each_s"],
+        "predicted_ttft_s": predicted["ttft_each_s"], "scaled_ttft_s": scaled["ttft_each_s"],
         "load_average_after": round(os.getloadavg()[0], 2),
     }
-    return out
-
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
@@ -153,11 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = validate(load_costs(args.costs), Slice(n=args.n, rate=args.rate),
                    lambda m: print(f"[sim.validate] {m}", file=sys.stderr, flush=True))
-    for q, p in zip(out["measured"], out["predicted_ttft_s"]):
+    for q, p, sc in zip(out["measured"], out["predicted_ttft_s"], out["scaled_ttft_s"]):
         print(f"{q['prompt_tokens']:>5} tokens at {q['arrival_s']:>6.1f} s: measured {q['ttft_s']:6.2f} s "
               f"(router {q['router_ttft_ms'] / 1000:5.2f}, prefill {q['prefill_ms'] / 1000:5.2f}, pull "
-              f"{q['kv_transfer_ms']:5.0f} ms, {q['decision']}, cached {q['cached_tokens']}) predicted {p:6.2f} s")
-    print({k: v for k, v in out.items() if k not in ("measured", "predicted_ttft_s")})
+              f"{q['kv_transfer_ms']:5.0f} ms, {q['decision']}, cached {q['cached_tokens']}) predicted {p:6.2f} s, "
+              f"probe-scaled {sc:6.2f} s")
+    print({k: v for k, v in out.items() if k not in ("measured", "predicted_ttft_s", "scaled_ttft_s")})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

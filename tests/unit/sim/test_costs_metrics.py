@@ -1,5 +1,7 @@
 """Cost profiles (derived from published figures, or fitted) and the metrics."""
 
+import dataclasses
+
 import pytest
 
 from sim.calibrate import fit
@@ -33,3 +35,15 @@ def test_percentile_interpolates_between_ranks():
     assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
     assert percentile([7.0], 0.99) == 7.0
+
+
+def test_padded_attention_pays_for_the_longest_sequence_in_a_step():
+    varlen = load_costs("h100-llama3-8b")
+    padded = dataclasses.replace(varlen, attention="padded")
+    chunks = [(100, 0), (900, 0)]
+    k = varlen.prefill_per_token_ctx_s
+    assert varlen.attention_s(chunks) == pytest.approx(k * (100 * 50 + 900 * 450))
+    assert padded.attention_s(chunks) == pytest.approx(k * 2 * 900 * 450)
+    assert padded.attention_s([(900, 100)]) == varlen.attention_s([(900, 100)])  # one sequence: no padding
+    with pytest.raises(ValueError):
+        dataclasses.replace(varlen, attention="dense")
