@@ -166,10 +166,10 @@ def plot(report: dict, path: str) -> None:
         lines.setdefault((r["profile"], r["prefill"], r["decode"]), []).append(r)
     for (profile, p, d), rows in lines.items():
         rows.sort(key=lambda r: r["rate_scale"])
-        left.plot([r["goodput_rps"] for r in rows], [r["ttft_p90_s"] for r in rows], marker="o",
+        left.plot([r["offered_rate"] for r in rows], [r["ttft_p90_s"] for r in rows], marker="o",
                   linestyle="--" if profile == "round_robin" else "-", label=f"{profile} {p}P:{d}D")
     left.set_yscale("log")
-    left.set_xlabel("goodput (req/s meeting the SLO)")
+    left.set_xlabel("offered load (req/s; trace rate x 4 ... x 24)")
     left.set_ylabel("TTFT p90 (s)")
     left.set_title("latency/throughput frontier: request rate swept")
     left.grid(True, which="both", alpha=0.3)
