@@ -1,0 +1,187 @@
+"""Measures our engine on this machine and writes a cost profile for the simulator.
+
+    python -m sim.calibrate --out sim/profiles/cpu-local.yaml [--quick] [--threads 1]
+
+What it times, on the real Gemma-3-270M through LLMEngine (the engine the workers run), with the
+workers' thread count (the mesh benchmarks run one torch thread per worker):
+  - prefill: wall time of a prompt of u new tokens after c tokens already in the prefix cache
+    (max_tokens=1, so the time covers exactly the prefill and its first token);
+  - decode: the median step time of B sequences of c context tokens each, once all of them decode;
+  - KV transfer: bytes per token from the model shape, and a single-threaded copy of a
+    2,048-token KV run (72 MiB) as the bandwidth; per-transfer latency is an assumption (below).
+Then fits the affine models of sim/costs.py by least squares (a coefficient that would come out
+negative is dropped and the rest refitted) and writes the YAML with the raw points and the fit.
+Run it on a quiet machine: other processes on the cores inflate every number.
+"""
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import yaml
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+BLOCK_SIZE = 16
+FULL = {"prefill": [(u, c) for c in (0, 512, 1024) for u in (32, 128, 512, 1024, 2048)],
+        "decode": [(b, c) for b in (1, 4, 8, 16) for c in (128, 512, 1024)], "repeats": 2}
+QUICK = {"prefill": [(u, c) for c in (0, 1024) for u in (64, 512, 1536)],
+         "decode": [(b, c) for b in (1, 8, 16) for c in (128, 1024)], "repeats": 1}
+
+
+def progress(message: str) -> None:
+    print(f"[sim.calibrate {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, num_blocks: int = 2048):
+        # torch is imported only where timing needs it (fit() is tested without it)
+        from engine.llm_engine import LLMEngine
+        from engine.sampling import SamplingParams
+        from engine.weights import load_model
+        config = EngineConfig(ModelConfig(), CacheConfig(BLOCK_SIZE, num_blocks),
+                              SchedulerConfig(max_num_seqs=16, max_model_len=8192))
+        self.engine = LLMEngine(config, load_model(config.model))
+        self.max_num_seqs = config.scheduler.max_num_seqs
+        self._greedy = SamplingParams(temperature=0.0)
+        self._rng = random.Random(0)
+        self._ids = 0
+
+    def _prompt(self, n: int) -> list[int]:
+        return [self._rng.randrange(1000, 200_000) for _ in range(n)]
+
+    def _run(self, prompts: list[list[int]], max_tokens: int) -> list[float]:
+        """Runs the prompts together; returns the wall time of every step."""
+        for p in prompts:
+            self._ids += 1
+            self.engine.add_request(f"c{self._ids}", p, self._greedy, max_tokens, ignore_eos=True)
+        steps = []
+        while self.engine.has_unfinished():
+            start = time.perf_counter()
+            self.engine.step()
+            steps.append(time.perf_counter() - start)
+        return steps
+
+    def prefill_s(self, uncached: int, cached: int) -> float:
+        prefix = self._prompt(cached)
+        if cached:
+            self._run([prefix + self._prompt(BLOCK_SIZE)], 1)  # puts the prefix in the cache
+        return sum(self._run([prefix + self._prompt(uncached)], 1))
+
+    def decode_step_s(self, batch: int, context: int, steps: int = 8) -> float:
+        timings = self._run([self._prompt(context) for _ in range(batch)], steps + 1)
+        return statistics.median(timings[-steps:])  # the last steps are pure decode
+
+
+def fit(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Least squares on relative error (every point counts alike, short prompts as much as long
+    ones), coefficients kept non-negative (drop the most negative one and refit)."""
+    y = np.array(y, dtype=float)
+    x = np.array(rows, dtype=float) / y[:, None]
+    ones = np.ones_like(y)
+    keep = list(range(x.shape[1]))
+    while True:
+        coef = np.linalg.lstsq(x[:, keep], ones, rcond=None)[0]
+        if (coef >= 0).all() or len(keep) == 1:
+            out = [0.0] * x.shape[1]
+            for i, c in zip(keep, coef):
+                out[i] = max(0.0, float(c))
+            return out
+        keep.pop(int(np.argmin(coef)))
+
+
+def fit_coefficients(prefill: list[dict], decode: list[dict]) -> dict:
+    p = fit([[1, r["uncached"], r["uncached"] * (r["cached"] + r["uncached"] / 2)] for r in prefill],
+            [r["seconds"] for r in prefill])
+    d = fit([[1, r["batch"], r["batch"] * r["context_per_seq"]] for r in decode], [r["seconds"] for r in decode])
+    return {"prefill_base_s": p[0], "prefill_per_token_s": p[1], "prefill_per_token_ctx_s": p[2],
+            "decode_base_s": d[0], "decode_per_seq_s": d[1], "decode_per_ctx_token_s": d[2]}
+
+
+def copy_bytes_per_s(tokens: int = 2048, repeats: int = 5) -> float:
+    import torch
+    nbytes = tokens * ModelConfig().kv_bytes_per_token
+    src, dst = torch.rand(nbytes // 4), torch.empty(nbytes // 4)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def calibrate(grid: dict, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    progress(f"loading the model ({threads} torch thread(s), load average {os.getloadavg()[0]:.1f})")
+    bench = Bench()
+    bench.prefill_s(64, 0)
+    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    prefill, decode = [], []
+    for u, c in grid["prefill"]:
+        s = min(bench.prefill_s(u, c) for _ in range(grid["repeats"]))
+        prefill.append({"uncached": u, "cached": c, "seconds": round(s, 5)})
+        progress(f"prefill u={u} c={c}: {s * 1000:.1f} ms")
+    for b, c in grid["decode"]:
+        s = min(bench.decode_step_s(b, c) for _ in range(grid["repeats"]))
+        decode.append({"batch": b, "context_per_seq": c, "seconds": round(s, 5)})
+        progress(f"decode B={b} context={c}: {s * 1000:.1f} ms/step")
+    bandwidth = copy_bytes_per_s()
+    progress(f"KV copy bandwidth: {bandwidth / 1e9:.2f} GB/s")
+    model = ModelConfig()
+    return {
+        "name": "cpu-local",
+        "measured": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": threads,
+                     "cpu_count": os.cpu_count(), "load_average_at_end": round(os.getloadavg()[0], 2),
+                     "model": model.name, "prefill": prefill, "decode": decode,
+                     "kv_copy_bytes_per_s": round(bandwidth)},
+        "coefficients": {
+            **fit_coefficients(prefill, decode),
+            "transfer_latency_s": 0.01, "transfer_bytes_per_s": bandwidth,
+            "kv_bytes_per_token": model.kv_bytes_per_token,
+            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": bench.max_num_seqs, "rpc_s": 0.003,
+            "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens, "attention": "padded",
+        },
+        "sources": {
+            "prefill_*, decode_*": "least-squares fit to the points under measured (sim/calibrate.py)",
+            "transfer_bytes_per_s": "single-threaded copy of a 2,048-token KV run measured here",
+            "transfer_latency_s": "assumption: lend + NIXL handshake + checksum verify + release per handoff "
+                                  "(bench.kv_transfer's 2,048-token handoff is ~20 ms on this host)",
+            "kv_bytes_per_token": "engine/config.py ModelConfig.kv_bytes_per_token (float32 KV)",
+            "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
+            "max_batch": "the workers' default max_num_seqs",
+            "prefill_chunk_tokens": "engine SchedulerConfig.max_num_batched_tokens default",
+            "attention": "engine/model.py pads every sequence of a step to the longest query and context",
+            "rpc_s": "assumption: a loopback gRPC hop through the router (README: +2.4 ms for one stream)",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="measure the engine here and write a simulator cost profile")
+    parser.add_argument("--out", default="sim/profiles/cpu-local.yaml")
+    parser.add_argument("--quick", action="store_true", help="fewer points (~2 min)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, as each mesh worker uses")
+    parser.add_argument("--refit", help="refit the points measured in this profile YAML (no measuring)")
+    args = parser.parse_args(argv)
+    if args.refit:
+        with open(args.refit) as f:
+            profile = yaml.safe_load(f)
+        profile["coefficients"] |= fit_coefficients(profile["measured"]["prefill"], profile["measured"]["decode"])
+    else:
+        profile = calibrate(QUICK if args.quick else FULL, args.threads)
+    header = ("# Calibrated on this machine by `python -m sim.calibrate`; re-run it on a quiet machine.\n"
+              "# coefficients: the fit (sim/costs.py); measured: the raw points it was fitted to.\n")
+    with open(args.out, "w") as f:
+        f.write(header + yaml.safe_dump(profile, sort_keys=False))
+    progress(f"wrote {args.out}: {profile['coefficients']}")
+
+
+if __name__ == "__main__":
+    main()

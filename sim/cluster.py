@@ -1,0 +1,382 @@
+"""The discrete-event cluster: P prefill and D decode workers behind the simulated router.
+
+One request's path, as in the mesh (services/router/request_flow.py): arrival -> placement (the
+router's plugins) -> either remote prefill (prefill worker FIFO; prefix hits from its KV cache;
+then the decode worker reserves KV blocks, pulls the prompt's KV over its inbound link, releases
+the prefill worker's lease, and the first token goes out) or local prefill on the decode worker
+(one mixed step: the prompt plus one decode token for every running sequence; the first token at
+its end) -> continuous-batching decode until output_tokens are out.
+
+Invariant: sim time only moves forward through the event heap; every worker change that the
+router could see (KV events, load) happens inside an event at the current time.
+
+Decode steps are not simulated one by one: while a decode worker's batch does not change, its
+steps are identical but for the context growing by the batch size each step, so a run of n steps
+is one event (time from a closed form). A sequence joining mid-run cuts the run at the end of the
+step in progress, where the real engine would admit it. Prefill workers run chunked prefill
+steps like the engine's scheduler (PrefillWorker). Modelling choices, stated: a decode worker reserves KV for the whole output when it admits a sequence (no
+preemption); transfers into one decode worker share its link one at a time.
+"""
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.router.placement.base import LoadView
+from sim.costs import CostModel
+from sim.kv_cache import KvCache
+from sim.router import SimRouter, TraceRequest, seeded_profile
+from sim.trace import Request
+
+
+@dataclass
+class Job:
+    """One request's life in the cluster (times in sim seconds)."""
+
+    req: Request
+    decode_id: str = ""
+    prefill_id: str = ""  # "" when prefilled on the decode worker
+    cached_tokens: int = 0  # prompt tokens found in the prefilling worker's cache
+    first_token_s: float | None = None
+    end_s: float | None = None
+    rejected: str = ""  # why it could not be served
+    held: dict = field(default_factory=dict)  # worker id -> (hashed blocks, unhashed count)
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class Cluster:
+    def __init__(self, costs: CostModel, num_prefill: int, num_decode: int, profile: str = "prefix_aware",
+                 block_size: int = 512, seed: int = 0, report_interval_s: float = 0.2):
+        if num_decode < 1 or num_prefill < 0:
+            raise ValueError("need at least one decode worker and a non-negative number of prefill workers")
+        self.costs, self.block_size, self.now = costs, block_size, 0.0
+        self._heap: list = []
+        self._seq = 0
+        capacity = costs.kv_capacity_blocks(block_size)
+        self.prefill = {f"prefill-{i}": PrefillWorker(f"prefill-{i}", self, capacity) for i in range(num_prefill)}
+        self.decode = {f"decode-{i}": DecodeWorker(f"decode-{i}", self, capacity) for i in range(num_decode)}
+        roles = {**dict.fromkeys(self.prefill, "prefill"), **dict.fromkeys(self.decode, "decode")}
+        self.router = SimRouter(seeded_profile(profile, seed), roles, self._load_of, lambda: self.now,
+                                report_interval_s)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def at(self, t: float, fn, *args) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+
+    def run(self, requests: list[Request], progress=None) -> list[Job]:
+        """Simulates every request to completion; progress(n) is called as arrivals are placed."""
+        jobs = [Job(r) for r in requests]
+        arrivals = iter(sorted(jobs, key=lambda j: j.req.arrival_s))
+        nxt = next(arrivals, None)
+        heap = self._heap
+        while nxt is not None or heap:
+            if nxt is not None and (not heap or nxt.req.arrival_s <= heap[0][0]):
+                self.now = nxt.req.arrival_s
+                self._arrive(nxt)
+                if progress:
+                    progress(1)
+                nxt = next(arrivals, None)
+                continue
+            t, _, fn, args = heapq.heappop(heap)
+            self.now = t
+            fn(*args)
+        return jobs
+
+    # -- the router's side ------------------------------------------------------------------------
+
+    def _arrive(self, job: Job) -> None:
+        r = job.req
+        if _blocks(r.prompt_tokens + r.output_tokens, self.block_size) > self.costs.kv_capacity_blocks(self.block_size):
+            job.rejected = "prompt + output exceed one worker's KV cache"
+            return
+        placement = self.router.place(TraceRequest(r.request_id, r.block_hashes, r.prompt_tokens, r.block_size))
+        job.decode_id = placement.decode.worker.worker_id
+        self.router.track(job.decode_id, 0)
+        rpc = self.costs.rpc_s
+        if placement.prefill is None:
+            self.at(self.now + rpc, self.decode[job.decode_id].submit_local, job)
+            return
+        job.prefill_id = placement.prefill.worker.worker_id
+        self.router.track(job.prefill_id, r.prompt_tokens)
+        self.at(self.now + rpc, self.prefill[job.prefill_id].submit, job)
+
+    def prefilled(self, job: Job) -> None:
+        """The prefill RPC returned: the router calls the decode worker with the KV handle."""
+        self.router.track(job.prefill_id, job.req.prompt_tokens, -1)
+        self.at(self.now + self.costs.rpc_s, self.decode[job.decode_id].submit_import, job)
+
+    def finished(self, job: Job) -> None:
+        job.end_s = self.now
+        self.router.track(job.decode_id, 0, -1)
+
+    def _load_of(self, worker_id: str) -> LoadView:
+        worker = self.prefill.get(worker_id) or self.decode[worker_id]
+        return worker.load()
+
+    def on_kv_event(self, worker_id: str, kind: str, hashes: list[int]) -> None:
+        self.router.on_kv_event(worker_id, kind, hashes)
+
+
+class PrefillWorker:
+    """Chunked prefill as the engine schedules it: each step computes up to prefill_chunk_tokens
+    prompt tokens, prompts already started first (in arrival order), then waiting ones admitted
+    while there is budget, a slot (max_batch) and KV room; a prompt's first token comes at the end
+    of the step that computes its last chunk. Its blocks stay leased until the decode worker has
+    pulled them."""
+
+    def __init__(self, worker_id: str, cluster: Cluster, capacity_blocks: int):
+        self.id, self.cluster, self.costs = worker_id, cluster, cluster.costs
+        self.cache = KvCache(capacity_blocks, lambda kind, hashes: cluster.on_kv_event(worker_id, kind, hashes))
+        self.waiting: deque[Job] = deque()
+        self.running: list[list] = []  # [job, uncached tokens, tokens computed so far]
+        self.stepping = False
+        self.busy_s = 0.0
+        self._queued_tokens = 0
+
+    def load(self) -> LoadView:
+        return LoadView(len(self.waiting), len(self.running), self.cache.used_blocks, self.cache.capacity,
+                        self._queued_tokens)
+
+    def submit(self, job: Job) -> None:
+        self.waiting.append(job)
+        self._queued_tokens += job.req.prompt_tokens
+        self._kick()
+
+    def release(self, job: Job) -> None:
+        """The decode worker pulled the KV: the lease ends, the blocks stay cached (evictable)."""
+        self.cache.release(*job.held.pop(self.id))
+        self._kick()
+
+    def _kick(self) -> None:
+        """Starts a step at the end of this instant, so prompts arriving together share it."""
+        if not self.stepping:
+            self.stepping = True
+            self.cluster.at(self.cluster.now, self._step)
+
+    def _admit(self) -> list | None:
+        job, bs = self.waiting[0], self.cluster.block_size
+        n = job.req.prompt_tokens
+        hits = self.cache.match(job.req.block_hashes, (n - 1) // bs)
+        hashes = job.req.block_hashes[:hits]
+        new = _blocks(n, bs) - hits
+        if not self.cache.can_acquire(hashes, new):
+            return None  # every block is leased out; a release restarts this
+        self.waiting.popleft()
+        self.cache.acquire(hashes, new)
+        job.cached_tokens = hits * bs
+        job.held[self.id] = (list(hashes), new)
+        seq = [job, n - job.cached_tokens, 0]
+        self.running.append(seq)
+        return seq
+
+    def _step(self) -> None:
+        costs, budget, chunks = self.costs, self.costs.prefill_chunk_tokens, []
+        step_s = costs.prefill_base_s
+        for seq in self.running:
+            if budget <= 0:
+                break
+            budget -= self._chunk(seq, budget, chunks)
+        while self.waiting and budget > 0 and len(self.running) < costs.max_batch:
+            seq = self._admit()
+            if seq is None:
+                break
+            budget -= self._chunk(seq, budget, chunks)
+        if not chunks:
+            self.stepping = False
+            return
+        step_s += costs.prefill_per_token_s * sum(n for _, n in chunks)
+        step_s += costs.attention_s([(n, seq[0].cached_tokens + seq[2]) for seq, n in chunks])
+        self.stepping = True
+        self.busy_s += step_s
+        self.cluster.at(self.cluster.now + step_s, self._end_step, chunks)
+
+    @staticmethod
+    def _chunk(seq: list, budget: int, chunks: list) -> int:
+        n = min(seq[1] - seq[2], budget)
+        chunks.append((seq, n))
+        return n
+
+    def _end_step(self, chunks) -> None:
+        for seq, n in chunks:
+            seq[2] += n
+            if seq[2] >= seq[1]:
+                self.running.remove(seq)
+                self._done(seq[0])
+        self._step()
+
+    def _done(self, job: Job) -> None:
+        hashed, unhashed = job.held[self.id]
+        stored = self.cache.store(job.req.block_hashes[len(hashed):])
+        job.held[self.id] = (hashed + stored, unhashed - len(stored))
+        self._queued_tokens -= job.req.prompt_tokens
+        self.cluster.prefilled(job)
+
+
+class DecodeWorker:
+    """Continuous batching: runs of identical steps, cut when the batch changes."""
+
+    def __init__(self, worker_id: str, cluster: Cluster, capacity_blocks: int):
+        self.id, self.cluster, self.costs = worker_id, cluster, cluster.costs
+        self.cache = KvCache(capacity_blocks, lambda kind, hashes: cluster.on_kv_event(worker_id, kind, hashes))
+        self.imports: deque[Job] = deque()  # waiting for KV room to pull into
+        self.local: deque[Job] = deque()  # to prefill here
+        self.joining: deque[list] = deque()  # [job, tokens left, context] ready to join the batch
+        self.running: list[list] = []
+        self.link_free_s = 0.0
+        self.busy_s = 0.0
+        self._run = None  # (start, steps planned, first step s, growth per step s, local job or None)
+        self._version = 0
+
+    def load(self) -> LoadView:
+        queued = sum(j.req.prompt_tokens for j in self.local)
+        return LoadView(len(self.local) + len(self.joining), len(self.running), self.cache.used_blocks,
+                        self.cache.capacity, queued)
+
+    # -- arrivals ---------------------------------------------------------------------------------
+
+    def submit_import(self, job: Job) -> None:
+        self.imports.append(job)
+        self._reserve_imports()
+
+    def submit_local(self, job: Job) -> None:
+        self.local.append(job)
+        self._wake()
+
+    def _reserve_imports(self) -> None:
+        bs, now = self.cluster.block_size, self.cluster.now
+        while self.imports:
+            job = self.imports[0]
+            need = _blocks(job.req.prompt_tokens + job.req.output_tokens, bs)
+            if not self.cache.can_acquire((), need):
+                return
+            self.imports.popleft()
+            self.cache.acquire((), need)
+            job.held[self.id] = ([], need)
+            start = max(now, self.link_free_s)
+            self.link_free_s = start + self.costs.transfer_s(job.req.prompt_tokens)
+            self.cluster.at(self.link_free_s, self._imported, job)
+
+    def _imported(self, job: Job) -> None:
+        self.cluster.prefill[job.prefill_id].release(job)
+        stored = self.cache.store(job.req.block_hashes)
+        self.cache_held(job, stored)
+        job.first_token_s = self.cluster.now
+        self._first_token_out(job)
+
+    def cache_held(self, job: Job, stored: list[int]) -> None:
+        hashed, unhashed = job.held[self.id]
+        job.held[self.id] = (hashed + stored, unhashed - len(stored))
+
+    def _first_token_out(self, job: Job) -> None:
+        if job.req.output_tokens <= 1:
+            self._finish(job)
+        else:
+            self.joining.append([job, job.req.output_tokens - 1, job.req.prompt_tokens + 1])
+        self._wake()
+
+    def _finish(self, job: Job) -> None:
+        self.cache.release(*job.held.pop(self.id))
+        self.cluster.finished(job)
+        self._reserve_imports()
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Something can join: start stepping if idle, else end the current run after its step."""
+        if self._run is None:
+            self._next_run()
+            return
+        start, steps, first, growth, local = self._run
+        if local is not None or steps <= 1:
+            return
+        done = _steps_within(self.cluster.now - start, first, growth)
+        if done + 1 < steps:
+            self._schedule(start, done + 1, first, growth, None)
+
+    def _next_run(self) -> None:
+        costs = self.costs
+        while self.joining and len(self.running) < costs.max_batch:
+            self.running.append(self.joining.popleft())
+        batch = len(self.running)
+        context = sum(s[2] for s in self.running)
+        decode_s = costs.decode_step_s(batch, context) if batch else 0.0
+        local = self._admit_local() if batch < costs.max_batch else None
+        if local is not None:
+            uncached = local.req.prompt_tokens - local.cached_tokens
+            # One mixed step: the prompt's tokens plus one token of every running sequence.
+            mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
+            step_s = costs.prefill_base_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
+            self._schedule(self.cluster.now, 1, step_s + decode_s, 0.0, local)
+        elif batch:
+            steps = min(s[1] for s in self.running)
+            self._schedule(self.cluster.now, steps, decode_s, costs.decode_per_ctx_token_s * batch, None)
+        else:
+            self._run = None
+
+    def _admit_local(self) -> Job | None:
+        if not self.local:
+            return None
+        job, bs = self.local[0], self.cluster.block_size
+        n = job.req.prompt_tokens
+        hits = self.cache.match(job.req.block_hashes, (n - 1) // bs)
+        hashes = job.req.block_hashes[:hits]
+        new = _blocks(n + job.req.output_tokens, bs) - hits
+        if not self.cache.can_acquire(hashes, new):
+            return None
+        self.local.popleft()
+        self.cache.acquire(hashes, new)
+        job.cached_tokens = hits * bs
+        job.held[self.id] = (list(hashes), new)
+        return job
+
+    def _schedule(self, start: float, steps: int, first: float, growth: float, local: Job | None) -> None:
+        self._version += 1
+        self._run = (start, steps, first, growth, local)
+        self.cluster.at(start + _run_s(steps, first, growth), self._end_run, self._version)
+
+    def _end_run(self, version: int) -> None:
+        if version != self._version:
+            return  # superseded: the run was cut short
+        start, steps, _, _, local = self._run
+        self.busy_s += self.cluster.now - start
+        still = []
+        for s in self.running:
+            s[1] -= steps
+            s[2] += steps
+            if s[1] > 0:
+                still.append(s)
+            else:
+                self._finish(s[0])
+        self.running = still
+        if local is not None:
+            hits = local.cached_tokens // self.cluster.block_size
+            self.cache_held(local, self.cache.store(local.req.block_hashes[hits:]))
+            local.first_token_s = self.cluster.now
+            self._run = None
+            self._first_token_out(local)  # wakes: starts the next run
+            return
+        self._next_run()
+
+
+def _run_s(steps: int, first: float, growth: float) -> float:
+    """Time of `steps` decode steps, the k-th (0-based) costing first + k * growth."""
+    return steps * first + growth * steps * (steps - 1) / 2
+
+
+def _steps_within(elapsed: float, first: float, growth: float) -> int:
+    """Whole steps finished within elapsed seconds of a run's start."""
+    if growth <= 0:
+        return int(elapsed // first)
+    a, b = growth / 2, first - growth / 2
+    k = int((-b + math.sqrt(b * b + 4 * a * elapsed)) / (2 * a))
+    while k > 0 and _run_s(k, first, growth) > elapsed:
+        k -= 1
+    while _run_s(k + 1, first, growth) <= elapsed:
+        k += 1
+    return k

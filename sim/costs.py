@@ -1,0 +1,117 @@
+"""The cost model of one hardware profile: how long prefill, a decode step and a KV transfer take.
+
+    prefill_s(uncached u, cached c) = prefill_base_s + prefill_per_token_s * u
+                                      + prefill_per_token_ctx_s * u * (c + u / 2)
+    decode_step_s(batch B, context C) = decode_base_s + decode_per_seq_s * B + decode_per_ctx_token_s * C
+    transfer_s(bytes) = transfer_latency_s + bytes / transfer_bytes_per_s
+
+The quadratic prefill term is attention: new token i attends to c + i earlier tokens, so u new
+tokens after c cached ones cost u * (c + u/2) token-pairs. C in decode is the batch's total
+context (the KV a step reads).
+
+A profile YAML (sim/profiles/NAME.yaml) gives the coefficients directly (`coefficients:`, e.g.
+fitted by sim.calibrate from measurements) or the published figures they follow from (`derive:`
+hardware FLOPs and bandwidth, model size and shape, assumed efficiencies; each with its source),
+plus the worker's KV capacity and batch limit.
+"""
+
+import pathlib
+from dataclasses import dataclass
+
+import yaml
+
+PROFILES_DIR = pathlib.Path(__file__).parent / "profiles"
+_INTS = ("kv_bytes_per_token", "kv_capacity_tokens", "max_batch", "prefill_chunk_tokens")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    name: str
+    prefill_base_s: float
+    prefill_per_token_s: float
+    prefill_per_token_ctx_s: float
+    decode_base_s: float
+    decode_per_seq_s: float
+    decode_per_ctx_token_s: float
+    transfer_latency_s: float
+    transfer_bytes_per_s: float
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int  # per worker
+    max_batch: int = 256  # sequences per step
+    prefill_chunk_tokens: int = 8192  # prompt tokens computed per step at most (chunked prefill)
+    # How a step of several sequences pays for attention: "varlen" (each sequence its own
+    # n * (c + n/2), as FlashAttention's variable-length kernels do) or "padded" (every sequence
+    # padded to the step's longest query and context, as our CPU engine's batched SDPA does).
+    attention: str = "varlen"
+    rpc_s: float = 0.0  # router <-> worker round trip, paid once per RPC on the request's path
+
+    def __post_init__(self) -> None:
+        if self.transfer_bytes_per_s <= 0 or self.kv_capacity_tokens <= 0 or self.max_batch <= 0:
+            raise ValueError(f"{self.name}: transfer bandwidth, KV capacity and max_batch must be positive")
+        if self.attention not in ("varlen", "padded"):
+            raise ValueError(f"{self.name}: attention must be 'varlen' or 'padded', got {self.attention!r}")
+        if min(self.prefill_per_token_s, self.decode_base_s) <= 0:
+            raise ValueError(f"{self.name}: prefill_per_token_s and decode_base_s must be positive")
+
+    def prefill_s(self, uncached: int, cached: int = 0) -> float:
+        return self.prefill_base_s + self.prefill_per_token_s * uncached + \
+            self.prefill_per_token_ctx_s * uncached * (cached + uncached / 2)
+
+    def attention_s(self, chunks: list[tuple[int, int]]) -> float:
+        """The attention term of one step over (new tokens, context before them) per sequence."""
+        if self.attention == "padded" and len(chunks) > 1:
+            longest = max(n for n, _ in chunks)
+            return self.prefill_per_token_ctx_s * len(chunks) * longest * (max(c for _, c in chunks) + longest / 2)
+        return self.prefill_per_token_ctx_s * sum(n * (c + n / 2) for n, c in chunks)
+
+    def decode_step_s(self, batch: int, context_tokens: int) -> float:
+        return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * context_tokens
+
+    def transfer_s(self, num_tokens: int) -> float:
+        return self.transfer_latency_s + num_tokens * self.kv_bytes_per_token / self.transfer_bytes_per_s
+
+    def kv_capacity_blocks(self, block_size: int) -> int:
+        return self.kv_capacity_tokens // block_size
+
+
+def derive(spec: dict) -> dict:
+    """Coefficients from published figures: compute-bound prefill at prefill_mfu of peak FLOPs
+    (2 FLOPs per parameter per token + 4 * layers * q_width per attended token-pair), memory-bound
+    decode at decode_mbu of HBM bandwidth (all weights plus the batch's KV read per step)."""
+    hw, model, eff = ({k: float(v["value"]) for k, v in spec[s].items()} for s in ("hardware", "model", "efficiency"))
+    flops = hw["peak_bf16_flops"] * eff["prefill_mfu"]
+    hbm = hw["hbm_bytes_per_s"] * eff["decode_mbu"]
+    params, layers = model["params"], model["num_layers"]
+    kv_bytes = int(2 * layers * model["num_kv_heads"] * model["head_dim"] * model["dtype_bytes"])
+    weight_bytes = params * model["dtype_bytes"]
+    kv_budget = hw["hbm_bytes"] * eff["gpu_memory_utilization"] - weight_bytes - eff["activation_reserve_bytes"]
+    return {
+        "prefill_base_s": eff["prefill_overhead_s"],
+        "prefill_per_token_s": 2 * params / flops,
+        "prefill_per_token_ctx_s": 4 * layers * model["num_heads"] * model["head_dim"] / flops,
+        "decode_base_s": eff["decode_overhead_s"] + weight_bytes / hbm,
+        "decode_per_seq_s": 2 * params / flops,
+        "decode_per_ctx_token_s": kv_bytes / hbm,
+        "transfer_latency_s": hw["link_latency_s"],
+        "transfer_bytes_per_s": hw["link_bytes_per_s"],
+        "kv_bytes_per_token": kv_bytes,
+        "kv_capacity_tokens": int(kv_budget // kv_bytes),
+        "max_batch": int(eff["max_batch"]),
+        "prefill_chunk_tokens": int(eff["prefill_chunk_tokens"]),
+        "rpc_s": hw.get("rpc_s", 0.0),
+    }
+
+
+def load_costs(name_or_path: str) -> CostModel:
+    """A profile by name (sim/profiles/NAME.yaml) or path."""
+    path = pathlib.Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown cost profile {name_or_path!r}; known: {', '.join(known)} (or a YAML path)")
+    spec = yaml.safe_load(path.read_text())
+    coefficients = derive(spec["derive"]) if "derive" in spec else dict(spec["coefficients"])
+    coefficients = {k: (v if k == "attention" else int(v) if k in _INTS else float(v))
+                    for k, v in coefficients.items()}
+    return CostModel(name=spec.get("name", path.stem), **coefficients)

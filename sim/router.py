@@ -1,0 +1,87 @@
+"""The simulated router: the router's own placement objects fed with simulated worker state.
+
+It mirrors services/router/workers.py: a PrefixIndex rebuilt only from the workers' KV events
+(stored / removed, as they happen), a LoadView per worker from its last load report plus this
+router's in-flight counts (WorkerEndpoint.view), and `load_profile(name).place(...)` — the very
+runner, filters, scorers, pickers and decider the router uses. Load reports are periodic in the
+real mesh (every report_interval_s); here a report is refreshed when the router looks at a worker
+at least report_interval_s after the previous one, so it is at most that stale.
+"""
+
+import random
+from collections.abc import Callable
+
+from services.router.placement.base import LoadView, PlacementRequest, WorkerView
+from services.router.placement.runner import Placement, PlacementProfile, load_profile
+from services.router.prefix_index import PrefixIndex
+
+
+class TraceRequest(PlacementRequest):
+    """A PlacementRequest named by its block hashes (a trace has no token ids)."""
+
+    def __init__(self, request_id: str, block_hashes, num_prompt_tokens: int, block_size: int):
+        super().__init__(request_id, [], "interactive", block_size)
+        self.__dict__["block_hashes"] = list(block_hashes)  # fills the cached_property
+        self._num_prompt_tokens = num_prompt_tokens
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self._num_prompt_tokens
+
+
+def seeded_profile(name_or_path: str, seed: int) -> PlacementProfile:
+    """load_profile, with every seedable picker re-seeded so a run repeats exactly."""
+    profile = load_profile(name_or_path)
+    for i, pool in enumerate((profile.decode, profile.prefill)):
+        if hasattr(pool.picker, "_rng"):
+            pool.picker._rng = random.Random(seed * 2 + i)
+    return profile
+
+
+class SimRouter:
+    def __init__(self, profile: PlacementProfile, roles: dict[str, str], load_of: Callable[[str], LoadView],
+                 clock: Callable[[], float], report_interval_s: float = 0.2):
+        self.profile = profile
+        self.index = PrefixIndex(clock=clock)
+        self._roles, self._load_of, self._clock = roles, load_of, clock
+        self._interval = report_interval_s
+        self._reports = dict.fromkeys(roles, LoadView())
+        self._reported_at = dict.fromkeys(roles, -1e18)
+        self._views: dict[str, WorkerView] = {}
+        self.inflight = dict.fromkeys(roles, 0)
+        self.inflight_tokens = dict.fromkeys(roles, 0)
+
+    def on_kv_event(self, worker_id: str, kind: str, block_hashes: list[int]) -> None:
+        if kind == "stored":
+            self.index.stored(worker_id, block_hashes)
+        elif kind == "removed":
+            self.index.removed(worker_id, block_hashes)
+        else:
+            self.index.cleared(worker_id)
+
+    def views(self) -> list[WorkerView]:
+        """WorkerRegistry.views(): each worker's last report plus this router's in-flight counts.
+        A view is rebuilt only when its report was refreshed or its in-flight counts changed."""
+        now, views = self._clock(), []
+        for worker_id, role in self._roles.items():
+            view = self._views.get(worker_id)
+            if now - self._reported_at[worker_id] >= self._interval:
+                self._reports[worker_id] = self._load_of(worker_id)
+                self._reported_at[worker_id] = now
+                view = None
+            if view is None:
+                r = self._reports[worker_id]
+                load = LoadView(r.waiting, r.running, r.kv_blocks_used, r.kv_blocks_total, r.queued_prefill_tokens,
+                                self.inflight[worker_id], self.inflight_tokens[worker_id])
+                view = self._views[worker_id] = WorkerView(worker_id, worker_id, role, True, load)
+            views.append(view)
+        return views
+
+    def place(self, request: PlacementRequest) -> Placement:
+        return self.profile.place(request, self.views(), self.index)
+
+    def track(self, worker_id: str, prompt_tokens: int, sign: int = 1) -> None:
+        """A request (with prompt_tokens to prefill there) starts (+1) or ends (-1) on worker_id."""
+        self.inflight[worker_id] += sign
+        self.inflight_tokens[worker_id] += sign * prompt_tokens
+        self._views.pop(worker_id, None)

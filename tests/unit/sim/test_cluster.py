@@ -1,0 +1,92 @@
+"""The event loop against hand-computed answers, and determinism with a seed.
+
+Costs are powers of two so every time below is exact in floating point."""
+
+import dataclasses
+
+import pytest
+
+from sim.cluster import Cluster
+from sim.costs import CostModel
+from sim.metrics import Slo, summarize
+from sim.trace import Request, shared_prefix
+
+FIXED = CostModel("fixed", prefill_base_s=0.0, prefill_per_token_s=2**-10, prefill_per_token_ctx_s=0.0,
+                  decode_base_s=2**-7, decode_per_seq_s=2**-7, decode_per_ctx_token_s=0.0,
+                  transfer_latency_s=2**-5, transfer_bytes_per_s=2.0**60, kv_bytes_per_token=1,
+                  kv_capacity_tokens=4096, max_batch=8)
+
+
+def request(i, arrival, prompt, output):
+    return Request(f"r{i}", arrival, prompt, output, tuple(range(1000 * i, 1000 * i + prompt // 16)), 16)
+
+
+def test_one_request_ttft_is_prefill_plus_transfer():
+    cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
+    [job] = cluster.run([request(1, 0.0, 128, 3)])
+    assert job.first_token_s == pytest.approx(128 * 2**-10 + 2**-5)  # 0.125 + 0.03125
+    assert job.end_s == pytest.approx(job.first_token_s + 2 * 2**-6)  # two decode steps at batch 1
+    assert job.prefill_id == "prefill-0" and job.decode_id == "decode-0"
+
+
+def test_two_arrivals_queue_on_prefill_then_batch_on_decode():
+    cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
+    first, second = cluster.run([request(1, 0.0, 128, 21), request(2, 0.0625, 136, 5)])
+    assert first.first_token_s == pytest.approx(0.15625)
+    # The second waits for the prefill worker (free at 0.125), prefills 136 tokens, then transfers.
+    assert second.first_token_s == pytest.approx(0.125 + 136 * 2**-10 + 2**-5)  # 0.2890625
+    # It joins the first's decode run after the step in progress: 9 steps of 1/64 s after 0.15625.
+    # Then 4 steps at batch 2 (3/128 s each) finish the second; the first needs 7 more at batch 1.
+    joined = 0.15625 + 9 * 2**-6
+    assert second.end_s == pytest.approx(joined + 4 * 3 * 2**-7)
+    assert first.end_s == pytest.approx(joined + 4 * 3 * 2**-7 + 7 * 2**-6)
+    stats = summarize([first, second], cluster, Slo(ttft_s=0.2, tpot_s=1.0))
+    assert stats["completed"] == 2 and stats["slo_attainment"] == 0.5  # the second's TTFT is 0.227
+
+
+def test_local_prefill_reuses_the_decode_workers_cache():
+    # prefix_aware prefills on the decode worker when < 128 uncached tokens: a 96-token prompt.
+    cluster = Cluster(FIXED, 1, 1, "prefix_aware", block_size=16)
+    a = Request("a", 0.0, 96, 2, tuple(range(6)), 16)
+    b = Request("b", 1.0, 96, 2, tuple(range(6)), 16)
+    ja, jb = cluster.run([a, b])
+    assert ja.prefill_id == "" and ja.first_token_s == pytest.approx(96 * 2**-10)
+    assert jb.cached_tokens == 80  # 5 of 6 blocks: the last token is always computed
+    assert jb.first_token_s == pytest.approx(1.0 + 16 * 2**-10)
+
+
+def run_shared(profile, seed):
+    reqs = shared_prefix(groups=6, per_group=8, shared_tokens=2048, unique_tokens=256, output_tokens=16,
+                         rate_per_s=40.0, block_size=16, seed=1)
+    cluster = Cluster(FIXED, 3, 3, profile, block_size=16, seed=seed)
+    jobs = cluster.run(reqs)
+    return [(j.decode_id, j.prefill_id, j.first_token_s, j.end_s) for j in jobs], \
+        summarize(jobs, cluster, Slo(1.0, 1.0))
+
+
+def test_deterministic_with_a_seed():
+    assert run_shared("random", 3) == run_shared("random", 3)
+    assert run_shared("random", 3)[0] != run_shared("random", 4)[0]
+    assert run_shared("prefix_aware", 5) == run_shared("prefix_aware", 5)
+
+
+def test_prefix_aware_reuses_more_than_round_robin():
+    _, aware = run_shared("prefix_aware", 0)
+    _, rr = run_shared("round_robin", 0)
+    assert aware["prefix_hit_rate"] > rr["prefix_hit_rate"] + 0.2
+    assert aware["ttft_p50_s"] < rr["ttft_p50_s"]
+
+
+def test_prompts_arriving_together_prefill_in_one_step():
+    cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
+    a, b = cluster.run([request(1, 0.0, 128, 2), request(2, 0.0, 64, 2)])
+    assert a.first_token_s == pytest.approx(192 * 2**-10 + 2**-5)  # one step of 192 tokens, then the pull
+    assert b.first_token_s == pytest.approx(192 * 2**-10 + 2 * 2**-5)  # its pull waits for the link
+
+
+def test_long_prompts_are_chunked_at_the_token_budget():
+    costs = dataclasses.replace(FIXED, prefill_chunk_tokens=128)
+    cluster = Cluster(costs, 1, 1, "round_robin", block_size=16)
+    a, b = cluster.run([request(1, 0.0, 256, 2), request(2, 0.0, 64, 2)])
+    assert a.first_token_s == pytest.approx(256 * 2**-10 + 2**-5)  # two full chunks
+    assert b.first_token_s == pytest.approx(320 * 2**-10 + 2**-5)  # admitted once the budget allows
