@@ -41,7 +41,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 raise InvalidArgument("prompt is empty: send text or at least one token id")
             ids = await self.tokenize(request.text)
         elif which == "token_ids":
-            ids = list(request.token_ids.ids)
+            ids = request.token_ids.ids  # check_token_ids checks the length before copying
         else:
             raise InvalidArgument("prompt is missing: set `text` or `token_ids`")
         prompt = check_token_ids(ids, self._config.vocab_size, self._config.max_model_len - 1)
@@ -56,6 +56,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                            time_remaining, arrived_at)
 
     async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of text; InvalidArgument, before any work, for text too long to fit the context."""
+        limit = (self._config.max_model_len - 1) * self._tokenizer.max_token_chars
+        if len(text) > limit:
+            raise InvalidArgument(f"prompt text has {len(text)} characters; at most {limit} can fit the context of "
+                                  f"{self._config.max_model_len} tokens: shorten it")
         if len(text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
             return await asyncio.get_running_loop().run_in_executor(
                 self._tokenize_pool, self._tokenizer.encode_without_gil, text, add_bos)
