@@ -36,6 +36,10 @@ class MeshSpec:
     otlp_endpoint: str = ""
     # Serve Prometheus /metrics from every process on a free port (reported in its ready file).
     metrics: bool = True
+    # Mutual TLS between every process: a directory made by `pdmesh certs` ("" = plaintext).
+    tls_dir: str = ""
+    # The router's API keys file (key -> tenant; services/router/auth.py). "" = no keys.
+    api_keys_file: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -95,7 +99,8 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
                                    address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
                                    "--max-model-len", str(spec.max_model_len), "--served-model-name", spec.model,
                                    "--http-port", "off" if spec.http_port is None else str(spec.http_port),
-                                   *metrics], run, _service_env(env, spec, "router", "router"))
+                                   *metrics, *(["--api-keys-file", spec.api_keys_file] if spec.api_keys_file else [])],
+                        run, _service_env(env, spec, "router", "router"))
         mesh.processes.append(router)
         _wait_ready([router], spec.startup_timeout_s, progress)
         mesh.router_address = router.info["address"]
@@ -106,8 +111,18 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
         raise
 
 
+def tls_env(tls_dir: str) -> dict:
+    """The variables that put a service on mutual TLS with the certificates `pdmesh certs` made."""
+    tls = pathlib.Path(tls_dir).resolve()
+    return {"PDMESH_TLS_CERT": str(tls / "mesh.pem"), "PDMESH_TLS_KEY": str(tls / "mesh.key"),
+            "PDMESH_TLS_CA": str(tls / "ca.pem")}
+
+
 def _service_env(env: dict, spec: MeshSpec, role: str, name: str) -> dict:
-    """The standard OpenTelemetry variables for one service (tracing only with an endpoint)."""
+    """The standard OpenTelemetry variables for one service (tracing only with an endpoint), and
+    the TLS ones with a tls_dir."""
+    if spec.tls_dir:
+        env = {**env, **tls_env(spec.tls_dir)}
     if not spec.otlp_endpoint:
         return env
     return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": spec.otlp_endpoint, "OTEL_SERVICE_NAME": f"pdmesh-{role}",

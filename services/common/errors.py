@@ -27,6 +27,14 @@ class NotFound(Exception):
     """A named thing (lease, request) does not exist (any more)."""
 
 
+class Unauthenticated(Exception):
+    """No valid credentials (API key) with the request."""
+
+
+class PermissionDenied(Exception):
+    """Valid credentials that do not allow this request (e.g. another tenant's)."""
+
+
 class FailedPrecondition(Exception):
     """Two sides disagree (e.g. KV layouts); retrying will not help without a fix."""
 
@@ -40,6 +48,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         ((ResourceExhausted, CapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
         ((NotFound, KvLeaseNotFound, UnknownRequestError), grpc.StatusCode.NOT_FOUND),
         ((FailedPrecondition, KvIncompatibleError), grpc.StatusCode.FAILED_PRECONDITION),
+        ((Unauthenticated,), grpc.StatusCode.UNAUTHENTICATED),
+        ((PermissionDenied,), grpc.StatusCode.PERMISSION_DENIED),
         ((Unavailable, KvTransferError, ConnectionError), grpc.StatusCode.UNAVAILABLE),
         ((TimeoutError,), grpc.StatusCode.DEADLINE_EXCEEDED),
         ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),

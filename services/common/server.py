@@ -110,11 +110,18 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]], host: str, port: int) -> RunningServer:
+async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]], host: str, port: int,
+                       tls=None) -> RunningServer:
     """Binds host:port (0 picks a free port), then asks make_bindings(bound_port) for the services
-    (servicers that advertise their own address need the port), adds health and reflection, starts."""
+    (servicers that advertise their own address need the port), adds health and reflection, starts.
+    tls: a services.common.tls.TlsConfig (mutual TLS: clients need a certificate from its CA), or
+    None for plaintext."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[RejectUndecodable()])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        from services.common.tls import server_credentials
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     names = []
