@@ -53,6 +53,8 @@ class Process:
     ready_file: pathlib.Path
     log_file: pathlib.Path
     info: dict = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # how it was started (restart() reuses them)
+    env: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -137,7 +139,19 @@ def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict) -> Process:
     with open(log, "w") as log_out:
         popen = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], cwd=ROOT, env=env,
                                  stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Process(name, popen, ready, log)
+    return Process(name, popen, ready, log, args=args, env=env)
+
+
+def restart(mesh: Mesh, process: Process, timeout_s: float = 120.0) -> Process:
+    """Starts a dead worker again with the same id on the same port (the router reconnects to the
+    address by itself) and puts the new process in its place in mesh.processes."""
+    if process.popen.poll() is None:
+        raise RuntimeError(f"{process.name} is still running")
+    args = [*process.args, "--port", str(process.info["port"])]  # the last --port wins
+    fresh = _spawn(process.name, args, mesh.run_dir, process.env)
+    _wait_ready([fresh], timeout_s, lambda *_: None)
+    mesh.processes[mesh.processes.index(process)] = fresh
+    return fresh
 
 
 def _wait_ready(processes: list[Process], timeout_s: float, progress) -> None:

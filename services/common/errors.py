@@ -7,6 +7,10 @@ Domain modules raise these (or the engine's / kvtransfer's own typed errors); se
 import grpc
 
 
+# The retry hint (trailer `retry-after-ms`) of RESOURCE_EXHAUSTED / UNAVAILABLE without a better one.
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
 class InvalidArgument(ValueError):
     """The request is malformed; retrying it unchanged will fail again."""
 
@@ -64,6 +68,8 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     """Ends the RPC with the status for `exc` (never returns)."""
     code = status_for(exc)
     retry = getattr(exc, "retry_after_s", None)
+    if retry is None and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        retry = DEFAULT_RETRY_AFTER_S  # every "try again later" says when
     if retry is not None:
         context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
     message = str(exc) or type(exc).__name__

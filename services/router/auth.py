@@ -16,7 +16,7 @@ import yaml
 
 from services.common.errors import PermissionDenied, Unauthenticated
 
-SEND_A_KEY = "send the header `authorization: Bearer <key>` (gRPC metadata or HTTP)"
+SEND_A_KEY = "send `Authorization: Bearer <key>` (the HTTP header; in gRPC the metadata key `authorization`)"
 
 
 class ApiKeys(NamedTuple):

@@ -91,7 +91,7 @@ def test_missing_or_wrong_token_is_unauthenticated_with_what_to_send(mesh, metad
         with pytest.raises(grpc.RpcError) as info:
             generate(channel, metadata)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert fragment in info.value.details() and "authorization: Bearer <key>" in info.value.details()
+    assert fragment in info.value.details() and "Authorization: Bearer <key>" in info.value.details()
 
 
 def test_tenant_comes_from_the_token(mesh):

@@ -26,7 +26,7 @@ def test_the_key_decides_the_tenant(keys, authorization, requested, tenant):
 @pytest.mark.parametrize("authorization", [None, "", "Bearer", "Bearer ", "sk-a", "Basic sk-a", "Bearer sk-b",
                                            "Bearer sk-a2"])
 def test_missing_or_wrong_key_is_unauthenticated(keys, authorization):
-    with pytest.raises(Unauthenticated, match="authorization: Bearer <key>"):
+    with pytest.raises(Unauthenticated, match="Authorization: Bearer <key>"):
         keys.authorize(authorization, "")
 
 
