@@ -107,8 +107,20 @@ def run_trial(mesh, stub, trial: int, expected: dict, rng: random.Random) -> dic
                      "finished_on": s.decode_worker, "delivered_at_kill": at_kill})
     if victim is not None:
         restart(mesh, victim)
-        time.sleep(2.5)  # the router's state-stream backoff tops out at 2 s
+        wait_until_placed_on(stub, victim.name)
     return {"trial": trial, "victim": victim.name if victim else "", "kill_at_tokens": kill_at, "streams": rows}
+
+
+def wait_until_placed_on(stub, worker_id: str, timeout_s: float = 60.0) -> None:
+    """Short probe requests until one runs on worker_id: the router sees the restarted worker."""
+    deadline = time.monotonic() + timeout_s
+    probe = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[2, 5, 6]), max_tokens=1)
+    while time.monotonic() < deadline:
+        last = list(stub.Generate(probe, timeout=30))[-1]
+        if last.placement.decode_worker_id == worker_id:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the router did not place anything on the restarted {worker_id} within {timeout_s:.0f}s")
 
 
 def reference_outputs(stub, trials: int) -> dict:

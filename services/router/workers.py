@@ -22,6 +22,10 @@ from services.router.placement.base import LoadView, WorkerView
 from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
+# gRPC's own reconnect backoff grows to 120 s over a long outage: a worker restarted on the same
+# address could stay unseen that long. Cap it near the state-stream retry backoff below.
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                      ("grpc.max_reconnect_backoff_ms", 2000)]
 _ROLE_NAMES = {worker_state_pb2.WORKER_ROLE_PREFILL: "prefill", worker_state_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
@@ -123,7 +127,7 @@ class WorkerRegistry:
             del self._by_key[endpoint.key]
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        return aio_channel(address, self._tls, CHANNEL_OPTIONS)
+        return aio_channel(address, self._tls, [*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS])
 
     def views(self) -> list[WorkerView]:
         return [e.view() for e in self._endpoints]
