@@ -150,7 +150,7 @@ def kv_handles(draw) -> common_pb2.KvHandle:
         lease_id=draw(st.text(max_size=10)), block_ids=draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n)),
         num_tokens=draw(st.integers(0, 2**32 - 1)), layout=draw(kv_layouts()),
         block_checksums=draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n + 1)),
-        lease_expires_unix_ms=draw(st.integers(0, 2**64 - 1)), transports=draw(st.lists(st.sampled_from(
+        lease_expires_unix_ms=draw(st.integers(-2**63, 2**63 - 1)), transports=draw(st.lists(st.sampled_from(
             ["grpc", "nixl", "carrier-pigeon"]), max_size=3)))
 
 
