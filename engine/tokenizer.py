@@ -12,6 +12,7 @@ match whole, and pieces made only of spaces are spelled with "▁" as the normal
 Building takes ~20 s, so prepare() does it once and saves tokenizer.json.
 """
 
+import functools
 from pathlib import Path
 
 import tokenizers
@@ -63,6 +64,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token covers more text, so a text longer
+        than n * max_token_chars cannot fit in n tokens (checked before tokenizing it)."""
+        return max(len(token) for token in self._tokenizer.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids

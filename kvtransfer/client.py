@@ -19,13 +19,19 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1)]
 
 
-class HolderClient:
-    """Talks to one holder. Raises KvIncompatibleError, KvLeaseNotFound or KvTransferError."""
+def insecure_channel(address: str, options: list) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=options)
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+
+class HolderClient:
+    """Talks to one holder. Raises KvIncompatibleError, KvLeaseNotFound or KvTransferError.
+    make_channel(address, options) opens the channel (plaintext by default; the decode worker
+    passes services.common.tls.aio_channel bound to its TLS config)."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, make_channel=insecure_channel) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = make_channel(address, CHANNEL_OPTIONS)
         self.stub = kv_transfer_pb2_grpc.KvTransferServiceStub(self.channel)
 
     async def handshake(self, layout: KvLayout) -> kv_transfer_pb2.GetTransferMetadataResponse:
@@ -60,13 +66,14 @@ class HolderClient:
 class HolderClients:
     """One HolderClient per address, created on first use."""
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, timeout_s: float = 30.0, make_channel=insecure_channel) -> None:
         self.timeout_s = timeout_s
+        self.make_channel = make_channel
         self._clients: dict[str, HolderClient] = {}
 
     def get(self, address: str) -> HolderClient:
         if address not in self._clients:
-            self._clients[address] = HolderClient(address, self.timeout_s)
+            self._clients[address] = HolderClient(address, self.timeout_s, self.make_channel)
         return self._clients[address]
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ from pdmesh.v1 import kv_transfer_pb2
 
 from kvtransfer.base import KvPuller, TransferResult
 from kvtransfer.checksum import pool_bytes
-from kvtransfer.client import HolderClient, HolderClients, domain_error, trace_metadata
+from kvtransfer.client import HolderClient, HolderClients, domain_error, insecure_channel, trace_metadata
 from kvtransfer.errors import KvTransferError
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
@@ -30,17 +30,18 @@ _PULL_METHOD = "/pdmesh.v1.KvTransferService/PullKv"
 
 class GrpcPuller(KvPuller):
     """KvPuller over PullKv. Options: chunk_bytes per message (0: the holder's default),
-    timeout_s per call, max_retries of a stream that broke with UNAVAILABLE (restarted whole)."""
+    timeout_s per call, max_retries of a stream that broke with UNAVAILABLE (restarted whole),
+    make_channel(address, options) for the holder channels (plaintext by default)."""
 
     name = "grpc"
 
     def __init__(self, pool: torch.Tensor, layout: KvLayout, chunk_bytes: int = 0, timeout_s: float = 30.0,
-                 max_retries: int = 1) -> None:
+                 max_retries: int = 1, make_channel=insecure_channel) -> None:
         super().__init__(pool, layout)
         keep_freed_buffers()
         self.chunk_bytes = chunk_bytes
         self.max_retries = max_retries
-        self._clients = HolderClients(timeout_s)
+        self._clients = HolderClients(timeout_s, make_channel)
         self._compatible: set[str] = set()
 
     async def connect(self, transfer_address: str) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from kvtransfer.base import KvPuller, TransferResult
-from kvtransfer.client import HolderClients
+from kvtransfer.client import HolderClients, insecure_channel
 from kvtransfer.errors import KvLeaseNotFound, KvTransferError
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
@@ -189,7 +189,8 @@ class NixlPuller(KvPuller):
 
     def __init__(self, pool: torch.Tensor, layout: KvLayout, descriptor_mode: str = "prepped",
                  timeout_s: float = 30.0, poll_sleep_s: float = 20e-6, agent_name: str | None = None,
-                 progress_thread: bool = False, num_threads: int | None = None) -> None:
+                 progress_thread: bool = False, num_threads: int | None = None,
+                 make_channel=insecure_channel) -> None:
         super().__init__(pool, layout)
         if num_threads is None:
             num_threads = DEFAULT_NUM_THREADS
@@ -203,7 +204,7 @@ class NixlPuller(KvPuller):
         self._local_dlist = self.local.agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", block_descs(self.local.base_address, range(self.local.num_blocks),
                                            layout.block_bytes, self.local.device_id), self.local.memory_type)
-        self._clients = HolderClients()
+        self._clients = HolderClients(make_channel=make_channel)  # metadata, leases: over (m)TLS if set
         self._peers: dict[str, _Peer] = {}
         self._peer_locks: dict[str, asyncio.Lock] = {}
         self._released: OrderedDict[str, None] = OrderedDict()  # recent leases we released ourselves

@@ -1,8 +1,10 @@
 """The `pdmesh` command: `pdmesh up` runs a local mesh; `pdmesh generate PROMPT` streams a completion;
-`pdmesh traces` collects OTLP traces locally, draws one request's waterfall and reports per-phase latency."""
+`pdmesh traces` collects OTLP traces locally, draws one request's waterfall and reports per-phase latency;
+`pdmesh certs` makes a local CA and certificates for mutual TLS."""
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -23,10 +25,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         receiver = OtlpReceiver(jsonl_path=args.traces)
         endpoint = receiver.endpoint
         print(f"collecting traces into {args.traces} (OTLP/gRPC receiver at {endpoint})", flush=True)
+    tls_dir = _tls_dir_for_up(args)
     spec = MeshSpec(num_prefill=args.prefill, num_decode=args.decode, router_port=args.port,
                     http_port=None if args.http_port in ("off", "-1") else int(args.http_port), model=args.model,
                     kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
-                    torch_threads=args.torch_threads, otlp_endpoint=endpoint)
+                    torch_threads=args.torch_threads, otlp_endpoint=endpoint, tls_dir=tls_dir,
+                    api_keys_file=args.api_keys_file)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
     mesh = start_mesh(spec, args.run_dir)
     for p in mesh.processes:
@@ -36,9 +40,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"traces exported to {endpoint}" + (f"; view one: .venv/bin/pdmesh traces show {args.traces}"
                                                    if args.traces else ""), flush=True)
     http = f"OpenAI-compatible HTTP at {mesh.http_address}/v1\n" if mesh.http_address else ""
+    tls_flags = (f" --tls-cert {tls_dir}/client.pem --tls-key {tls_dir}/client.key --tls-ca {tls_dir}/ca.pem"
+                 if tls_dir else "")
     print(f"router listening on {mesh.router_address}\n{http}"
           f"logs in {mesh.run_dir}\n"
-          f"try:  .venv/bin/pdmesh generate \"The capital of France is\" --max-tokens 30 --router {mesh.router_address}\n"
+          f"try:  .venv/bin/pdmesh generate \"The capital of France is\" --max-tokens 30 --router {mesh.router_address}"
+          f"{tls_flags}\n"
           "Ctrl-C stops the mesh.", flush=True)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
@@ -59,6 +66,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_dir_for_up(args: argparse.Namespace) -> str:
+    """`--tls DIR` uses the certificates in DIR; a bare `--tls` makes them under the run directory."""
+    if not args.tls:
+        return ""
+    if args.tls != "auto":
+        return args.tls
+    import tempfile
+
+    from pdmesh.certs import make_certs
+    if args.run_dir is None:
+        args.run_dir = tempfile.mkdtemp(prefix="pdmesh-run-")
+    out = os.path.join(args.run_dir, "certs")
+    make_certs(out)
+    print(f"mutual TLS: certificates made in {out}", flush=True)
+    return out
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from pdmesh.certs import make_certs
+
+    paths = make_certs(args.out, tuple(args.name), args.days)
+    print(f"CA and certificates written to {args.out}:\n" + "\n".join(f"  {p}" for p in paths.values()) +
+          f"\nservices: --tls-cert {paths['mesh.pem']} --tls-key {paths['mesh.key']} --tls-ca {paths['ca.pem']}"
+          f"\nclients:  --tls-cert {paths['client.pem']} --tls-key {paths['client.key']} --tls-ca {paths['ca.pem']}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     return asyncio.run(_generate(args))
 
@@ -75,12 +109,15 @@ async def _generate(args: argparse.Namespace) -> int:
     request = router_pb2.GenerateRequest(text=args.prompt, sampling=sampling, max_tokens=args.max_tokens,
                                          priority=priority[args.priority], tenant_id=args.tenant,
                                          ignore_eos=args.ignore_eos)
-    async with grpc.aio.insecure_channel(args.router) as channel:
+    from services.common.tls import aio_channel, tls_from_args
+
+    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+    async with aio_channel(args.router, tls_from_args(args, warn_plaintext=False)) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         try:
             if not args.quiet:
                 sys.stdout.write(args.prompt)
-            call = stub.Generate(request, timeout=args.timeout)
+            call = stub.Generate(request, timeout=args.timeout, metadata=metadata)
             async for message in call:
                 sys.stdout.write(message.text_delta)
                 sys.stdout.flush()
@@ -152,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                                                         "a collector), e.g. http://127.0.0.1:4317")
     up.add_argument("--traces", default="", metavar="FILE",
                     help="collect traces locally: run a receiver and append spans to FILE (JSONL)")
+    up.add_argument("--tls", nargs="?", const="auto", default="", metavar="DIR",
+                    help="mutual TLS between all processes with the certificates in DIR (from `pdmesh certs`); "
+                         "without DIR, make them in the run directory. Default: plaintext")
+    up.add_argument("--api-keys-file", default="", help="router API keys: YAML/JSON mapping key -> tenant")
     up.set_defaults(func=cmd_up)
     gen = sub.add_parser("generate", help="stream a completion through the router")
     gen.add_argument("prompt")
@@ -165,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--router", default=DEFAULT_ROUTER)
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     gen.add_argument("--quiet", action="store_true", help="do not echo the prompt")
+    gen.add_argument("--api-key", default=os.environ.get("PDMESH_API_KEY", ""),
+                     help="sent as `authorization: Bearer KEY` (env PDMESH_API_KEY)")
+    from services.common.tls import add_tls_flags
+    add_tls_flags(gen)
     gen.set_defaults(func=cmd_generate)
     traces = sub.add_parser("traces", help="collect traces, draw one request's waterfall, report per-phase latency")
     traces.add_argument("action", choices=["collect", "show", "report"],
@@ -175,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     traces.add_argument("--png", default="", help="show: where to write the waterfall PNG")
     traces.add_argument("--listen", default="127.0.0.1:4317", help="collect: host:port to listen on")
     traces.set_defaults(func=cmd_traces)
+    certs = sub.add_parser("certs", help="make a local CA and certificates for mutual TLS (openssl)")
+    certs.add_argument("--out", required=True, help="directory to write ca.pem, mesh.pem/key, client.pem/key into")
+    certs.add_argument("--name", action="append", default=[],
+                       help="extra DNS name or IP for the mesh certificate (repeatable; localhost and 127.0.0.1 "
+                            "are always in)")
+    certs.add_argument("--days", type=int, default=365)
+    certs.set_defaults(func=cmd_certs)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -36,6 +36,10 @@ class MeshSpec:
     otlp_endpoint: str = ""
     # Serve Prometheus /metrics from every process on a free port (reported in its ready file).
     metrics: bool = True
+    # Mutual TLS between every process: a directory made by `pdmesh certs` ("" = plaintext).
+    tls_dir: str = ""
+    # The router's API keys file (key -> tenant; services/router/auth.py). "" = no keys.
+    api_keys_file: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -49,6 +53,8 @@ class Process:
     ready_file: pathlib.Path
     log_file: pathlib.Path
     info: dict = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # how it was started (restart() reuses them)
+    env: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -95,7 +101,8 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
                                    address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
                                    "--max-model-len", str(spec.max_model_len), "--served-model-name", spec.model,
                                    "--http-port", "off" if spec.http_port is None else str(spec.http_port),
-                                   *metrics], run, _service_env(env, spec, "router", "router"))
+                                   *metrics, *(["--api-keys-file", spec.api_keys_file] if spec.api_keys_file else [])],
+                        run, _service_env(env, spec, "router", "router"))
         mesh.processes.append(router)
         _wait_ready([router], spec.startup_timeout_s, progress)
         mesh.router_address = router.info["address"]
@@ -106,8 +113,18 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
         raise
 
 
+def tls_env(tls_dir: str) -> dict:
+    """The variables that put a service on mutual TLS with the certificates `pdmesh certs` made."""
+    tls = pathlib.Path(tls_dir).resolve()
+    return {"PDMESH_TLS_CERT": str(tls / "mesh.pem"), "PDMESH_TLS_KEY": str(tls / "mesh.key"),
+            "PDMESH_TLS_CA": str(tls / "ca.pem")}
+
+
 def _service_env(env: dict, spec: MeshSpec, role: str, name: str) -> dict:
-    """The standard OpenTelemetry variables for one service (tracing only with an endpoint)."""
+    """The standard OpenTelemetry variables for one service (tracing only with an endpoint), and
+    the TLS ones with a tls_dir."""
+    if spec.tls_dir:
+        env = {**env, **tls_env(spec.tls_dir)}
     if not spec.otlp_endpoint:
         return env
     return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": spec.otlp_endpoint, "OTEL_SERVICE_NAME": f"pdmesh-{role}",
@@ -122,7 +139,19 @@ def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict) -> Process:
     with open(log, "w") as log_out:
         popen = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], cwd=ROOT, env=env,
                                  stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Process(name, popen, ready, log)
+    return Process(name, popen, ready, log, args=args, env=env)
+
+
+def restart(mesh: Mesh, process: Process, timeout_s: float = 120.0) -> Process:
+    """Starts a dead worker again with the same id on the same port (the router reconnects to the
+    address by itself) and puts the new process in its place in mesh.processes."""
+    if process.popen.poll() is None:
+        raise RuntimeError(f"{process.name} is still running")
+    args = [*process.args, "--port", str(process.info["port"])]  # the last --port wins
+    fresh = _spawn(process.name, args, mesh.run_dir, process.env)
+    _wait_ready([fresh], timeout_s, lambda *_: None)
+    mesh.processes[mesh.processes.index(process)] = fresh
+    return fresh
 
 
 def _wait_ready(processes: list[Process], timeout_s: float, progress) -> None:

@@ -32,12 +32,13 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def check_token_ids(token_ids, vocab_size: int, max_prompt_tokens: int) -> list[int]:
-    ids = list(token_ids)
-    if not ids:
+    """The ids as a list; the length is checked first, so a 60 MiB prompt is refused without a copy."""
+    if not len(token_ids):
         raise InvalidArgument("prompt is empty: send text or at least one token id")
-    if len(ids) > max_prompt_tokens:
-        raise InvalidArgument(f"prompt has {len(ids)} tokens; the limit is {max_prompt_tokens} "
+    if len(token_ids) > max_prompt_tokens:
+        raise InvalidArgument(f"prompt has {len(token_ids)} tokens; the limit is {max_prompt_tokens} "
                               f"(context length minus at least one generated token)")
+    ids = list(token_ids)
     bad = [t for t in ids if t >= vocab_size]
     if bad:
         raise InvalidArgument(f"unknown token ids {bad[:5]}{'...' if len(bad) > 5 else ''}: "

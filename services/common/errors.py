@@ -7,6 +7,10 @@ Domain modules raise these (or the engine's / kvtransfer's own typed errors); se
 import grpc
 
 
+# The retry hint (trailer `retry-after-ms`) of RESOURCE_EXHAUSTED / UNAVAILABLE without a better one.
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
 class InvalidArgument(ValueError):
     """The request is malformed; retrying it unchanged will fail again."""
 
@@ -27,6 +31,14 @@ class NotFound(Exception):
     """A named thing (lease, request) does not exist (any more)."""
 
 
+class Unauthenticated(Exception):
+    """No valid credentials (API key) with the request."""
+
+
+class PermissionDenied(Exception):
+    """Valid credentials that do not allow this request (e.g. another tenant's)."""
+
+
 class FailedPrecondition(Exception):
     """Two sides disagree (e.g. KV layouts); retrying will not help without a fix."""
 
@@ -40,6 +52,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         ((ResourceExhausted, CapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
         ((NotFound, KvLeaseNotFound, UnknownRequestError), grpc.StatusCode.NOT_FOUND),
         ((FailedPrecondition, KvIncompatibleError), grpc.StatusCode.FAILED_PRECONDITION),
+        ((Unauthenticated,), grpc.StatusCode.UNAUTHENTICATED),
+        ((PermissionDenied,), grpc.StatusCode.PERMISSION_DENIED),
         ((Unavailable, KvTransferError, ConnectionError), grpc.StatusCode.UNAVAILABLE),
         ((TimeoutError,), grpc.StatusCode.DEADLINE_EXCEEDED),
         ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),
@@ -54,6 +68,8 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     """Ends the RPC with the status for `exc` (never returns)."""
     code = status_for(exc)
     retry = getattr(exc, "retry_after_s", None)
+    if retry is None and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        retry = DEFAULT_RETRY_AFTER_S  # every "try again later" says when
     if retry is not None:
         context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
     message = str(exc) or type(exc).__name__

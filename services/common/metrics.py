@@ -80,3 +80,21 @@ class WorkerCollector:
 
 def register_worker(role: str, worker_id: str, hub) -> None:
     REGISTRY.register(WorkerCollector(role, worker_id, hub))
+
+
+class LeaseCollector:
+    """pdmesh_kv_leases: KV leases a prefill worker holds for decode workers (0 when idle)."""
+
+    def __init__(self, worker_id: str, leases):
+        self._labels, self._leases = ["prefill", worker_id], leases
+
+    def collect(self):
+        gauge = GaugeMetricFamily("pdmesh_kv_leases", "KV leases held for pullers (released or expired: gone)",
+                                  labels=["service", "worker_id"])
+        gauge.add_metric(self._labels, len(self._leases))
+        yield gauge
+
+
+def register_leases(worker_id: str, leases) -> None:
+    """Serve the size of a kvtransfer LeaseTable as pdmesh_kv_leases."""
+    REGISTRY.register(LeaseCollector(worker_id, leases))

@@ -6,6 +6,7 @@ new work), then `server.stop(grace)` lets streams already accepted run to their 
 """
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -31,6 +32,67 @@ CHANNEL_OPTIONS = [
 ServiceBinding = tuple[Callable, object, str]
 
 
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """A request that does not parse (random bytes, invalid UTF-8 in a string field) is answered
+    with INVALID_ARGUMENT naming the message type; gRPC alone answers UNKNOWN. Unary-request
+    methods only (every pdmesh RPC); the servicer never sees the bad request."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler
+        guarded = {"unary_stream" if handler.response_streaming else "unary_unary": _reject_undecodable(behavior)}
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **guarded)
+
+
+class _Undecodable(str):
+    """What _tolerant hands on in place of a request that did not parse: the reason."""
+
+
+def _tolerant(deserialize):
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # DecodeError, or anything a custom deserializer raises
+            return _Undecodable(f"the request is not a valid {_type_name(deserialize)} message: {exc}")
+    return parse
+
+
+def _type_name(deserialize) -> str:
+    owner = getattr(deserialize, "__self__", None)
+    return getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "protobuf")
+
+
+def _reject_undecodable(behavior):
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+            async for response in behavior(request, context):
+                yield response
+        return stream
+
+    async def unary(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+        return await behavior(request, context)
+    return unary
+
+
+class HealthServicer(health_aio.HealthServicer):
+    """grpc's health servicer, but an unknown service name is answered with a message naming the
+    known ones (the stock servicer sends NOT_FOUND with an empty message)."""
+
+    async def Check(self, request, context):
+        if request.service not in self._server_status:
+            known = ", ".join(repr(name) for name in sorted(self._server_status))
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}; known: {known}")
+        return await super().Check(request, context)
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -48,18 +110,25 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]], host: str, port: int) -> RunningServer:
+async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]], host: str, port: int,
+                       tls=None) -> RunningServer:
     """Binds host:port (0 picks a free port), then asks make_bindings(bound_port) for the services
-    (servicers that advertise their own address need the port), adds health and reflection, starts."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    (servicers that advertise their own address need the port), adds health and reflection, starts.
+    tls: a services.common.tls.TlsConfig (mutual TLS: clients need a certificate from its CA), or
+    None for plaintext."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[RejectUndecodable()])
+    if tls is not None:
+        from services.common.tls import server_credentials
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     names = []
     for add_to_server, servicer, name in make_bindings(bound):
         add_to_server(servicer, server)
         names.append(name)
-    health = health_aio.HealthServicer()
+    health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)

@@ -67,7 +67,7 @@ async def run_worker(config: WorkerConfig,
                                      worker_state_pb2.DESCRIPTOR.services_by_name["WorkerStateService"].full_name)]
 
     stop = stop_event_on_signals()
-    server = await start_server(bindings, config.host, config.port)
+    server = await start_server(bindings, config.host, config.port, config.tls)
     register_worker(config.role, config.worker_id, hub)
     metrics_port = start_metrics_server(config.metrics_port, config.host)
     announce_ready(config.ready_file, role=config.role, worker_id=config.worker_id, port=server.port,

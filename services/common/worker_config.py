@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from services.common.tls import TlsConfig, add_tls_flags, tls_from_args
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class WorkerConfig:
     ready_file: str | None = None
     drain_grace_s: float = 30.0
     metrics_port: int | None = None  # Prometheus /metrics; 0 = any free port, None = off
+    tls: TlsConfig | None = None  # mutual TLS for the server and every channel it opens; None = plaintext
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -61,6 +63,7 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
                         help="serve Prometheus /metrics on this port (0: any free port; default off)")
     parser.add_argument("--ready-file", default=None, help="write a JSON line with the bound port here")
+    add_tls_flags(parser)
 
 
 def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig:
@@ -75,7 +78,7 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         advertise_host=args.advertise_host, engine=engine, lease_ttl_s=args.lease_ttl_s,
         kv_transports=tuple(t.strip() for t in args.kv_transports.split(",") if t.strip()),
         torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, tls=tls_from_args(args),
     )
 
 

@@ -1,10 +1,12 @@
 """Entry point of a decode worker: `python -m services.decode --port 0 ...` (see --help)."""
 
+import functools
 import logging
 
 from kvtransfer.base import available_transports, make_puller
 from kvtransfer.layout import KvLayout
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
+from services.common.tls import aio_channel
 from services.common.worker import WorkerContext, worker_main
 from services.decode.decode_worker import DecodeWorker
 from services.decode.server import DecodeServicer
@@ -16,14 +18,19 @@ def _pullers(ctx: WorkerContext) -> dict:
     layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
     usable = set(available_transports())
     pullers = {}
+    make_channel = functools.partial(_holder_channel, tls=ctx.config.tls)
     for name in ctx.config.kv_transports:
         if name in usable:
-            pullers[name] = make_puller(name, ctx.engine.kv_cache, layout)
+            pullers[name] = make_puller(name, ctx.engine.kv_cache, layout, make_channel=make_channel)
         else:
             log.warning("KV transport %s is not available on this host; skipping it", name)
     if not pullers:
         raise SystemExit(f"none of the KV transports {ctx.config.kv_transports} is available here")
     return pullers
+
+
+def _holder_channel(address: str, options: list, tls):
+    return aio_channel(address, tls, options)
 
 
 def _bindings(ctx: WorkerContext):

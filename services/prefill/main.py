@@ -4,6 +4,7 @@
 from kvtransfer.layout import KvLayout
 from kvtransfer.source import KvSource, KvTransferServicer
 from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.metrics import register_leases
 from services.common.worker import WorkerContext, worker_main
 from services.prefill.prefill_worker import PrefillWorker
 from services.prefill.server import PrefillServicer
@@ -15,6 +16,7 @@ def _bindings(ctx: WorkerContext):
     layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
     worker.source = KvSource(ctx.engine.kv_cache, layout, config.worker_id, ctx.advertise_address,
                              config.lease_ttl_s, worker.on_lease_free, enable_nixl="nixl" in config.kv_transports)
+    register_leases(config.worker_id, worker.source.leases)
     model = config.engine.model
     return [
         (prefill_pb2_grpc.add_PrefillServiceServicer_to_server,

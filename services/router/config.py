@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from services.common.tls import TlsConfig
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -36,6 +38,9 @@ class RouterConfig:
     api_keys: tuple[str, ...] = ()
     served_model_name: str = "gemma-3-270m"
     chat_template: str | None = None
+    # YAML/JSON file mapping API key -> tenant (services/router/auth.py); keys guard gRPC and HTTP alike.
+    api_keys_file: str | None = None
+    tls: TlsConfig | None = None  # mutual TLS on the gRPC server and the worker channels; None = plaintext
 
     def __post_init__(self) -> None:
         need = {"static": ("decode_addresses", "--decode host:port"),

@@ -17,7 +17,6 @@ the mesh's stream the same way (the relay closes it).
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import socket
@@ -36,6 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from pdmesh.v1 import common_pb2, router_pb2
 from services.common.errors import InvalidArgument
 from services.common.tracing import TRACE_ID_HEADER
+from services.router.auth import ApiKeys
 from services.router.chat_template import ChatTemplate
 from services.router.http_errors import ErrorReply, reply_for_code, reply_for_exception
 from services.router.openai_protocol import (FINISH_REASONS, ChatCompletionRequest, ChunkMaker, CompletionRequest,
@@ -55,7 +55,7 @@ class FrontSettings(NamedTuple):
     served_model_name: str
     max_model_len: int
     max_tokens_cap: int
-    api_keys: tuple[str, ...] = ()
+    api_keys: ApiKeys | tuple[str, ...] = ()  # keys alone (no tenants) may be given as a tuple
 
 
 class ApiError(Exception):
@@ -130,15 +130,14 @@ class OpenAIFront:
     def __init__(self, servicer: RouterServicer, template: ChatTemplate, settings: FrontSettings,
                  is_ready: Callable[[], bool]):
         self._servicer, self._template, self.settings, self.is_ready = servicer, template, settings, is_ready
+        keys = settings.api_keys
+        self.api_keys = keys if isinstance(keys, ApiKeys) else ApiKeys.load(tuple(keys))
 
     async def check_auth(self, request: Request) -> None:
-        if not self.settings.api_keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), key.encode())
-                                                 for key in self.settings.api_keys):
-            raise ApiError(reply_for_code(grpc.StatusCode.UNAUTHENTICATED,
-                                          "missing or wrong API key: send the header `Authorization: Bearer <key>`"))
+        try:
+            self.api_keys.tenant_of(request.headers.get("authorization"))
+        except Exception as exc:
+            raise ApiError(reply_for_exception(exc)) from None
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.settings.served_model_name, "object": "model", "created": 0,
@@ -157,7 +156,9 @@ class OpenAIFront:
             generate_request = router_pb2.GenerateRequest(
                 token_ids=common_pb2.TokenIds(ids=ids), sampling=body.sampling(),
                 max_tokens=body.max_tokens_for(len(ids), cap), priority=priority_from(request.headers),
-                tenant_id=request.headers.get(TENANT_HEADER, ""), request_id=request_id, ignore_eos=body.ignore_eos)
+                tenant_id=self.api_keys.authorize(request.headers.get("authorization"),
+                                                  request.headers.get(TENANT_HEADER, "")),
+                request_id=request_id, ignore_eos=body.ignore_eos)
             async def note_trace_id(trace_id: str) -> None:  # before the first event: it goes in the headers
                 echo[TRACE_ID_HEADER] = trace_id
 

@@ -10,7 +10,9 @@ from pdmesh.v1 import router_pb2, router_pb2_grpc
 from services.common import tracing
 from services.common.metrics import start_metrics_server
 from services.common.server import announce_ready, configure_logging, start_server, stop_event_on_signals
+from services.common.tls import add_tls_flags, tls_from_args
 from services.router.admission import Admission
+from services.router.auth import ApiKeys
 from services.router.chat_template import load_chat_template
 from services.router.config import RouterConfig
 from services.router.discovery import follow, known_discoveries, make_discovery
@@ -44,19 +46,23 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
                    help="OpenAI-compatible HTTP front port (0 = any free port; off or -1 = no HTTP front)")
     p.add_argument("--http-host", default=env("PDMESH_HTTP_HOST"), help="default: --host")
     p.add_argument("--api-key", default=env("PDMESH_API_KEYS", ""),
-                   help="comma-separated keys; when set, /v1/* needs `Authorization: Bearer <key>`")
+                   help="comma-separated keys; when set, Generate and /v1/* need `authorization: Bearer <key>`")
+    p.add_argument("--api-keys-file", default=env("PDMESH_API_KEYS_FILE"),
+                   help="YAML/JSON mapping API key -> tenant; requests run as their key's tenant")
     p.add_argument("--served-model-name", default=env("PDMESH_SERVED_MODEL_NAME", "gemma-3-270m"),
                    help="the model id /v1/models lists and requests name")
     p.add_argument("--chat-template", default=env("PDMESH_CHAT_TEMPLATE"),
                    help="Jinja chat template file (default: the GGUF's, else Gemma 3's turn format)")
     add_discovery_flags(p)
+    add_tls_flags(p)
     a = p.parse_args(argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     return RouterConfig(split(a.prefill), split(a.decode), a.host, a.port, a.profile, a.max_model_len,
                         a.max_tokens_cap, max_inflight=a.max_inflight, max_queued=a.max_queued,
                         ready_file=a.ready_file, metrics_port=a.metrics_port, http_host=a.http_host or a.host,
                         http_port=_http_port(p, a.http_port), api_keys=split(a.api_key),
-                        served_model_name=a.served_model_name, chat_template=a.chat_template, **discovery_fields(a))
+                        served_model_name=a.served_model_name, chat_template=a.chat_template,
+                        api_keys_file=a.api_keys_file, tls=tls_from_args(a), **discovery_fields(a))
 
 
 def _http_port(parser: argparse.ArgumentParser, value: str) -> int | None:
@@ -93,17 +99,17 @@ async def serve(config: RouterConfig) -> None:
     tokenizer, template = await asyncio.gather(asyncio.to_thread(load_tokenizer),
                                                asyncio.to_thread(load_chat_template, config.chat_template))
     discovery = make_discovery(config)
-    registry = WorkerRegistry([], [], remove_grace_s=config.drain_grace_s)
+    registry = WorkerRegistry([], [], remove_grace_s=config.drain_grace_s, tls=config.tls)
     registry.start()
     following = asyncio.create_task(follow(discovery, registry))
     following.add_done_callback(_report_discovery_end)
     flow = RequestFlow(registry, load_profile(config.profile), Admission(config.max_inflight, config.max_queued),
                        tokenizer)
-    servicer = RouterServicer(flow, config, tokenizer)
+    servicer = RouterServicer(flow, config, tokenizer, ApiKeys.load(config.api_keys, config.api_keys_file))
     stop = stop_event_on_signals()
     server = await start_server(lambda port: [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer,
                                                router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name)],
-                                config.host, config.port)
+                                config.host, config.port, config.tls)
     await server.set_serving(False)  # until the pools are reachable
     serving = asyncio.Event()  # set between startup and drain; /ready also needs the pools up
     http = await _start_http(config, servicer, template, lambda: serving.is_set() and _pools_up(registry, config))
@@ -129,7 +135,8 @@ async def serve(config: RouterConfig) -> None:
 async def _start_http(config: RouterConfig, servicer: RouterServicer, template, is_ready):
     if config.http_port is None:
         return None
-    settings = FrontSettings(config.served_model_name, config.max_model_len, config.max_tokens_cap, config.api_keys)
+    settings = FrontSettings(config.served_model_name, config.max_model_len, config.max_tokens_cap,
+                             servicer.api_keys)
     return await start_http(create_app(OpenAIFront(servicer, template, settings, is_ready)), config.http_host,
                             config.http_port)
 

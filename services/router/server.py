@@ -17,6 +17,7 @@ from services.common import tracing
 from services.common.convert import check_max_tokens, check_token_ids, sampling_from_proto
 from services.common.errors import InvalidArgument, abort_with, status_for
 from services.common.metrics import REQUESTS
+from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.request_flow import GenerateJob, RequestFlow
 
@@ -29,8 +30,9 @@ _PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer):
+    def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer, api_keys: ApiKeys = ApiKeys()):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
+        self.api_keys = api_keys
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     async def _job(self, request: router_pb2.GenerateRequest, time_remaining: float | None,
@@ -41,7 +43,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 raise InvalidArgument("prompt is empty: send text or at least one token id")
             ids = await self.tokenize(request.text)
         elif which == "token_ids":
-            ids = list(request.token_ids.ids)
+            ids = request.token_ids.ids  # check_token_ids checks the length before copying
         else:
             raise InvalidArgument("prompt is missing: set `text` or `token_ids`")
         prompt = check_token_ids(ids, self._config.vocab_size, self._config.max_model_len - 1)
@@ -56,6 +58,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                            time_remaining, arrived_at)
 
     async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of text; InvalidArgument, before any work, for text too long to fit the context."""
+        limit = (self._config.max_model_len - 1) * self._tokenizer.max_token_chars
+        if len(text) > limit:
+            raise InvalidArgument(f"prompt text has {len(text)} characters; at most {limit} can fit the context of "
+                                  f"{self._config.max_model_len} tokens: shorten it")
         if len(text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
             return await asyncio.get_running_loop().run_in_executor(
                 self._tokenize_pool, self._tokenizer.encode_without_gil, text, add_bos)
@@ -102,9 +109,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         async def send_trace_id(trace_id: str) -> None:
             await context.send_initial_metadata(((tracing.TRACE_ID_HEADER, trace_id),))
 
+        metadata = dict(context.invocation_metadata() or ())
         try:
-            async for response in self.generate(request, context.time_remaining(),
-                                                dict(context.invocation_metadata() or ()), send_trace_id):
+            request.tenant_id = self.api_keys.authorize(metadata.get("authorization"), request.tenant_id)
+            async for response in self.generate(request, context.time_remaining(), metadata, send_trace_id):
                 yield response
         except Exception as exc:
             await abort_with(context, exc)

@@ -17,10 +17,15 @@ import grpc
 
 from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
 from services.common.server import CHANNEL_OPTIONS
+from services.common.tls import TlsConfig, aio_channel
 from services.router.placement.base import LoadView, WorkerView
 from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
+# gRPC's own reconnect backoff grows to 120 s over a long outage: a worker restarted on the same
+# address could stay unseen that long. Cap it near the state-stream retry backoff below.
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                      ("grpc.max_reconnect_backoff_ms", 2000)]
 _ROLE_NAMES = {worker_state_pb2.WORKER_ROLE_PREFILL: "prefill", worker_state_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
@@ -56,11 +61,12 @@ class WorkerRegistry:
     services.router.discovery.follow). Each endpoint has one follow task and one channel."""
 
     def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], max_backoff_s: float = 2.0,
-                 remove_grace_s: float = 30.0):
+                 remove_grace_s: float = 30.0, tls: TlsConfig | None = None):
+        self._tls = tls  # every worker channel is mutual TLS when set
         self._max_backoff_s = max_backoff_s
         self._remove_grace_s = remove_grace_s
-        self._endpoints = [WorkerEndpoint(a, "prefill", _channel(a)) for a in prefill_addresses]
-        self._endpoints += [WorkerEndpoint(a, "decode", _channel(a)) for a in decode_addresses]
+        self._endpoints = [WorkerEndpoint(a, "prefill", self._channel(a)) for a in prefill_addresses]
+        self._endpoints += [WorkerEndpoint(a, "decode", self._channel(a)) for a in decode_addresses]
         self._by_key = {e.key: e for e in self._endpoints}
         self._tasks: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
@@ -88,7 +94,7 @@ class WorkerRegistry:
         """Start following a worker at address (no-op if already known)."""
         if address in self.addresses():
             return
-        endpoint = WorkerEndpoint(address, role, _channel(address))
+        endpoint = WorkerEndpoint(address, role, self._channel(address))
         self._endpoints.append(endpoint)
         self._by_key[endpoint.key] = endpoint
         if self._started:
@@ -119,6 +125,9 @@ class WorkerRegistry:
         self._closing.discard(closing)
         if self._by_key.get(endpoint.key) is endpoint:
             del self._by_key[endpoint.key]
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        return aio_channel(address, self._tls, [*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS])
 
     def views(self) -> list[WorkerView]:
         return [e.view() for e in self._endpoints]
@@ -198,6 +207,3 @@ class WorkerRegistry:
             self.index.cleared(endpoint.worker_id)
         self.changed.set()
 
-
-def _channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

@@ -114,3 +114,19 @@ def test_client_cancel_frees_blocks_and_leases_everywhere(mesh):
             break
         time.sleep(0.1)
     assert used == [0, 0, 0] and running == [0, 0], "a cancelled request kept KV blocks or a lease"
+
+
+def test_a_worker_restarted_on_its_address_is_used_again_within_seconds(mesh):
+    from pdmesh.launcher import restart
+
+    victim = mesh.workers("decode")[1]
+    victim.popen.kill()
+    victim.popen.wait()
+    time.sleep(5)  # the router has retried (and backed off) a few times
+    restart(mesh, victim)
+    probe = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[2, 5, 6]), max_tokens=1)
+    deadline, placed = time.monotonic() + 5, set()
+    while time.monotonic() < deadline and victim.name not in placed:
+        placed.add(list(mesh.stub.Generate(probe, timeout=30))[-1].placement.decode_worker_id)
+        time.sleep(0.05)
+    assert victim.name in placed, f"the restarted {victim.name} got no request within 5 s (placed on {placed})"
