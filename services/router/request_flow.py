@@ -56,7 +56,8 @@ class RequestFlow:
         ms = lambda: (time.perf_counter() - t0) * 1000  # noqa: E731
         timings = common_pb2.PhaseTimings()
         queued_at = time.perf_counter()
-        async with self._admission.admit(job.priority) as queue_ms, contextlib.AsyncExitStack() as held:
+        async with self._admission.admit(job.priority, job.tenant_id, len(job.prompt) + job.max_tokens) as queue_ms, \
+                    contextlib.AsyncExitStack() as held:
             timings.queue_ms = queue_ms
             admitted_at = time.perf_counter()
             tracing.record_span("router.queue", queued_at, admitted_at, {"pdmesh.priority": job.priority})
