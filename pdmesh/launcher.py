@@ -35,6 +35,8 @@ class MeshSpec:
     otlp_endpoint: str = ""
     # Serve Prometheus /metrics from every process on a free port (reported in its ready file).
     metrics: bool = True
+    # The router's batch job store (SQLite); "" = batch.sqlite3 in the run directory.
+    batch_db: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -91,7 +93,8 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
         address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info["role"] == role)  # noqa
         router = _spawn("router", ["-m", "services.router", "--port", str(spec.router_port), "--prefill",
                                    address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
-                                   "--max-model-len", str(spec.max_model_len), *metrics], run,
+                                   "--max-model-len", str(spec.max_model_len), *metrics,
+                                   "--batch-db", spec.batch_db or str(run / "batch.sqlite3")], run,
                         _service_env(env, spec, "router", "router"))
         mesh.processes.append(router)
         _wait_ready([router], spec.startup_timeout_s, progress)

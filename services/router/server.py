@@ -58,6 +58,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                            _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
                            time_remaining, arrived_at)
 
+    async def validate(self, request: router_pb2.GenerateRequest) -> None:
+        """Raises InvalidArgument when `generate` would reject the request as malformed."""
+        await self._job(request, None, time.perf_counter())
+
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
                        metadata: dict[str, str] | None = None, on_trace_id=None):
         """Validates, runs and relays one request; raises domain errors (see services.common.errors).
