@@ -25,7 +25,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"collecting traces into {args.traces} (OTLP/gRPC receiver at {endpoint})", flush=True)
     spec = MeshSpec(num_prefill=args.prefill, num_decode=args.decode, router_port=args.port, model=args.model,
                     kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
-                    torch_threads=args.torch_threads, otlp_endpoint=endpoint)
+                    torch_threads=args.torch_threads, otlp_endpoint=endpoint, batch_db=args.batch_db)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
     mesh = start_mesh(spec, args.run_dir)
     for p in mesh.processes:
@@ -131,6 +131,11 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_batch_db() -> str:
+    import os
+    return os.path.expanduser(os.environ.get("PDMESH_BATCH_DB", "~/.local/share/pdmesh/batch.sqlite3"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "a collector), e.g. http://127.0.0.1:4317")
     up.add_argument("--traces", default="", metavar="FILE",
                     help="collect traces locally: run a receiver and append spans to FILE (JSONL)")
+    up.add_argument("--batch-db", default=_default_batch_db(), help="SQLite file of batch jobs (env PDMESH_BATCH_DB)")
     up.set_defaults(func=cmd_up)
     gen = sub.add_parser("generate", help="stream a completion through the router")
     gen.add_argument("prompt")
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     traces.add_argument("--png", default="", help="show: where to write the waterfall PNG")
     traces.add_argument("--listen", default="127.0.0.1:4317", help="collect: host:port to listen on")
     traces.set_defaults(func=cmd_traces)
+    from pdmesh.batch_cli import add_batch_parser
+    add_batch_parser(sub, DEFAULT_ROUTER)
     args = parser.parse_args(argv)
     return args.func(args)
 
