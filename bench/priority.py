@@ -1,0 +1,265 @@
+"""Live traffic first, batch on the leftovers: interactive TTFT with and without a batch backlog,
+and how much of the capacity interactive traffic leaves idle the batch work actually uses.
+
+    python -m bench.priority [--quick] [--json PATH] [--plot PATH]
+
+One mesh on the real model (1 decode worker prefilling locally; the router with its default
+headroom rule), three phases in one run:
+  A  interactive alone: open-loop Poisson arrivals at a fixed moderate rate;
+  C  batch alone: a BatchService job big enough to saturate the worker (its tokens/s is the
+     mesh's batch capacity);
+  B  the same interactive schedule as A (same prompts, same offsets) plus a saturating batch job.
+Interactive TTFT is measured by the client from the scheduled send time. Capacity is counted in
+generated tokens per second: the capacity interactive traffic leaves idle is the batch capacity
+(phase C) minus the interactive tokens/s of phase A (continuous batching lets batch sequences
+share a step with live ones, so "idle" is spare tokens per second, not idle time; the fraction of
+phase A with a live request in flight is reported too). Headlines:
+  interactive_ttft_p99_ratio = TTFT p99 in B / TTFT p99 in A          (target <= 1.2)
+  batch_share_of_leftover    = batch tokens/s in B / leftover capacity (target >= 0.8)
+Batch tokens are credited when an item's result is stored, inside the phase's window.
+"""
+
+import argparse
+import asyncio
+import json
+import pathlib
+import random
+import statistics
+import tempfile
+import time
+
+import grpc
+
+from pdmesh.v1 import batch_pb2, batch_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
+
+TARGET_TTFT_RATIO, TARGET_SHARE = 1.2, 0.8
+_WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
+          "government company number group problem fact river mountain city music garden window letter").split()
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def _text(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    return f"Note {seed}: " + " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+class Setup:
+    def __init__(self, quick: bool):
+        self.phase_s = 30.0 if quick else 90.0
+        self.capacity_s = 20.0 if quick else 45.0
+        self.rate = 0.5  # interactive requests per second
+        self.interactive_words, self.interactive_tokens = 30, 12
+        self.batch_words, self.batch_tokens = 30, 24
+        self.batch_items = 400 if quick else 1200
+
+
+async def _interactive(stub, setup: Setup, t0: float, record: list, seed: int) -> None:
+    rng = random.Random(seed)
+    offsets, at = [], rng.expovariate(setup.rate)
+    while at < setup.phase_s:
+        offsets.append(at)
+        at += rng.expovariate(setup.rate)
+
+    async def one(i: int, offset: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        sent = t0 + offset
+        request = router_pb2.GenerateRequest(text=_text(10_000 + i, setup.interactive_words), ignore_eos=True,
+                                             max_tokens=setup.interactive_tokens, tenant_id="live",
+                                             sampling=common_pb2.SamplingParams(temperature=0.0))
+        ttft = None
+        async for message in stub.Generate(request, timeout=300):
+            if ttft is None and message.token_ids:
+                ttft = time.perf_counter() - sent
+        record.append({"sent": sent, "ttft_s": ttft, "done": time.perf_counter()})
+    await asyncio.gather(*(one(i, o) for i, o in enumerate(offsets)))
+
+
+class BatchLoad:
+    """A saturating batch job, its results timestamped as they are stored."""
+
+    def __init__(self, stub, setup: Setup, tag: str):
+        self.stub, self.setup, self.tag = stub, setup, tag
+        self.done: list[tuple[float, int]] = []  # (perf_counter when received, completion tokens)
+        self.job_id = ""
+
+    async def start(self) -> None:
+        s = self.setup
+        items = [batch_pb2.BatchItem(custom_id=f"{self.tag}-{i}", request=router_pb2.GenerateRequest(
+            text=_text(i, s.batch_words), max_tokens=s.batch_tokens, ignore_eos=True,
+            sampling=common_pb2.SamplingParams(temperature=0.0))) for i in range(s.batch_items)]
+        job = await self.stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(tenant_id="offline", items=items),
+                                             timeout=120)
+        self.job_id = job.job.job_id
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async for message in self.stub.StreamBatchResults(batch_pb2.StreamBatchResultsRequest(
+                tenant_id="offline", job_id=self.job_id)):
+            self.done.append((time.perf_counter(), message.result.usage.completion_tokens))
+
+    async def stop(self) -> None:
+        await self.stub.CancelBatchJob(batch_pb2.CancelBatchJobRequest(tenant_id="offline", job_id=self.job_id))
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _busy_fraction(records: list[dict], start: float, end: float) -> float:
+    """Fraction of [start, end] during which at least one request was in flight."""
+    busy, cursor = 0.0, start
+    for r in sorted(records, key=lambda r: r["sent"]):
+        lo, hi = max(r["sent"], cursor), min(r["done"], end)
+        if hi > lo:
+            busy += hi - lo
+            cursor = hi
+    return busy / (end - start)
+
+
+async def _run(address: str, setup: Setup) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        router, batch = router_pb2_grpc.RouterServiceStub(channel), batch_pb2_grpc.BatchServiceStub(channel)
+        for i in range(2):  # warm-up
+            async for _ in router.Generate(router_pb2.GenerateRequest(text=_text(-1 - i, 30), max_tokens=4)):
+                pass
+        raw = {"t0": time.perf_counter(), "interactive_tokens": setup.interactive_tokens}
+        _progress(f"phase A: interactive alone, {setup.rate} req/s for {setup.phase_s:.0f} s")
+        a = raw["A"] = {"start": time.perf_counter(), "interactive": []}
+        await _interactive(router, setup, a["start"], a["interactive"], seed=1)
+        a["end"] = a["start"] + setup.phase_s
+        _progress(f"phase C: batch alone for {setup.capacity_s:.0f} s (the mesh's batch capacity)")
+        load_c = BatchLoad(batch, setup, "capacity")
+        c = raw["C"] = {"start": time.perf_counter()}
+        await load_c.start()
+        await asyncio.sleep(setup.capacity_s)
+        c["end"] = time.perf_counter()
+        await load_c.stop()
+        c["batch"] = load_c.done
+        await asyncio.sleep(2.0)  # the cancelled items leave the worker
+        _progress(f"phase B: the same interactive schedule plus a saturating batch job for {setup.phase_s:.0f} s")
+        load_b = BatchLoad(batch, setup, "mixed")
+        b = raw["B"] = {"start": time.perf_counter(), "interactive": []}
+        await load_b.start()
+        await _interactive(router, setup, b["start"], b["interactive"], seed=1)
+        b["end"] = b["start"] + setup.phase_s
+        await load_b.stop()
+        b["batch"] = load_b.done
+        return raw
+
+
+def summarize(raw: dict) -> dict:
+    a, b, c = raw["A"], raw["B"], raw["C"]
+    ttft = {k: [r["ttft_s"] * 1000 for r in raw[k]["interactive"] if r["ttft_s"] is not None] for k in "AB"}
+    rate = lambda phase: sum(n for t, n in phase["batch"] if phase["start"] <= t <= phase["end"]) / (  # noqa: E731
+        phase["end"] - phase["start"])
+    capacity = rate(c)
+    busy = _busy_fraction(a["interactive"], a["start"], a["end"])
+    interactive_tokens_per_s = len(a["interactive"]) * raw["interactive_tokens"] / (a["end"] - a["start"])
+    leftover = capacity - interactive_tokens_per_s
+    batch_b = rate(b)
+    return {
+        "interactive_ttft_p99_ratio": _pct(ttft["B"], 99) / _pct(ttft["A"], 99),
+        "batch_share_of_leftover": batch_b / leftover if leftover > 0 else float("nan"),
+        "interactive_ttft_p50_ratio": statistics.median(ttft["B"]) / statistics.median(ttft["A"]),
+        "ttft_p50_ms_alone": statistics.median(ttft["A"]), "ttft_p99_ms_alone": _pct(ttft["A"], 99),
+        "ttft_p50_ms_with_batch": statistics.median(ttft["B"]), "ttft_p99_ms_with_batch": _pct(ttft["B"], 99),
+        "interactive_requests_per_phase": len(ttft["A"]),
+        "interactive_busy_fraction": busy, "batch_capacity_tokens_per_s": capacity,
+        "interactive_tokens_per_s": interactive_tokens_per_s,
+        "leftover_capacity_tokens_per_s": leftover, "batch_tokens_per_s_with_interactive": batch_b,
+    }
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{'':<34}{'interactive alone':>18}{'+ batch backlog':>18}{'ratio':>8}")
+    for label, key in (("interactive TTFT p50 (ms)", "ttft_p50_ms"), ("interactive TTFT p99 (ms)", "ttft_p99_ms")):
+        alone, mixed = r[f"{key}_alone"], r[f"{key}_with_batch"]
+        print(f"{label:<34}{alone:>18.0f}{mixed:>18.0f}{mixed / alone:>8.2f}")
+    print(f"\nbatch capacity (batch alone)      {r['batch_capacity_tokens_per_s']:8.1f} tokens/s")
+    print(f"interactive traffic (A)           {r['interactive_tokens_per_s']:8.1f} tokens/s "
+          f"(a live request in flight {r['interactive_busy_fraction']:.0%} of the time)")
+    print(f"leftover = capacity - interactive {r['leftover_capacity_tokens_per_s']:8.1f} tokens/s")
+    print(f"batch throughput beside live      {r['batch_tokens_per_s_with_interactive']:8.1f} tokens/s")
+    ratio, share = r["interactive_ttft_p99_ratio"], r["batch_share_of_leftover"]
+    print(f"\ninteractive_ttft_p99_ratio {ratio:.2f} (target <= {TARGET_TTFT_RATIO}: "
+          f"{'met' if ratio <= TARGET_TTFT_RATIO else 'NOT met'}); batch_share_of_leftover {share:.2f} "
+          f"(target >= {TARGET_SHARE}: {'met' if share >= TARGET_SHARE else 'NOT met'})")
+
+
+def _plot(path: pathlib.Path, raw: dict, result: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t0 = raw["t0"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    for key, color in (("A", "tab:blue"), ("B", "tab:red")):
+        records = raw[key]["interactive"]
+        top.plot([r["sent"] - t0 for r in records], [r["ttft_s"] * 1000 for r in records], "o", color=color,
+                 ms=4, label=f"interactive TTFT, phase {key}")
+    top.set_ylabel("TTFT (ms)")
+    top.legend(fontsize=8)
+    for key in "CB":
+        phase = raw[key]
+        bins = {}
+        for t, n in phase["batch"]:
+            bins[int(t - t0)] = bins.get(int(t - t0), 0) + n
+        xs = sorted(bins)
+        bottom.bar(xs, [bins[x] for x in xs], width=1.0, color="tab:green" if key == "C" else "tab:orange",
+                   label=f"batch tokens/s, phase {key}")
+    for axis in (top, bottom):
+        for key, shade in (("A", "#e8f0ff"), ("C", "#e8ffe8"), ("B", "#fff0e0")):
+            axis.axvspan(raw[key]["start"] - t0, raw[key]["end"] - t0, color=shade, zorder=-1)
+        axis.grid(alpha=0.3)
+    bottom.set_ylabel("batch tokens / s")
+    bottom.set_xlabel("seconds (A: interactive alone, C: batch alone, B: both)")
+    bottom.legend(fontsize=8)
+    fig.suptitle(f"priority: TTFT p99 ratio {result['interactive_ttft_p99_ratio']:.2f}, "
+                 f"batch share of leftover {result['batch_share_of_leftover']:.2f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench.priority", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="shorter phases (about two minutes)")
+    p.add_argument("--json", default=None, help="write headline figures here")
+    p.add_argument("--plot", default=None, help="PNG timeline (default: priority.png beside --json)")
+    p.add_argument("--torch-threads", type=int, default=2)
+    args = p.parse_args(argv)
+    from engine.weights import prepare
+    from pdmesh.launcher import MeshSpec, start_mesh
+
+    prepare()
+    setup = Setup(args.quick)
+    run = pathlib.Path(tempfile.mkdtemp(prefix="pdmesh-bench-priority-"))
+    _progress(f"starting a mesh: router + 1 decode worker (local prefill), real model ({run})")
+    mesh = start_mesh(MeshSpec(num_prefill=0, num_decode=1, router_port=0, kv_transports="grpc", num_blocks=1024,
+                               torch_threads=args.torch_threads, max_model_len=1024, metrics=False),
+                      str(run), lambda *_: None)
+    try:
+        raw = asyncio.run(_run(mesh.router_address, setup))
+    finally:
+        mesh.stop()
+    result = summarize(raw)
+    print_table(result)
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {**result, "target_interactive_ttft_p99_ratio": TARGET_TTFT_RATIO,
+               "target_batch_share_of_leftover": TARGET_SHARE,
+               "setup": {**vars(setup), "mesh": "router + 1 decode worker (local prefill), real model, "
+                                                f"{args.torch_threads} torch threads, default headroom rule"}}
+        path.write_text(json.dumps(out, indent=2))
+        plot = pathlib.Path(args.plot) if args.plot else path.with_name("priority.png")
+        _plot(plot, raw, result)
+        _progress(f"wrote {path} and {plot}")
+
+
+if __name__ == "__main__":
+    main()
