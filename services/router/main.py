@@ -52,7 +52,7 @@ async def serve(config: RouterConfig) -> None:
     registry.start()
     flow = RequestFlow(registry, load_profile(config.profile), build_admission(config, registry), tokenizer)
     servicer = RouterServicer(flow, config, tokenizer)
-    batch = BatchService(config, servicer)
+    batch = BatchService(config, servicer, registry)
     stop = stop_event_on_signals()
     server = await start_server(lambda port: [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer,
                                                router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name),

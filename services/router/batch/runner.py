@@ -5,7 +5,9 @@ Invariant: every item of a RUNNING job ends with exactly one stored result. Item
 class, headroom, fair share, tenant limits and placement apply to them like to any request.
 Transient refusals are waited out, never stored as failures: RESOURCE_EXHAUSTED (a limit or a
 full queue) is retried after its retry hint, UNAVAILABLE / DEADLINE_EXCEEDED with backoff up to
-`max_attempts`; any other error is the item's result (error code + message). Results are keyed
+`max_attempts` (attempts made while `pools_up()` is false, i.e. no decode worker is reachable,
+do not count: an outage of the mesh fails no item); any other error is the item's result (error
+code + message). Results are keyed
 by (job, custom_id) in the store, so an item re-run after a crash cannot give a second result.
 On start the runner resumes every QUEUED or RUNNING job from its items without a result.
 Each job has at most `job_concurrency` items in flight; fairness between tenants is admission's.
@@ -26,11 +28,12 @@ Generate = Callable[[router_pb2.GenerateRequest], AsyncIterator[router_pb2.Gener
 
 class BatchRunner:
     def __init__(self, store: AsyncBatchStore, generate: Generate, code_of: Callable[[BaseException], int],
-                 job_concurrency: int = 8, max_attempts: int = 8, max_backoff_s: float = 10.0):
+                 job_concurrency: int = 8, max_attempts: int = 8, max_backoff_s: float = 10.0,
+                 pools_up: Callable[[], bool] = lambda: True):
         """`code_of(exc)` is the gRPC status code number an item's error is stored with."""
         if job_concurrency <= 0 or max_attempts <= 0:
             raise ValueError("job_concurrency and max_attempts must be positive")
-        self._store, self._generate, self._code_of = store, generate, code_of
+        self._store, self._generate, self._code_of, self._pools_up = store, generate, code_of, pools_up
         self.job_concurrency, self.max_attempts, self.max_backoff_s = job_concurrency, max_attempts, max_backoff_s
         self._tasks: dict[str, asyncio.Task] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -113,7 +116,7 @@ class BatchRunner:
             except ResourceExhausted as exc:
                 await asyncio.sleep(max(0.05, exc.retry_after_s))
             except (Unavailable, TimeoutError, ConnectionError) as exc:
-                attempt += 1
+                attempt += 1 if self._pools_up() else 0
                 if attempt >= self.max_attempts:
                     return self._failed(item, exc)
                 log.info("batch item %s/%s: %s; retry %d in %.1fs", job.job_id, item.custom_id, exc, attempt, backoff)

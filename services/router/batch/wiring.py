@@ -29,7 +29,7 @@ class BatchService:
     """The store, runner and servicer of batch jobs. If the store cannot be opened (e.g. another
     router holds it) the router still serves Generate and every BatchService call says why not."""
 
-    def __init__(self, config: RouterConfig, router_servicer):
+    def __init__(self, config: RouterConfig, router_servicer, registry: WorkerRegistry):
         self.store, self.runner, reason = None, None, ""
         try:
             self.store = AsyncBatchStore(BatchStore(str(pathlib.Path(config.batch_db).expanduser())))
@@ -38,7 +38,8 @@ class BatchService:
             log.error("batch jobs are off: %s", reason)
         else:
             self.runner = BatchRunner(self.store, lambda request: router_servicer.generate(request),
-                                      lambda exc: status_for(exc).value[0], config.batch_job_concurrency)
+                                      lambda exc: status_for(exc).value[0], config.batch_job_concurrency,
+                                      pools_up=lambda: registry.has_healthy("decode"))
         self.servicer = BatchServicer(self.store, self.runner, router_servicer.validate, config.batch_max_items,
                                       reason)
 

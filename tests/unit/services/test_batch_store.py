@@ -159,3 +159,31 @@ def test_runner_waits_out_refusals_records_failures_and_completes(tmp_path):
     assert results["c2"].error_code == 3 and "too long" in results["c2"].error_message
     assert all(p == common_pb2.PRIORITY_CLASS_BATCH and t == "acme" for _, p, t in calls)
     assert sum(1 for c in calls if c[0].endswith("-1")) == 3, "unavailable is retried, then succeeds"
+
+
+def test_runner_does_not_fail_items_while_the_pools_are_down(tmp_path):
+    pools = {"up": False}
+    calls = []
+
+    async def generate(request):
+        calls.append(1)
+        if len(calls) == 6:
+            pools["up"] = True
+        if not pools["up"]:
+            raise Unavailable("no decode worker is reachable")
+        yield _response([1], final=True)
+
+    async def scenario():
+        store = AsyncBatchStore(BatchStore(str(tmp_path / "jobs.sqlite3")))
+        runner = BatchRunner(store, generate, code_of=lambda exc: 14, job_concurrency=1, max_attempts=2,
+                             max_backoff_s=0.01, pools_up=lambda: pools["up"])
+        job = await store.create_job("t", _items(1), {})
+        runner.submit(job.job_id)
+        while (await store.job(job.job_id)).status != COMPLETED:
+            await asyncio.sleep(0.01)
+        final = await store.job(job.job_id)
+        await runner.close()
+        store.close()
+        return final
+    final = asyncio.run(scenario())
+    assert (final.completed_items, final.failed_items) == (1, 0) and len(calls) == 6, "5 refusals while down, not failed after 2"
