@@ -4,11 +4,13 @@ and how much of the capacity interactive traffic leaves idle the batch work actu
     python -m bench.priority [--quick] [--json PATH] [--plot PATH]
 
 One mesh on the real model (1 decode worker prefilling locally; the router with its default
-headroom rule), three phases in one run:
+headroom rule), three kinds of phase in one run:
   A  interactive alone: open-loop Poisson arrivals at a fixed moderate rate;
-  C  batch alone: a BatchService job big enough to saturate the worker (its tokens/s is the
-     mesh's batch capacity);
-  B  the same interactive schedule as A (same prompts, same offsets) plus a saturating batch job.
+  B  the same interactive schedule (same prompts, same offsets) plus a BatchService job big
+     enough to saturate the worker;
+  C  batch alone: the same kind of job (its tokens/s is the mesh's batch capacity).
+A and B alternate A B B A (twice in a full run), so drift on this shared machine hits both alike;
+C runs in the middle. Batch items have varied lengths so completions do not come in waves.
 Interactive TTFT is measured by the client from the scheduled send time. Capacity is counted in
 generated tokens per second: the capacity interactive traffic leaves idle is the batch capacity
 (phase C) minus the interactive tokens/s of phase A (continuous batching lets batch sequences
@@ -53,12 +55,13 @@ def _text(seed: int, words: int) -> str:
 
 class Setup:
     def __init__(self, quick: bool):
-        self.phase_s = 30.0 if quick else 90.0
+        self.phase_s = 20.0 if quick else 40.0  # each A or B slot
+        self.slots = "ABBA" if quick else "ABBAABBA"
         self.capacity_s = 20.0 if quick else 45.0
         self.rate = 0.5  # interactive requests per second
         self.interactive_words, self.interactive_tokens = 30, 12
-        self.batch_words, self.batch_tokens = 30, 24
-        self.batch_items = 400 if quick else 1200
+        self.batch_words, self.batch_tokens = 30, (8, 40)  # max_tokens drawn from this range
+        self.batch_items = 300
 
 
 async def _interactive(stub, setup: Setup, t0: float, record: list, seed: int) -> None:
@@ -92,8 +95,9 @@ class BatchLoad:
 
     async def start(self) -> None:
         s = self.setup
+        rng = random.Random(self.tag)
         items = [batch_pb2.BatchItem(custom_id=f"{self.tag}-{i}", request=router_pb2.GenerateRequest(
-            text=_text(i, s.batch_words), max_tokens=s.batch_tokens, ignore_eos=True,
+            text=_text(i, s.batch_words), max_tokens=rng.randint(*s.batch_tokens), ignore_eos=True,
             sampling=common_pb2.SamplingParams(temperature=0.0))) for i in range(s.batch_items)]
         job = await self.stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(tenant_id="offline", items=items),
                                              timeout=120)
@@ -124,51 +128,56 @@ def _busy_fraction(records: list[dict], start: float, end: float) -> float:
 async def _run(address: str, setup: Setup) -> dict:
     async with grpc.aio.insecure_channel(address) as channel:
         router, batch = router_pb2_grpc.RouterServiceStub(channel), batch_pb2_grpc.BatchServiceStub(channel)
-        for i in range(2):  # warm-up
-            async for _ in router.Generate(router_pb2.GenerateRequest(text=_text(-1 - i, 30), max_tokens=4)):
-                pass
-        raw = {"t0": time.perf_counter(), "interactive_tokens": setup.interactive_tokens}
-        _progress(f"phase A: interactive alone, {setup.rate} req/s for {setup.phase_s:.0f} s")
-        a = raw["A"] = {"start": time.perf_counter(), "interactive": []}
-        await _interactive(router, setup, a["start"], a["interactive"], seed=1)
-        a["end"] = a["start"] + setup.phase_s
-        _progress(f"phase C: batch alone for {setup.capacity_s:.0f} s (the mesh's batch capacity)")
-        load_c = BatchLoad(batch, setup, "capacity")
-        c = raw["C"] = {"start": time.perf_counter()}
-        await load_c.start()
-        await asyncio.sleep(setup.capacity_s)
-        c["end"] = time.perf_counter()
-        await load_c.stop()
-        c["batch"] = load_c.done
-        await asyncio.sleep(2.0)  # the cancelled items leave the worker
-        _progress(f"phase B: the same interactive schedule plus a saturating batch job for {setup.phase_s:.0f} s")
-        load_b = BatchLoad(batch, setup, "mixed")
-        b = raw["B"] = {"start": time.perf_counter(), "interactive": []}
-        await load_b.start()
-        await _interactive(router, setup, b["start"], b["interactive"], seed=1)
-        b["end"] = b["start"] + setup.phase_s
-        await load_b.stop()
-        b["batch"] = load_b.done
+        warm = [router_pb2.GenerateRequest(text=_text(-1 - i, 30), max_tokens=8) for i in range(6)]
+        for pair in (warm[:2], warm[2:]):  # warm-up: alone, then several at once
+            await asyncio.gather(*(_drain(router.Generate(r)) for r in pair))
+        raw = {"t0": time.perf_counter(), "interactive_tokens": setup.interactive_tokens, "phases": []}
+        middle = len(setup.slots) // 2
+        for i, kind in enumerate(setup.slots[:middle] + "C" + setup.slots[middle:]):
+            phase = {"kind": kind, "interactive": [], "batch": []}
+            raw["phases"].append(phase)
+            what = {"A": "interactive alone", "B": "interactive + batch backlog", "C": "batch alone"}[kind]
+            _progress(f"phase {i + 1}/{len(setup.slots) + 1} {kind}: {what}")
+            load = BatchLoad(batch, setup, f"{kind}{i}") if kind in "BC" else None
+            phase["start"] = time.perf_counter()
+            if load:
+                await load.start()
+            if kind == "C":
+                await asyncio.sleep(setup.capacity_s)
+            else:  # slot k of A and slot k of B share one schedule (A B B A: seeds 1 1 2 2)
+                seed = 1 + sum(1 for p in raw["phases"][:-1] if p["kind"] == kind)
+                await _interactive(router, setup, phase["start"], phase["interactive"], seed=seed)
+            phase["end"] = phase["start"] + (setup.capacity_s if kind == "C" else setup.phase_s)
+            if load:
+                await load.stop()
+                phase["batch"] = load.done
+                await asyncio.sleep(2.0)  # the cancelled items leave the worker
         return raw
 
 
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
+
+
 def summarize(raw: dict) -> dict:
-    a, b, c = raw["A"], raw["B"], raw["C"]
-    ttft = {k: [r["ttft_s"] * 1000 for r in raw[k]["interactive"] if r["ttft_s"] is not None] for k in "AB"}
-    rate = lambda phase: sum(n for t, n in phase["batch"] if phase["start"] <= t <= phase["end"]) / (  # noqa: E731
-        phase["end"] - phase["start"])
-    capacity = rate(c)
-    busy = _busy_fraction(a["interactive"], a["start"], a["end"])
-    interactive_tokens_per_s = len(a["interactive"]) * raw["interactive_tokens"] / (a["end"] - a["start"])
+    phases = {k: [p for p in raw["phases"] if p["kind"] == k] for k in "ABC"}
+    ttft = {k: [r["ttft_s"] * 1000 for p in phases[k] for r in p["interactive"] if r["ttft_s"] is not None]
+            for k in "AB"}
+    seconds = {k: sum(p["end"] - p["start"] for p in phases[k]) for k in "ABC"}
+    tokens = {k: sum(n for p in phases[k] for t, n in p["batch"] if p["start"] <= t <= p["end"]) for k in "BC"}
+    capacity = tokens["C"] / seconds["C"]
+    busy = sum(_busy_fraction(p["interactive"], p["start"], p["end"]) for p in phases["A"]) / len(phases["A"])
+    interactive_tokens_per_s = sum(len(p["interactive"]) for p in phases["A"]) * raw["interactive_tokens"] / seconds["A"]
     leftover = capacity - interactive_tokens_per_s
-    batch_b = rate(b)
+    batch_b = tokens["B"] / seconds["B"]
     return {
         "interactive_ttft_p99_ratio": _pct(ttft["B"], 99) / _pct(ttft["A"], 99),
         "batch_share_of_leftover": batch_b / leftover if leftover > 0 else float("nan"),
         "interactive_ttft_p50_ratio": statistics.median(ttft["B"]) / statistics.median(ttft["A"]),
         "ttft_p50_ms_alone": statistics.median(ttft["A"]), "ttft_p99_ms_alone": _pct(ttft["A"], 99),
         "ttft_p50_ms_with_batch": statistics.median(ttft["B"]), "ttft_p99_ms_with_batch": _pct(ttft["B"], 99),
-        "interactive_requests_per_phase": len(ttft["A"]),
+        "interactive_requests_alone": len(ttft["A"]), "interactive_requests_with_batch": len(ttft["B"]),
         "interactive_busy_fraction": busy, "batch_capacity_tokens_per_s": capacity,
         "interactive_tokens_per_s": interactive_tokens_per_s,
         "leftover_capacity_tokens_per_s": leftover, "batch_tokens_per_s_with_interactive": batch_b,
@@ -196,28 +205,31 @@ def _plot(path: pathlib.Path, raw: dict, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     t0 = raw["t0"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    for key, color in (("A", "tab:blue"), ("B", "tab:red")):
-        records = raw[key]["interactive"]
-        top.plot([r["sent"] - t0 for r in records], [r["ttft_s"] * 1000 for r in records], "o", color=color,
-                 ms=4, label=f"interactive TTFT, phase {key}")
-    top.set_ylabel("TTFT (ms)")
-    top.legend(fontsize=8)
-    for key in "CB":
-        phase = raw[key]
+    colors = {"A": ("tab:blue", "#e8f0ff"), "B": ("tab:red", "#fff0e0"), "C": ("tab:green", "#e8ffe8")}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    labelled = set()
+    for phase in raw["phases"]:
+        kind = phase["kind"]
+        color, shade = colors[kind]
+        for axis in (top, bottom):
+            axis.axvspan(phase["start"] - t0, phase["end"] - t0, color=shade, zorder=-1)
+        if phase["interactive"]:
+            top.plot([r["sent"] - t0 for r in phase["interactive"]], [r["ttft_s"] * 1000 for r in phase["interactive"]],
+                     "o", color=color, ms=4, label=None if ("i", kind) in labelled else f"interactive TTFT ({kind})")
+            labelled.add(("i", kind))
         bins = {}
         for t, n in phase["batch"]:
             bins[int(t - t0)] = bins.get(int(t - t0), 0) + n
-        xs = sorted(bins)
-        bottom.bar(xs, [bins[x] for x in xs], width=1.0, color="tab:green" if key == "C" else "tab:orange",
-                   label=f"batch tokens/s, phase {key}")
-    for axis in (top, bottom):
-        for key, shade in (("A", "#e8f0ff"), ("C", "#e8ffe8"), ("B", "#fff0e0")):
-            axis.axvspan(raw[key]["start"] - t0, raw[key]["end"] - t0, color=shade, zorder=-1)
-        axis.grid(alpha=0.3)
+        if bins:
+            bottom.bar(list(bins), list(bins.values()), width=1.0, color=color,
+                       label=None if ("b", kind) in labelled else f"batch tokens completed per s ({kind})")
+            labelled.add(("b", kind))
+    top.set_ylabel("TTFT (ms)")
     bottom.set_ylabel("batch tokens / s")
-    bottom.set_xlabel("seconds (A: interactive alone, C: batch alone, B: both)")
-    bottom.legend(fontsize=8)
+    bottom.set_xlabel("seconds (A: interactive alone, B: interactive + batch backlog, C: batch alone)")
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper right")
     fig.suptitle(f"priority: TTFT p99 ratio {result['interactive_ttft_p99_ratio']:.2f}, "
                  f"batch share of leftover {result['batch_share_of_leftover']:.2f}", fontsize=10)
     fig.tight_layout()

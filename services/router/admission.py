@@ -3,8 +3,10 @@
 Invariants:
 - a waiting interactive request is always dispatched before any waiting batch request, and an
   interactive request dispatches at once while fewer than `max_inflight` run;
-- a batch request takes a slot only while fewer than `batch_max_inflight` requests run and
-  `headroom()` says the pools have room (services/router/headroom.py). A batch grant is followed
+- a batch request takes a slot only while fewer than `batch_max_inflight` requests run, no
+  interactive request is still waiting for its first token (its prefill must not queue behind a
+  batch prompt placed meanwhile; the request flow calls `first_token()`), and `headroom()` says
+  the pools have room (services/router/headroom.py). A batch grant is followed
   by placement before the next headroom check (the granted request must show up in the load the
   rule reads); the router calls `capacity_changed()` on every load report and placement, which is
   when a waiting batch request re-checks: no polling;
@@ -37,6 +39,7 @@ class Admission:
         self.inflight_by_class = {INTERACTIVE: 0, BATCH: 0}
         self._queues = {INTERACTIVE: FairQueue(self.limiter.weight), BATCH: FairQueue(self.limiter.weight)}
         self._unplaced_batch = 0  # batch waiters granted a slot that have not resumed yet
+        self._before_first_token: set = set()  # tasks of admitted interactive requests with no token yet
 
     @property
     def queued(self) -> int:
@@ -57,12 +60,23 @@ class Admission:
                 self._start(priority, tenant, tokens)
             else:
                 await self._wait(priority, tenant, tokens, loop)
+            task = asyncio.current_task()
+            if priority == INTERACTIVE:
+                self._before_first_token.add(task)
             try:
                 yield (loop.time() - start) * 1000
             finally:
+                self._before_first_token.discard(task)
                 self._finish(priority)
         finally:
             self.limiter.release(tenant)
+
+    def first_token(self) -> None:
+        """The calling request (the task that was admitted) has its first token."""
+        if self._before_first_token:
+            self._before_first_token.discard(asyncio.current_task())
+            if not self._before_first_token:
+                self._wake()
 
     def capacity_changed(self) -> None:
         """Load or placement changed: waiting batch requests re-check the headroom."""
@@ -95,7 +109,7 @@ class Admission:
 
     def _batch_may_start(self) -> bool:
         return (self.inflight < min(self.batch_max_inflight, self.max_inflight) and self._unplaced_batch == 0
-                and (self._headroom is None or self._headroom()))
+                and not self._before_first_token and (self._headroom is None or self._headroom()))
 
     def _start(self, priority: str, tenant: str, tokens: int) -> None:
         self.inflight += 1

@@ -99,6 +99,7 @@ class RequestFlow:
                         now = ms()
                         if message.token_ids:
                             if first_at is None:
+                                self._admission.first_token()
                                 first_at = timings.time_to_first_token_ms = now
                                 ttft.observe(now / 1000)
                                 span.add_event("first_token")

@@ -126,9 +126,11 @@ def test_fair_queue_idle_tenant_banks_no_credit():
     assert order == ["b", "a", "b", "a", "b", "a"], "a newcomer alternates; idleness is not credit"
 
 
-async def _hold_tenant(adm, priority, tenant, tokens, release, order):
+async def _hold_tenant(adm, priority, tenant, tokens, release, order, first_token=True):
     async with adm.admit(priority, tenant, tokens):
         order.append(tenant)
+        if first_token:
+            adm.first_token()
         await release.wait()
 
 
@@ -183,6 +185,34 @@ def test_batch_waits_without_headroom_and_goes_when_load_reports_change():
     assert live_ran, "interactive dispatches at once whatever the headroom"
     assert still_waiting and dispatched and inflight == 0
     assert len(calls) <= 6, f"headroom must be checked on events, not polled ({len(calls)} checks)"
+
+
+def test_batch_waits_while_a_live_request_awaits_its_first_token():
+    async def scenario():
+        adm = Admission(max_inflight=8, max_queued=10, headroom=lambda: True)
+        release, order, states = asyncio.Event(), [], []
+        live_started = asyncio.Event()
+
+        async def live():
+            async with adm.admit("interactive", "u", 10):
+                order.append("u")
+                live_started.set()
+                await asyncio.sleep(0.05)  # prefill: no token yet
+                states.append(list(order))
+                adm.first_token()
+                await asyncio.sleep(0.01)
+                states.append(list(order))
+                await release.wait()
+        live_task = asyncio.create_task(live())
+        await live_started.wait()
+        batch = asyncio.create_task(_hold_tenant(adm, "batch", "t", 10, release, order))
+        await asyncio.sleep(0.08)
+        release.set()
+        await asyncio.gather(live_task, batch)
+        return states
+    before, after = asyncio.run(scenario())
+    assert before == ["u"], "no batch dispatch while a live request waits for its first token"
+    assert after == ["u", "t"], "the first token lets the batch request go"
 
 
 def test_one_batch_grant_at_a_time_until_placed():
