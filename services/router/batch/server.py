@@ -74,6 +74,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
             if generate.tenant_id not in ("", request.tenant_id):
                 raise InvalidArgument(f"{where}: tenant_id {generate.tenant_id!r} differs from the job's "
                                       f"{request.tenant_id!r}; leave it empty")
+            await asyncio.sleep(0)  # tokenizing a big job must not hold up live streams
             try:
                 await self._validate(generate)
             except InvalidArgument as exc:
