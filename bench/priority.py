@@ -8,11 +8,13 @@ headroom rule), three kinds of phase in one run:
   A  interactive alone: open-loop Poisson arrivals at a fixed moderate rate;
   B  the same interactive schedule (same prompts, same offsets) plus a BatchService job big
      enough to saturate the worker;
-  C  batch alone: the same kind of job (its tokens/s is the mesh's batch capacity).
-A and B alternate A B B A (twice in a full run), so drift on this shared machine hits both alike;
-C runs in the middle. Batch items have varied lengths so completions do not come in waves.
+  C  the mesh's capacity: `capacity_streams` closed-loop streams (the worker's max_num_seqs) of
+     the batch work's prompts and lengths sent as interactive requests, so no batch rule caps
+     them; every token received inside the slot counts.
+Slots run A B C C B A (twice in a full run), so drift on this shared machine hits every arm
+alike. Batch items have varied lengths so completions do not come in waves.
 Interactive TTFT is measured by the client from the scheduled send time. Capacity is counted in
-generated tokens per second: the capacity interactive traffic leaves idle is the batch capacity
+generated tokens per second: the capacity interactive traffic leaves idle is the mesh's capacity
 (phase C) minus the interactive tokens/s of phase A (continuous batching lets batch sequences
 share a step with live ones, so "idle" is spare tokens per second, not idle time; the fraction of
 phase A with a live request in flight is reported too). Headlines:
@@ -55,9 +57,9 @@ def _text(seed: int, words: int) -> str:
 
 class Setup:
     def __init__(self, quick: bool):
-        self.phase_s = 20.0 if quick else 40.0  # each A or B slot
-        self.slots = "ABBA" if quick else "ABBAABBA"
-        self.capacity_s = 20.0 if quick else 45.0
+        self.phase_s = 15.0 if quick else 30.0  # each slot
+        self.slots = "ABCCBA" if quick else "ABCCBAABCCBA"
+        self.capacity_streams = 16
         self.rate = 0.5  # interactive requests per second
         self.interactive_words, self.interactive_tokens = 30, 12
         self.batch_words, self.batch_tokens = 30, (8, 40)  # max_tokens drawn from this range
@@ -132,27 +134,49 @@ async def _run(address: str, setup: Setup) -> dict:
         for pair in (warm[:2], warm[2:]):  # warm-up: alone, then several at once
             await asyncio.gather(*(_drain(router.Generate(r)) for r in pair))
         raw = {"t0": time.perf_counter(), "interactive_tokens": setup.interactive_tokens, "phases": []}
-        middle = len(setup.slots) // 2
-        for i, kind in enumerate(setup.slots[:middle] + "C" + setup.slots[middle:]):
+        for i, kind in enumerate(setup.slots):
             phase = {"kind": kind, "interactive": [], "batch": []}
             raw["phases"].append(phase)
-            what = {"A": "interactive alone", "B": "interactive + batch backlog", "C": "batch alone"}[kind]
-            _progress(f"phase {i + 1}/{len(setup.slots) + 1} {kind}: {what}")
-            load = BatchLoad(batch, setup, f"{kind}{i}") if kind in "BC" else None
+            what = {"A": "interactive alone", "B": "interactive + batch backlog",
+                    "C": f"capacity: {setup.capacity_streams} closed-loop streams"}[kind]
+            _progress(f"phase {i + 1}/{len(setup.slots)} {kind}: {what}")
+            load = BatchLoad(batch, setup, f"{kind}{i}") if kind == "B" else None
             phase["start"] = time.perf_counter()
             if load:
                 await load.start()
             if kind == "C":
-                await asyncio.sleep(setup.capacity_s)
+                await _saturate(router, setup, phase["start"], phase["batch"], tag=i)
             else:  # slot k of A and slot k of B share one schedule (A B B A: seeds 1 1 2 2)
                 seed = 1 + sum(1 for p in raw["phases"][:-1] if p["kind"] == kind)
                 await _interactive(router, setup, phase["start"], phase["interactive"], seed=seed)
-            phase["end"] = phase["start"] + (setup.capacity_s if kind == "C" else setup.phase_s)
+            phase["end"] = phase["start"] + setup.phase_s
             if load:
                 await load.stop()
                 phase["batch"] = load.done
-                await asyncio.sleep(2.0)  # the cancelled items leave the worker
+            await asyncio.sleep(2.0)  # cancelled work leaves the worker
         return raw
+
+
+async def _saturate(router, setup: Setup, start: float, record: list, tag: int) -> None:
+    """Closed-loop streams of batch-like requests until the slot ends; records (time, tokens)."""
+    rng = random.Random(f"C{tag}")
+    end = start + setup.phase_s
+
+    async def stream(k: int) -> None:
+        n = 0
+        while time.perf_counter() < end:
+            n += 1
+            request = router_pb2.GenerateRequest(
+                text=_text(50_000 + 1000 * k + n, setup.batch_words), max_tokens=rng.randint(*setup.batch_tokens),
+                ignore_eos=True, tenant_id="capacity", sampling=common_pb2.SamplingParams(temperature=0.0))
+            call = router.Generate(request, timeout=300)
+            async for message in call:
+                now = time.perf_counter()
+                if now > end:
+                    call.cancel()
+                    return
+                record.append((now, len(message.token_ids)))
+    await asyncio.gather(*(stream(k) for k in range(setup.capacity_streams)), return_exceptions=True)
 
 
 async def _drain(call) -> None:
@@ -178,7 +202,7 @@ def summarize(raw: dict) -> dict:
         "ttft_p50_ms_alone": statistics.median(ttft["A"]), "ttft_p99_ms_alone": _pct(ttft["A"], 99),
         "ttft_p50_ms_with_batch": statistics.median(ttft["B"]), "ttft_p99_ms_with_batch": _pct(ttft["B"], 99),
         "interactive_requests_alone": len(ttft["A"]), "interactive_requests_with_batch": len(ttft["B"]),
-        "interactive_busy_fraction": busy, "batch_capacity_tokens_per_s": capacity,
+        "interactive_busy_fraction": busy, "capacity_tokens_per_s": capacity,
         "interactive_tokens_per_s": interactive_tokens_per_s,
         "leftover_capacity_tokens_per_s": leftover, "batch_tokens_per_s_with_interactive": batch_b,
     }
@@ -189,7 +213,7 @@ def print_table(r: dict) -> None:
     for label, key in (("interactive TTFT p50 (ms)", "ttft_p50_ms"), ("interactive TTFT p99 (ms)", "ttft_p99_ms")):
         alone, mixed = r[f"{key}_alone"], r[f"{key}_with_batch"]
         print(f"{label:<34}{alone:>18.0f}{mixed:>18.0f}{mixed / alone:>8.2f}")
-    print(f"\nbatch capacity (batch alone)      {r['batch_capacity_tokens_per_s']:8.1f} tokens/s")
+    print(f"\nmesh capacity (saturated)         {r['capacity_tokens_per_s']:8.1f} tokens/s")
     print(f"interactive traffic (A)           {r['interactive_tokens_per_s']:8.1f} tokens/s "
           f"(a live request in flight {r['interactive_busy_fraction']:.0%} of the time)")
     print(f"leftover = capacity - interactive {r['leftover_capacity_tokens_per_s']:8.1f} tokens/s")
@@ -222,11 +246,12 @@ def _plot(path: pathlib.Path, raw: dict, result: dict) -> None:
             bins[int(t - t0)] = bins.get(int(t - t0), 0) + n
         if bins:
             bottom.bar(list(bins), list(bins.values()), width=1.0, color=color,
-                       label=None if ("b", kind) in labelled else f"batch tokens completed per s ({kind})")
+                       label=None if ("b", kind) in labelled else
+                       ("capacity tokens per s (C)" if kind == "C" else "batch tokens completed per s (B)"))
             labelled.add(("b", kind))
     top.set_ylabel("TTFT (ms)")
     bottom.set_ylabel("batch tokens / s")
-    bottom.set_xlabel("seconds (A: interactive alone, B: interactive + batch backlog, C: batch alone)")
+    bottom.set_xlabel("seconds (A: interactive alone, B: interactive + batch backlog, C: saturated capacity)")
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper right")
