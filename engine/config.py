@@ -60,10 +60,14 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int = 2048
     enable_prefix_caching: bool = True
+    # Host-memory tier for preempted sequences' KV, in blocks (0: preempted sequences recompute).
+    swap_blocks: int = 1024
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.num_blocks <= 0:
             raise ValueError(f"block_size and num_blocks must be positive, got {self.block_size}, {self.num_blocks}")
+        if self.swap_blocks < 0:
+            raise ValueError(f"swap_blocks must be >= 0, got {self.swap_blocks}")
 
 
 @dataclass(frozen=True)

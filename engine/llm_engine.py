@@ -13,6 +13,7 @@ cache holds the K/V of exactly its first num_computed_tokens tokens.
 """
 
 import time
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 from itertools import chain
 from numbers import Integral
@@ -26,7 +27,8 @@ from engine.config import EngineConfig
 from engine.errors import CapacityError, InvalidRequestError, UnknownRequestError
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence
+from engine.sequence import PRIORITY_INTERACTIVE, Sequence
+from engine.swap import HostSwapTier
 
 
 class TokenOutput(NamedTuple):
@@ -75,7 +77,8 @@ class LLMEngine:
         self.kv_cache = allocate_kv_pool(config.model, config.cache, config.device)
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        swap = HostSwapTier(self.kv_cache, config.cache.swap_blocks) if config.cache.swap_blocks else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, swap)
         self.stats = EngineStats()
         self._unfinished: dict[str, Sequence] = {}
         self._kept: dict[str, Sequence] = {}  # finished with keep_kv: blocks pinned until release
@@ -85,14 +88,25 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    max_tokens: int, ignore_eos: bool = False, keep_kv: bool = False) -> None:
+                    max_tokens: int, ignore_eos: bool = False, keep_kv: bool = False,
+                    priority: int = PRIORITY_INTERACTIVE, resume_token_ids: Sequence_[int] = ()) -> None:
         """Queues a prompt: prefill, then decode until max_tokens or an EOS id
         (config.model.eos_token_ids, unless ignore_eos). keep_kv=True: when it finishes its blocks
-        stay pinned (block_ids_of works) until release(request_id).
+        stay pinned (block_ids_of works) until release(request_id). A lower priority rank runs
+        first and may preempt less urgent running requests (see engine/scheduler.py).
+        resume_token_ids: tokens this request already generated elsewhere (failover); their KV is
+        computed with the prompt's, they count toward max_tokens and seeded sampling continues
+        exactly where it stopped.
         Raises InvalidRequestError (bad input, busy id) or CapacityError (can never fit the pool)."""
         self._check_new_id(request_id)
         self._check_prompt(prompt_token_ids, max_tokens, sampling)
-        seq = Sequence(request_id, prompt_token_ids, sampling, max_tokens, ignore_eos, keep_kv)
+        if len(resume_token_ids) >= max_tokens:
+            raise InvalidRequestError(f"{len(resume_token_ids)} resumed tokens leave nothing to generate "
+                                      f"(max_tokens {max_tokens})")
+        for i, token in enumerate(resume_token_ids):
+            self._check_token(token, f"resume_token_ids[{i}]")
+        seq = Sequence(request_id, prompt_token_ids, sampling, max_tokens, ignore_eos, keep_kv, priority)
+        seq.token_ids += [int(t) for t in resume_token_ids]
         self._unfinished[request_id] = seq
         self.scheduler.add(seq)
 
@@ -130,10 +144,12 @@ class LLMEngine:
 
     # -- KV import (decode side) ----------------------------------------------------------------
 
-    def reserve_for_import(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
+    def reserve_for_import(self, request_id: str, num_prompt_tokens: int,
+                           priority: int = PRIORITY_INTERACTIVE) -> list[int] | None:
         """Reserves blocks for a prompt's KV that the caller will write into kv_cache; returns
-        their ids in token order, or None: no room now, ask again later. The reservation holds
-        the id until add_imported or cancel_import. Raises InvalidRequestError / CapacityError."""
+        their ids in token order, or None: no room now, ask again later. Less urgent running
+        requests are preempted to make room. The reservation holds the id until add_imported
+        or cancel_import. Raises InvalidRequestError / CapacityError."""
         self._check_new_id(request_id)
         if not 0 < num_prompt_tokens < self.config.scheduler.max_model_len:
             raise InvalidRequestError(f"num_prompt_tokens must be in [1, max_model_len="
@@ -141,13 +157,14 @@ class LLMEngine:
         needed = self._blocks_for(num_prompt_tokens)
         self._check_fits(needed)
         # Leave one block per running sequence so decodes can grow without preempting.
-        if needed + len(self.scheduler.running) > self.block_manager.num_free_blocks:
+        if not self.scheduler.free_blocks_for(needed, priority):
             return None
         self._reserved[request_id] = self.block_manager.allocate_blocks(needed)
         return list(self._reserved[request_id])
 
     def add_imported(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                     sampling: SamplingParams, max_tokens: int, ignore_eos: bool = False) -> None:
+                     sampling: SamplingParams, max_tokens: int, ignore_eos: bool = False,
+                     priority: int = PRIORITY_INTERACTIVE) -> None:
         """Turns a filled reservation into a decoding request: the prompt's KV is in the reserved
         blocks, first_token_id (sampled elsewhere) is generated token 0, decoding continues from
         it without recomputing the prompt. The prompt's full blocks enter the prefix cache.
@@ -163,7 +180,7 @@ class LLMEngine:
             raise InvalidRequestError(f"{len(prompt_token_ids)} prompt tokens do not match the "
                                       f"{len(blocks)} blocks reserved for {request_id!r}")
         del self._reserved[request_id]
-        seq = Sequence(request_id, prompt_token_ids, sampling, max_tokens, ignore_eos)
+        seq = Sequence(request_id, prompt_token_ids, sampling, max_tokens, ignore_eos, priority=priority)
         seq.block_table, seq.num_computed_tokens = blocks, len(prompt_token_ids)
         self.block_manager.cache_full_blocks(seq)
         seq.append_token(first_token_id, self.config.model.eos_token_ids)

@@ -3,13 +3,19 @@
 Invariant: every running sequence holds blocks covering its computed tokens; a step advances
 each scheduled sequence's num_computed_tokens by its query length, and a sequence samples a new
 token exactly when that reaches num_tokens. Sequences join (admission) and leave (finish, abort,
-preemption) only between steps.
+preemption) only between steps. `running` and `waiting` are both ordered by priority (lower
+rank first: interactive before batch), then by arrival.
 
-One step is one mixed batch under max_num_batched_tokens: running sequences first, in arrival
-order (a decoding one needs 1 token, one mid-prompt takes the next chunk), then waiting ones are
-admitted while there is budget, a sequence slot and KV room. When a running sequence cannot
-grow, the most recently admitted one is preempted: its blocks are freed and it is recomputed
-later (its cached prefix blocks usually survive in the prefix cache).
+One step is one mixed batch under max_num_batched_tokens:
+  1. a waiting sequence more urgent than some running one takes a slot and blocks first,
+     preempting the least urgent, newest running sequences (never one as urgent as itself);
+  2. running sequences, most urgent first (a decoding one needs 1 token, one mid-prompt takes
+     the next chunk);
+  3. waiting sequences are admitted while there is budget, a slot and KV room.
+When a running sequence cannot grow, the least urgent, newest running one is preempted.
+A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
+same bytes, so its output is exactly what it would have been), else its blocks are freed and
+it is recomputed later (its full blocks usually survive in the prefix cache).
 """
 
 from collections import deque
@@ -18,6 +24,7 @@ from typing import NamedTuple
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
+from engine.swap import HostSwapTier
 
 
 class ScheduledBatch(NamedTuple):
@@ -28,16 +35,18 @@ class ScheduledBatch(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, swap: HostSwapTier | None = None):
         self.config = config
         self.block_manager = block_manager
+        self.swap = swap
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queues seq (it may already hold blocks, e.g. an imported prompt)."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        _insert(self.waiting, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -48,13 +57,36 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+            if self.swap is not None:
+                self.swap.discard(seq)
 
     def schedule(self) -> ScheduledBatch:
         """Picks the next step's batch; admits and preempts as a side effect."""
         batch = ScheduledBatch([], [])
+        self._admit_urgent()
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
         self._admit_waiting(batch, budget)
         return batch
+
+    def free_blocks_for(self, num_blocks: int, priority: int) -> bool:
+        """Preempts running sequences less urgent than `priority` until num_blocks blocks are
+        free beside one per running sequence (room for decodes to grow). For KV imports."""
+        while num_blocks + len(self.running) > self.block_manager.num_free_blocks:
+            if not self.running or self.running[-1].priority <= priority:
+                return False
+            self._preempt(self.running[-1])
+        return True
+
+    def _admit_urgent(self) -> None:
+        for seq in list(self.waiting):
+            if not self.running or self.running[-1].priority <= seq.priority:
+                return  # nothing less urgent to make room from; normal admission handles seq
+            while not (len(self.running) < self.config.max_num_seqs and self._admit(seq)):
+                if not self.running or self.running[-1].priority <= seq.priority:
+                    return
+                self._preempt(self.running[-1])
+            self.waiting.remove(seq)
+            _insert(self.running, seq)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         for seq in list(self.running):
@@ -69,13 +101,13 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 return
-            # First come first served, except that sequences already holding their blocks
-            # (imports) may pass a blocked one: they free blocks by finishing.
+            # First come first served within a class, except that sequences already holding
+            # their blocks (imports) may pass a blocked one: they free blocks by finishing.
             if (blocked and not seq.block_table) or not self._admit(seq):
                 blocked = True
                 continue
             self.waiting.remove(seq)
-            self.running.append(seq)
+            _insert(self.running, seq)
             budget -= self._take(batch, seq, budget)
 
     @staticmethod
@@ -91,7 +123,12 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         bm = self.block_manager
-        if seq.block_table:
+        if self.swap is not None and self.swap.holds(seq):
+            needed = -(-seq.num_tokens // bm.block_size)
+            if needed > bm.num_free_blocks:
+                return False
+            self.swap.swap_in(seq, bm.allocate_blocks(needed))
+        elif seq.block_table:
             if not bm.may_append(seq):
                 return False
             bm.append_slot(seq)
@@ -103,8 +140,8 @@ class Scheduler:
         return True
 
     def _make_room(self, seq: Sequence) -> bool:
-        """Grows seq's blocks to cover its tokens, preempting the newest running sequences;
-        False when seq itself had to be preempted."""
+        """Grows seq's blocks to cover its tokens, preempting the least urgent, newest running
+        sequences; False when seq itself had to be preempted."""
         while not self.block_manager.may_append(seq):
             victim = self.running[-1]
             self._preempt(victim)
@@ -115,6 +152,20 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if self.swap is not None and seq.num_computed_tokens:
+            self.swap.swap_out(seq, self.block_manager.block_size)  # False: no room, recompute instead
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        _insert(self.waiting, seq, ahead_of_equals=True)
+
+
+def _insert(queue, seq: Sequence, ahead_of_equals: bool = False) -> None:
+    """Inserts seq after every less-or-equally urgent entry (before equals if ahead_of_equals:
+    a preempted sequence resumes first within its class)."""
+    index = len(queue)
+    while index > 0 and (queue[index - 1].priority > seq.priority or
+                         (ahead_of_equals and queue[index - 1].priority == seq.priority)):
+        index -= 1
+    queue.insert(index, seq)

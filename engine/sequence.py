@@ -6,6 +6,11 @@ from enum import Enum
 from engine.sampling import SamplingParams
 
 
+# Priority ranks: lower runs first. Interactive requests preempt batch ones; room for more classes.
+PRIORITY_INTERACTIVE = 0
+PRIORITY_BATCH = 1
+
+
 class SequenceStatus(Enum):
     WAITING = "waiting"  # queued; may hold blocks (an imported sequence) or not
     RUNNING = "running"  # holds blocks covering its computed tokens; scheduled every step
@@ -22,8 +27,10 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                 max_tokens: int, ignore_eos: bool = False, keep_kv: bool = False):
+                 max_tokens: int, ignore_eos: bool = False, keep_kv: bool = False,
+                 priority: int = PRIORITY_INTERACTIVE):
         self.request_id = request_id
+        self.priority = priority
         self.token_ids = [int(t) for t in prompt_token_ids]
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
@@ -39,6 +46,7 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.queue_reported = False  # the first output carries queue_ms
+        self.num_preemptions = 0
 
     @property
     def queue_ms(self) -> float:

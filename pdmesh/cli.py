@@ -23,7 +23,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         receiver = OtlpReceiver(jsonl_path=args.traces)
         endpoint = receiver.endpoint
         print(f"collecting traces into {args.traces} (OTLP/gRPC receiver at {endpoint})", flush=True)
-    spec = MeshSpec(num_prefill=args.prefill, num_decode=args.decode, router_port=args.port, model=args.model,
+    spec = MeshSpec(num_prefill=args.prefill, num_decode=args.decode, router_port=args.port,
+                    http_port=None if args.http_port in ("off", "-1") else int(args.http_port), model=args.model,
                     kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
                     torch_threads=args.torch_threads, otlp_endpoint=endpoint, batch_db=args.batch_db)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
@@ -34,7 +35,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if endpoint:
         print(f"traces exported to {endpoint}" + (f"; view one: .venv/bin/pdmesh traces show {args.traces}"
                                                    if args.traces else ""), flush=True)
-    print(f"router listening on {mesh.router_address}\n"
+    http = f"OpenAI-compatible HTTP at {mesh.http_address}/v1\n" if mesh.http_address else ""
+    print(f"router listening on {mesh.router_address}\n{http}"
           f"logs in {mesh.run_dir}\n"
           f"try:  .venv/bin/pdmesh generate \"The capital of France is\" --max-tokens 30 --router {mesh.router_address}\n"
           "Ctrl-C stops the mesh.", flush=True)
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     up.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     up.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
+    up.add_argument("--http-port", default="8000",
+                    help="router's OpenAI-compatible HTTP port (default 8000; 0 = any free port; off = none)")
     up.add_argument("--model", choices=["gemma-3-270m", "tiny"], default="gemma-3-270m")
     up.add_argument("--kv-transports", default="nixl,grpc", help="best first: nixl,grpc")
     up.add_argument("--profile", default="prefix_aware", help="placement profile")

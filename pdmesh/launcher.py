@@ -23,6 +23,7 @@ class MeshSpec:
     num_prefill: int = 1
     num_decode: int = 1
     router_port: int = 50051
+    http_port: int | None = 0  # the router's OpenAI-compatible HTTP front: 0 = any free port, None = off
     model: str = "gemma-3-270m"
     kv_transports: str = "nixl,grpc"
     profile: str = "prefix_aware"
@@ -58,6 +59,7 @@ class Mesh:
     run_dir: pathlib.Path
     processes: list[Process]
     router_address: str = ""
+    http_address: str = ""  # "http://host:port" of the OpenAI-compatible front ("" when off)
 
     def workers(self, role: str) -> list[Process]:
         return [p for p in self.processes if p.info.get("role") == role]
@@ -93,12 +95,14 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
         address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info["role"] == role)  # noqa
         router = _spawn("router", ["-m", "services.router", "--port", str(spec.router_port), "--prefill",
                                    address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
-                                   "--max-model-len", str(spec.max_model_len), *metrics,
-                                   "--batch-db", spec.batch_db or str(run / "batch.sqlite3")], run,
+                                   "--max-model-len", str(spec.max_model_len), "--served-model-name", spec.model,
+                                   "--http-port", "off" if spec.http_port is None else str(spec.http_port),
+                                   *metrics, "--batch-db", spec.batch_db or str(run / "batch.sqlite3")], run,
                         _service_env(env, spec, "router", "router"))
         mesh.processes.append(router)
         _wait_ready([router], spec.startup_timeout_s, progress)
         mesh.router_address = router.info["address"]
+        mesh.http_address = router.info.get("http_address", "")
         return mesh
     except BaseException:
         mesh.stop(grace_s=5)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xfe\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12&\n\tkv_handle\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.KvHandle\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12*\n\x08priority\x18\x07 \x01(\x0e\x32\x18.pdmesh.v1.PriorityClass\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"z\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.pdmesh.v1.DecodeStats\"\x9d\x01\n\x0b\x44\x65\x63odeStats\x12\x16\n\x0ekv_transfer_ms\x18\x01 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x1c\n\x14local_prefill_tokens\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r2P\n\rDecodeService\x12?\n\x06\x44\x65\x63ode\x12\x18.pdmesh.v1.DecodeRequest\x1a\x19.pdmesh.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x98\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12&\n\tkv_handle\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.KvHandle\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12*\n\x08priority\x18\x07 \x01(\x0e\x32\x18.pdmesh.v1.PriorityClass\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10resume_token_ids\x18\t \x03(\r\"z\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.pdmesh.v1.DecodeStats\"\x9d\x01\n\x0b\x44\x65\x63odeStats\x12\x16\n\x0ekv_transfer_ms\x18\x01 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x1c\n\x14local_prefill_tokens\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r2P\n\rDecodeService\x12?\n\x06\x44\x65\x63ode\x12\x18.pdmesh.v1.DecodeRequest\x1a\x19.pdmesh.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.decode_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=62
-  _globals['_DECODEREQUEST']._serialized_end=316
-  _globals['_DECODERESPONSE']._serialized_start=318
-  _globals['_DECODERESPONSE']._serialized_end=440
-  _globals['_DECODESTATS']._serialized_start=443
-  _globals['_DECODESTATS']._serialized_end=600
-  _globals['_DECODESERVICE']._serialized_start=602
-  _globals['_DECODESERVICE']._serialized_end=682
+  _globals['_DECODEREQUEST']._serialized_end=342
+  _globals['_DECODERESPONSE']._serialized_start=344
+  _globals['_DECODERESPONSE']._serialized_end=466
+  _globals['_DECODESTATS']._serialized_start=469
+  _globals['_DECODESTATS']._serialized_end=626
+  _globals['_DECODESERVICE']._serialized_start=628
+  _globals['_DECODESERVICE']._serialized_end=708
 # @@protoc_insertion_point(module_scope)

@@ -51,3 +51,13 @@ def check_max_tokens(max_tokens: int, cap: int) -> int:
     if max_tokens > cap:
         raise InvalidArgument(f"max_tokens {max_tokens} is above this server's cap of {cap}")
     return max_tokens
+
+
+def priority_from_proto(priority: int) -> int:
+    """PriorityClass -> the engine's priority rank (lower runs first). Unknown values are rejected."""
+    from engine.sequence import PRIORITY_BATCH, PRIORITY_INTERACTIVE
+    ranks = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: PRIORITY_INTERACTIVE,
+             common_pb2.PRIORITY_CLASS_INTERACTIVE: PRIORITY_INTERACTIVE, common_pb2.PRIORITY_CLASS_BATCH: PRIORITY_BATCH}
+    if priority not in ranks:
+        raise InvalidArgument(f"unknown priority class {priority}; use PRIORITY_CLASS_INTERACTIVE or PRIORITY_CLASS_BATCH")
+    return ranks[priority]

@@ -63,6 +63,8 @@ class EngineRunner:
                     return
                 if self.engine.has_unfinished():
                     self._step()
+                elif self._on_step is not None:
+                    self._on_step(self.engine)  # idle: publish what the commands changed (e.g. a release)
 
     def _run_commands(self, block: bool) -> bool:
         try:

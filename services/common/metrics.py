@@ -31,6 +31,7 @@ ROUTER_QUEUE = Histogram("pdmesh_router_queue_seconds", "Admission queue wait in
                          buckets=_LATENCY_BUCKETS)
 ROUTING = Counter("pdmesh_routing_decisions", "Placement outcomes (remote_prefill, local_prefill, rejected)",
                   ["decision"])
+FAILOVERS = Counter("pdmesh_failovers", "Requests moved off a worker that went away, by phase", ["phase"])
 ROUTER_PROMPT_TOKENS = Counter("pdmesh_router_prompt_tokens", "Prompt tokens of finished requests", ["cached"])
 KV_BYTES = Counter("pdmesh_kv_transfer_bytes", "KV bytes pulled into this decode worker", ["transport"])
 KV_SECONDS = Histogram("pdmesh_kv_transfer_seconds", "KV pull duration (handshake, bytes, verify)", ["transport"],
@@ -61,7 +62,7 @@ class WorkerCollector:
         for name, help_text, value in (
                 ("pdmesh_queue_depth", "Sequences waiting for a batch slot", s.waiting),
                 ("pdmesh_running_sequences", "Sequences in the running batch", s.running),
-                ("pdmesh_kv_blocks_used", "KV blocks in use (including cached, reusable blocks)", s.kv_blocks_used),
+                ("pdmesh_kv_blocks_used", "KV blocks referenced by requests (cached, reusable blocks count as free)", s.kv_blocks_used),
                 ("pdmesh_kv_blocks_total", "KV blocks in the pool", s.kv_blocks_total),
                 ("pdmesh_queued_prefill_tokens", "Prompt tokens waiting to be computed", s.queued_prefill_tokens)):
             gauge = GaugeMetricFamily(name, help_text, labels=names)

@@ -107,6 +107,11 @@ def record_span(name: str, start_s: float, end_s: float, attributes: dict | None
     span.end(end_time=offset_ns + int(end_s * 1e9))
 
 
+def add_event(name: str, attributes: dict | None = None) -> None:
+    """An event on the current span (no-op when nothing is traced)."""
+    trace.get_current_span().add_event(name, attributes or {})
+
+
 def set_attributes(span, attributes: dict) -> None:
     """Set attributes, skipping None values (the SDK warns on them)."""
     if span.is_recording():

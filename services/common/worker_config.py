@@ -50,6 +50,8 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         help="tiny = random weights of the same architecture (tests)")
     parser.add_argument("--num-blocks", type=int, default=int(env("PDMESH_NUM_BLOCKS", "1024")))
     parser.add_argument("--block-size", type=int, default=int(env("PDMESH_BLOCK_SIZE", "16")))
+    parser.add_argument("--swap-blocks", type=int, default=int(env("PDMESH_SWAP_BLOCKS", "1024")),
+                        help="host-memory blocks for preempted sequences' KV (0: preempted sequences recompute)")
     parser.add_argument("--max-num-seqs", type=int, default=int(env("PDMESH_MAX_NUM_SEQS", "16")))
     parser.add_argument("--max-model-len", type=int, default=int(env("PDMESH_MAX_MODEL_LEN", "4096")))
     parser.add_argument("--kv-transports", default=env("PDMESH_KV_TRANSPORTS", "nixl,grpc"),
@@ -65,7 +67,7 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
     model = ModelConfig.tiny() if args.model == "tiny" else ModelConfig()
     engine = EngineConfig(
         model=model,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, swap_blocks=args.swap_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
     )
     return WorkerConfig(

@@ -37,6 +37,8 @@ class DecodeJob(NamedTuple):
     handle: KvHandle | None
     first_token_id: int | None
     deadline: float | None  # time.monotonic() by which the KV must be in place
+    priority: int = 0  # engine priority rank (engine.sequence.PRIORITY_*)
+    resume_token_ids: tuple[int, ...] = ()  # failover: tokens already delivered by another worker
 
 
 class TransferInfo(NamedTuple):
@@ -70,7 +72,8 @@ class DecodeWorker:
             if local:
                 await self._add_local(job)
             first = [] if local else [job.first_token_id]
-            async for event in self._stream(outputs, first, transfer, len(job.prompt) if local else 0):
+            local_len = len(job.prompt) + len(job.resume_token_ids) if local else 0
+            async for event in self._stream(outputs, first, transfer, local_len):
                 yield event
         except BaseException:
             self._runner.post(lambda engine: engine.abort(job.request_id))
@@ -82,9 +85,11 @@ class DecodeWorker:
         dst = await self._reserve(job)
         try:
             info = await self._pull(job.handle, dst)
-        except KvChecksumError as exc:
-            log.warning("%s: corrupt KV from %s (%s); recomputing the prompt here", job.request_id,
-                        job.handle.worker_id, exc)
+        except KvTransferError as exc:
+            # Corrupt bytes (checksum), a holder that died or lost the lease, no common transport:
+            # the prompt is recomputed here; the request never fails over a transfer.
+            log.warning("%s: KV from %s unusable (%s: %s); recomputing the prompt here", job.request_id,
+                        job.handle.worker_id, type(exc).__name__, exc)
             await self._runner.call(lambda engine: engine.cancel_import(job.request_id))
             return None
         except BaseException:
@@ -93,12 +98,14 @@ class DecodeWorker:
         finally:
             await self._release(job.handle)
         await self._runner.call(lambda engine: engine.add_imported(
-            job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos))
+            job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos,
+            job.priority))
         return info
 
     async def _reserve(self, job: DecodeJob) -> list[int]:
         while True:
-            dst = await self._runner.call(lambda engine: engine.reserve_for_import(job.request_id, len(job.prompt)))
+            dst = await self._runner.call(lambda engine: engine.reserve_for_import(
+                job.request_id, len(job.prompt), job.priority))
             if dst is not None:
                 return dst
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -140,7 +147,8 @@ class DecodeWorker:
 
     async def _add_local(self, job: DecodeJob) -> None:
         await self._runner.call(lambda engine: engine.add_request(
-            job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos))
+            job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos,
+            priority=job.priority, resume_token_ids=job.resume_token_ids))
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
                       local_prompt_len: int):

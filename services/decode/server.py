@@ -6,7 +6,8 @@ import time
 from kvtransfer.handle import KvHandle
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from services.common import tracing
-from services.common.convert import FINISH_REASONS, check_max_tokens, check_token_ids, sampling_from_proto
+from services.common.convert import (FINISH_REASONS, check_max_tokens, check_token_ids, priority_from_proto,
+                                     sampling_from_proto)
 from services.common.errors import InvalidArgument, abort_with, status_for
 from services.common.metrics import REQUESTS
 from services.decode.decode_worker import DecodeJob, DecodeWorker
@@ -27,11 +28,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise InvalidArgument(f"first_token_id {request.first_token_id} is not a known token id")
             if handle.num_tokens != len(prompt):
                 raise InvalidArgument(f"kv_handle holds {handle.num_tokens} tokens but the prompt has {len(prompt)}")
+        if handle is not None and request.resume_token_ids:
+            raise InvalidArgument("resume_token_ids cannot be combined with kv_handle: a resumed request is "
+                                  "prefilled here")
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         return DecodeJob(request.request_id or context.peer(), prompt, sampling_from_proto(request.sampling),
                          max_tokens, request.ignore_eos, handle,
-                         request.first_token_id if handle is not None else None, deadline)
+                         request.first_token_id if handle is not None else None, deadline,
+                         priority_from_proto(request.priority), tuple(request.resume_token_ids))
 
     async def Decode(self, request, context):
         code = "OK"

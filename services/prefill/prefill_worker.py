@@ -32,12 +32,13 @@ class PrefillWorker:
         request_id = lease.request_id
         self._runner.post(lambda engine: engine.release(request_id))
 
-    async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> PrefillResult:
+    async def prefill(self, request_id: str, prompt: list[int], sampling: SamplingParams,
+                      priority: int = 0) -> PrefillResult:
         start = time.perf_counter()
         outputs = self._runner.open_stream(request_id)
         try:
             await self._runner.call(lambda engine: engine.add_request(
-                request_id, prompt, sampling, max_tokens=1, keep_kv=True))
+                request_id, prompt, sampling, max_tokens=1, keep_kv=True, priority=priority))
             out = await outputs.get()
             if isinstance(out, EngineFailure):
                 raise out

@@ -2,7 +2,7 @@
 
 from pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
 from services.common import tracing
-from services.common.convert import check_token_ids, sampling_from_proto
+from services.common.convert import check_token_ids, priority_from_proto, sampling_from_proto
 from services.common.errors import abort_with, status_for
 from services.common.metrics import REQUESTS
 from services.prefill.prefill_worker import PrefillWorker
@@ -21,7 +21,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             try:
                 prompt = check_token_ids(request.prompt_token_ids, self._vocab_size, self._max_prompt_tokens)
                 sampling = sampling_from_proto(request.sampling)
-                result = await self._worker.prefill(request.request_id or context.peer(), prompt, sampling)
+                result = await self._worker.prefill(request.request_id or context.peer(), prompt, sampling,
+                                                    priority_from_proto(request.priority))
             except Exception as exc:
                 REQUESTS.labels("prefill", "Prefill", status_for(exc).name).inc()
                 await abort_with(context, exc)

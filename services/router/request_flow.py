@@ -8,6 +8,7 @@ ends with exactly one message carrying a finish reason (or an error status).
 """
 
 import contextlib
+import logging
 import time
 import uuid
 from typing import NamedTuple
@@ -20,9 +21,12 @@ from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2
 from services.common import metrics, tracing
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.router.admission import Admission
-from services.router.placement.base import PlacementRequest
+from services.router.placement.base import Decision, PlacementRequest
 from services.router.placement.runner import NoCandidates, PlacementProfile
 from services.router.workers import WorkerRegistry
+
+
+log = logging.getLogger(__name__)
 
 
 class GenerateJob(NamedTuple):
@@ -57,7 +61,7 @@ class RequestFlow:
         timings = common_pb2.PhaseTimings()
         queued_at = time.perf_counter()
         async with self._admission.admit(job.priority, job.tenant_id, len(job.prompt) + job.max_tokens) as queue_ms, \
-                    contextlib.AsyncExitStack() as held:
+                   contextlib.AsyncExitStack() as held:
             timings.queue_ms = queue_ms
             admitted_at = time.perf_counter()
             tracing.record_span("router.queue", queued_at, admitted_at, {"pdmesh.priority": job.priority})
@@ -72,61 +76,81 @@ class RequestFlow:
             decode_request = decode_pb2.DecodeRequest(
                 request_id=worker_request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
                 max_tokens=job.max_tokens, ignore_eos=job.ignore_eos, priority=_PRIORITY[job.priority])
-            cached = 0
+            relay = _Relay(job, t0, timings, IncrementalDetokenizer(self._tokenizer), self._admission.first_token)
             if placement.prefill is not None:
+                prefill_id = placement.prefill.worker.worker_id
                 start = ms()
-                with self._registry.track(placement.prefill.worker.worker_id, len(job.prompt)):
-                    prefill = await self._prefill(job._replace(request_id=worker_request_id),
-                                                  placement.prefill.worker.worker_id, remaining(job, t0))
-                timings.prefill_ms = ms() - start
-                decode_request.kv_handle.CopyFrom(prefill.kv_handle)
-                decode_request.first_token_id = prefill.first_token_id
-                cached = prefill.cached_tokens
-            detok = IncrementalDetokenizer(self._tokenizer)
-            completion, transport, first_at, last_at = 0, "", None, 0.0
-            decode_id = placement.decode.worker.worker_id
-            ttft, itl = metrics.TTFT.labels(job.priority), metrics.ITL.labels(job.priority)
-            with tracing.tracer().start_as_current_span("router.decode", kind=SpanKind.CLIENT,
-                                                        attributes={"pdmesh.worker_id": decode_id}) as span:
-                stream = self._registry.decode_stub(decode_id).Decode(
-                    decode_request, timeout=remaining(job, t0), metadata=tracing.outgoing_metadata())
                 try:
-                    async for message in stream:
-                        if message.stats.kv_transport:
-                            transport = message.stats.kv_transport
-                            timings.kv_transfer_ms = message.stats.kv_transfer_ms
-                        cached = cached or message.stats.cached_tokens
-                        now = ms()
-                        if message.token_ids:
-                            if first_at is None:
-                                self._admission.first_token()
-                                first_at = timings.time_to_first_token_ms = now
-                                ttft.observe(now / 1000)
-                                span.add_event("first_token")
-                            else:
-                                itl.observe((now - last_at) / 1000)
-                            last_at = now
-                        completion += len(message.token_ids)
-                        text = detok.push(list(message.token_ids))
-                        if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                            timings.decode_ms = now - (first_at or now)
-                            timings.total_ms = now
-                            metrics.E2E.labels(job.priority).observe(now / 1000)
-                            metrics.ROUTER_PROMPT_TOKENS.labels("true").inc(cached)
-                            metrics.ROUTER_PROMPT_TOKENS.labels("false").inc(len(job.prompt) - cached)
-                            tracing.set_attributes(span, {"pdmesh.kv.transport": transport or None,
-                                                          "gen_ai.usage.output_tokens": completion})
-                            yield RelayEvent(list(message.token_ids), text, message.finish_reason,
-                                             common_pb2.Usage(prompt_tokens=len(job.prompt),
-                                                              completion_tokens=completion,
-                                                              cached_prompt_tokens=cached),
-                                             timings, _placement_info(placement, placed, transport))
-                            return
-                        if message.token_ids or text:
-                            yield RelayEvent(list(message.token_ids), text)
-                except grpc.aio.AioRpcError as exc:
-                    raise _worker_error("decode", decode_id, exc) from exc
-            raise Unavailable(f"decode worker {decode_id} ended the stream without a finish reason")
+                    with self._registry.track(prefill_id, len(job.prompt)):
+                        prefill = await self._prefill(job._replace(request_id=worker_request_id), prefill_id,
+                                                      remaining(job, t0))
+                    decode_request.kv_handle.CopyFrom(prefill.kv_handle)
+                    decode_request.first_token_id = prefill.first_token_id
+                    relay.cached = prefill.cached_tokens
+                except _WorkerLost as lost:  # the decode worker prefills instead
+                    _failover_noted("prefill", lost)
+                    placement = placement._replace(prefill=None, decision=Decision(
+                        False, f"prefill worker {prefill_id} lost; prefilled on the decode worker"))
+                timings.prefill_ms = ms() - start
+            decode_id, failed = placement.decode.worker.worker_id, set()
+            for attempt in range(MAX_DECODE_ATTEMPTS):
+                try:
+                    async with contextlib.aclosing(self._decode(decode_id, decode_request, relay)) as events:
+                        async for event in events:
+                            if event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                                yield event._replace(placement=_placement_info(placement, placed, relay.transport,
+                                                                               decode_id))
+                                return
+                            yield event
+                except _WorkerLost as lost:
+                    if attempt + 1 == MAX_DECODE_ATTEMPTS:
+                        raise Unavailable(str(lost)) from lost
+                    _failover_noted("decode", lost)
+                    failed.add(decode_id)
+                    decode_id = self._replacement_decode(job, failed)
+                    held.enter_context(self._registry.track(decode_id, 0))
+                    decode_request = _resumed(decode_request, relay.sent, f"{job.request_id}.{uuid.uuid4().hex[:8]}")
+                    if decode_request is None:  # every token was delivered; only the finish was lost
+                        yield relay.finish(common_pb2.FINISH_REASON_LENGTH,
+                                           _placement_info(placement, placed, relay.transport, decode_id))
+                        return
+
+    async def _decode(self, decode_id: str, request: decode_pb2.DecodeRequest, relay: "_Relay"):
+        """Streams one decode attempt through relay; raises _WorkerLost when the worker goes away.
+        The attempt's span ends before the final event is handed on."""
+        final = None
+        with tracing.tracer().start_as_current_span("router.decode", kind=SpanKind.CLIENT,
+                                                    attributes={"pdmesh.worker_id": decode_id}) as span:
+            relay.span = span
+            stream = self._registry.decode_stub(decode_id).Decode(
+                request, timeout=remaining(relay.job, relay.t0), metadata=tracing.outgoing_metadata())
+            try:
+                async for message in stream:
+                    event = relay.push(message)
+                    if event is not None and event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        final = event
+                        break
+                    if event is not None:
+                        yield event
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _LOST:
+                    raise _WorkerLost(f"decode worker {decode_id} lost: {exc.code().name}: {exc.details()}") from exc
+                raise _worker_error("decode", decode_id, exc) from exc
+            finally:
+                # A consumer that stops early (client gone, stop string) closes this generator at a
+                # yield, where no await is interrupted: cancel explicitly so the worker frees the KV now.
+                stream.cancel()
+        if final is None:
+            raise _WorkerLost(f"decode worker {decode_id} ended the stream without a finish reason")
+        yield final
+
+    def _replacement_decode(self, job: GenerateJob, failed: set[str]) -> str:
+        views = [v for v in self._registry.views() if v.worker_id not in failed]
+        request = PlacementRequest(job.request_id, job.prompt, job.priority, self._registry.block_size)
+        try:
+            return self._profile.place(request, views, self._registry.index).decode.worker.worker_id
+        except NoCandidates as exc:
+            raise Unavailable(f"no decode worker left to continue the request after {sorted(failed)} failed") from exc
 
     def _place(self, job: GenerateJob):
         request = PlacementRequest(job.request_id, job.prompt, job.priority, self._registry.block_size)
@@ -149,20 +173,107 @@ class RequestFlow:
                 response = await self._registry.prefill_stub(worker_id).Prefill(
                     request, timeout=timeout, metadata=tracing.outgoing_metadata())
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in _LOST:
+                    raise _WorkerLost(f"prefill worker {worker_id} lost: {exc.code().name}: {exc.details()}") from exc
                 raise _worker_error("prefill", worker_id, exc) from exc
             tracing.set_attributes(span, {"pdmesh.prefill.cached_tokens": response.cached_tokens})
             return response
 
 
-def _placement_info(placement, request: PlacementRequest, transport: str) -> dict:
+def _placement_info(placement, request: PlacementRequest, transport: str, decode_id: str = "") -> dict:
+    """Where the request ran (decode_id: the worker that finished it, after any failover)."""
     prefill = placement.prefill
     return {"prefill_worker_id": prefill.worker.worker_id if prefill else "",
-            "decode_worker_id": placement.decode.worker.worker_id, "kv_transport": transport,
+            "decode_worker_id": decode_id or placement.decode.worker.worker_id, "kv_transport": transport,
             "decision": "remote_prefill" if prefill else "local_prefill",
             "decision_reason": placement.decision.reason, "decode_scores": placement.decode.scores,
             "prefill_scores": prefill.scores if prefill else {},
             "decode_cached_tokens": request.cached_tokens(placement.decode.worker),
             "prefill_cached_tokens": request.cached_tokens(prefill.worker) if prefill else 0}
+
+
+MAX_DECODE_ATTEMPTS = 3
+# Status codes meaning the worker (or the connection to it) went away, not that the request is bad.
+_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+class _WorkerLost(Exception):
+    """A worker died or vanished mid-request; the flow moves the request elsewhere."""
+
+
+class _Relay:
+    """What one request has relayed so far, across decode attempts: tokens sent (never resent),
+    the detokenizer, timings and counters. push() turns a DecodeResponse into a RelayEvent."""
+
+    def __init__(self, job: GenerateJob, t0: float, timings: common_pb2.PhaseTimings, detok,
+                 on_first_token=lambda: None):
+        self.job, self.t0, self.timings, self.detok = job, t0, timings, detok
+        self._on_first_token = on_first_token  # admission: batch may go once live requests have a token
+        self.sent: list[int] = []
+        self.cached, self.transport, self.first_at, self.last_at = 0, "", None, 0.0
+        self.span = None
+        self._ttft, self._itl = metrics.TTFT.labels(job.priority), metrics.ITL.labels(job.priority)
+
+    def _ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000
+
+    def push(self, message: decode_pb2.DecodeResponse) -> RelayEvent | None:
+        if message.stats.kv_transport:
+            self.transport = message.stats.kv_transport
+            self.timings.kv_transfer_ms = message.stats.kv_transfer_ms
+        self.cached = self.cached or message.stats.cached_tokens
+        now = self._ms()
+        tokens = list(message.token_ids)
+        if tokens:
+            if self.first_at is None:
+                self._on_first_token()
+                self.first_at = self.timings.time_to_first_token_ms = now
+                self._ttft.observe(now / 1000)
+                self.span.add_event("first_token")
+            else:
+                self._itl.observe((now - self.last_at) / 1000)
+            self.last_at = now
+        self.sent += tokens
+        text = self.detok.push(tokens)
+        if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            return self.finish(message.finish_reason, None, tokens, text)
+        return RelayEvent(tokens, text) if tokens or text else None
+
+    def finish(self, reason: int, placement: dict | None, tokens: list[int] = (), text: str = "") -> RelayEvent:
+        now, job, timings = self._ms(), self.job, self.timings
+        timings.decode_ms = now - (self.first_at or now)
+        timings.total_ms = now
+        metrics.E2E.labels(job.priority).observe(now / 1000)
+        metrics.ROUTER_PROMPT_TOKENS.labels("true").inc(self.cached)
+        metrics.ROUTER_PROMPT_TOKENS.labels("false").inc(len(job.prompt) - self.cached)
+        if self.span is not None:
+            tracing.set_attributes(self.span, {"pdmesh.kv.transport": self.transport or None,
+                                               "gen_ai.usage.output_tokens": len(self.sent)})
+        usage = common_pb2.Usage(prompt_tokens=len(job.prompt), completion_tokens=len(self.sent),
+                                 cached_prompt_tokens=self.cached)
+        return RelayEvent(list(tokens), text, reason, usage, timings, placement)
+
+
+def _resumed(request: decode_pb2.DecodeRequest, sent: list[int], request_id: str) -> decode_pb2.DecodeRequest | None:
+    """The request for the next decode worker: the same one if nothing was delivered yet (its KV
+    handle may still be pullable; if not, that worker recomputes the prompt), else the prompt plus
+    the tokens delivered, to be continued from there. None when nothing is left to generate."""
+    if len(sent) >= request.max_tokens:
+        return None
+    resumed = decode_pb2.DecodeRequest()
+    resumed.CopyFrom(request)
+    resumed.request_id = request_id
+    if sent:
+        resumed.ClearField("kv_handle")
+        resumed.first_token_id = 0
+        resumed.resume_token_ids[:] = sent
+    return resumed
+
+
+def _failover_noted(phase: str, lost: Exception) -> None:
+    log.warning("%s; moving the request", lost)
+    metrics.FAILOVERS.labels(phase).inc()
+    tracing.add_event("failover", {"pdmesh.failover.phase": phase, "exception.message": str(lost)})
 
 
 def _placement_attributes(placement, request: PlacementRequest) -> dict:

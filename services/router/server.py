@@ -8,6 +8,7 @@ and yields GenerateResponse messages, raising domain errors the caller maps to i
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 import uuid
 
@@ -38,11 +39,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if which == "text":
             if not request.text:
                 raise InvalidArgument("prompt is empty: send text or at least one token id")
-            if len(request.text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
-                ids = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenize_pool, self._tokenizer.encode_without_gil, request.text)
-            else:
-                ids = self._tokenizer.encode(request.text, add_bos=True)
+            ids = await self.tokenize(request.text)
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
         else:
@@ -62,6 +59,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         """Raises InvalidArgument when `generate` would reject the request as malformed."""
         await self._job(request, None, time.perf_counter())
 
+    async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        if len(text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, self._tokenizer.encode_without_gil, text, add_bos)
+        return self._tokenizer.encode(text, add_bos=add_bos)
+
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
                        metadata: dict[str, str] | None = None, on_trace_id=None):
         """Validates, runs and relays one request; raises domain errors (see services.common.errors).
@@ -69,24 +72,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         The request is one trace: the span continues the caller's W3C context from `metadata`;
         `on_trace_id(hex)` (async, optional) is awaited with the trace id before the first
         response when the request is traced, so front doors can hand it to the client."""
-        code, arrived_at = "OK", time.perf_counter()
+        code = "OK"
         with tracing.server_span("router.generate", metadata) as span:
+            arrived_at = time.perf_counter()
             try:
                 job = await self._job(request, time_remaining, arrived_at)
                 _request_attributes(span, job, request)
                 trace_id = tracing.trace_id_of(span)
                 if trace_id and on_trace_id is not None:
                     await on_trace_id(trace_id)
-                async for event in self._flow.run(job):
-                    response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
-                                                           text_delta=event.text_delta,
-                                                           finish_reason=event.finish_reason)
-                    if event.usage is not None:
-                        response.usage.CopyFrom(event.usage)
-                        response.timings.CopyFrom(event.timings)
-                        response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
-                        _usage_attributes(span, response)
-                    yield response
+                # aclosing: a caller closing this generator early closes the flow (and its decode stream) at once.
+                async with contextlib.aclosing(self._flow.run(job)) as events:
+                    async for event in events:
+                        response = router_pb2.GenerateResponse(request_id=job.request_id, token_ids=event.token_ids,
+                                                               text_delta=event.text_delta,
+                                                               finish_reason=event.finish_reason)
+                        if event.usage is not None:
+                            response.usage.CopyFrom(event.usage)
+                            response.timings.CopyFrom(event.timings)
+                            response.placement.CopyFrom(router_pb2.PlacementInfo(**event.placement))
+                            _usage_attributes(span, response)
+                        yield response
             except (asyncio.CancelledError, GeneratorExit):
                 code = "CANCELLED"
                 raise

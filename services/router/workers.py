@@ -52,25 +52,74 @@ class WorkerEndpoint:
 
 
 class WorkerRegistry:
-    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], max_backoff_s: float = 2.0):
+    """Endpoints come from the constructor's lists and, while running, from `add`/`remove` (driven by
+    services.router.discovery.follow). Each endpoint has one follow task and one channel."""
+
+    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], max_backoff_s: float = 2.0,
+                 remove_grace_s: float = 30.0):
         self._max_backoff_s = max_backoff_s
+        self._remove_grace_s = remove_grace_s
         self._endpoints = [WorkerEndpoint(a, "prefill", _channel(a)) for a in prefill_addresses]
         self._endpoints += [WorkerEndpoint(a, "decode", _channel(a)) for a in decode_addresses]
         self._by_key = {e.key: e for e in self._endpoints}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._closing: set[asyncio.Task] = set()
+        self._started = False
         self.changed = asyncio.Event()
         self._listeners: list = []  # called (no arguments) on every load change, placement included
         self.index = PrefixIndex()
         self.block_size = 16  # learned from the workers' BlocksStored events
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._follow(e)) for e in self._endpoints]
+        self._started = True
+        for endpoint in self._endpoints:
+            self._tasks[endpoint.address] = asyncio.create_task(self._follow(endpoint))
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks.values(), *self._closing]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(e.channel.close() for e in self._endpoints), return_exceptions=True)
+
+    def addresses(self) -> set[str]:
+        return {e.address for e in self._endpoints}
+
+    def add(self, role: str, address: str) -> None:
+        """Start following a worker at address (no-op if already known)."""
+        if address in self.addresses():
+            return
+        endpoint = WorkerEndpoint(address, role, _channel(address))
+        self._endpoints.append(endpoint)
+        self._by_key[endpoint.key] = endpoint
+        if self._started:
+            self._tasks[address] = asyncio.create_task(self._follow(endpoint))
+        log.info("following %s worker at %s", role, address)
+        self._notify()
+
+    def remove(self, address: str) -> None:
+        """Stop following the worker at address: placement no longer sees it and its prefix-index
+        entries go at once. Requests already placed on it keep finding its stubs; its channel closes
+        once they end (or after remove_grace_s, when they fail with CANCELLED)."""
+        endpoint = next((e for e in self._endpoints if e.address == address), None)
+        if endpoint is None:
+            return
+        self._endpoints.remove(endpoint)
+        task = self._tasks.pop(address, None)
+        if task is not None:
+            task.cancel()
+        self._mark_down(endpoint)
+        closing = asyncio.create_task(endpoint.channel.close(grace=self._remove_grace_s))
+        self._closing.add(closing)
+        closing.add_done_callback(lambda task: self._forget(endpoint, task))
+        log.info("stopped following %s worker %s at %s", endpoint.role, endpoint.key, address)
+
+    def _forget(self, endpoint: WorkerEndpoint, closing: asyncio.Task) -> None:
+        """A removed endpoint stays reachable by id (for requests already placed on it) until its
+        channel has closed."""
+        self._closing.discard(closing)
+        if self._by_key.get(endpoint.key) is endpoint:
+            del self._by_key[endpoint.key]
 
     def views(self) -> list[WorkerView]:
         return [e.view() for e in self._endpoints]

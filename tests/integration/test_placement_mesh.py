@@ -86,7 +86,8 @@ def test_a_restarted_router_rebuilds_the_same_view_from_the_workers(mesh, tmp_pa
     time.sleep(0.5)
     address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info.get("role") == role)  # noqa
     ready = tmp_path / "router2.json"
-    router2 = subprocess.Popen([sys.executable, "-m", "services.router", "--port", "0", "--prefill", address("prefill"),
+    router2 = subprocess.Popen([sys.executable, "-m", "services.router", "--port", "0", "--http-port", "off",
+                                "--prefill", address("prefill"),
                                 "--decode", address("decode"), "--ready-file", str(ready)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

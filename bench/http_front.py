@@ -1,0 +1,238 @@
+"""What the OpenAI-compatible HTTP front adds: TTFT of the same streams through HTTP (server-sent
+events) vs the router's gRPC API, side by side in one run.
+
+    python -m bench.http_front [--quick] [--json PATH] [--plot PATH]
+
+One tiny-model mesh in real processes (one decode worker, no prefill worker, prefill kept on the
+decode worker, as bench.router_overhead runs it), so both arms run the very same router and engine
+work and differ only in the front door. 32 concurrent streams each send requests back to back
+(1 KB text prompts, 4 tokens, greedy); one batch is every stream doing `rounds` requests through
+one arm, and HTTP/gRPC batches alternate (ABBA) so drift on this shared machine hits both alike.
+TTFT is measured at the client: the first gRPC message carrying a token vs the first SSE `data:`
+event (the front sends it as soon as the first token arrives). Added TTFT = HTTP percentile -
+gRPC percentile. A one-stream-at-a-time diagnostic runs the same comparison without queueing.
+
+The client shares this machine's cores with the mesh, and in a closed loop of 32 streams its own
+per-request CPU delays every request behind it, so the HTTP client is aiohttp (C-accelerated
+parser; what aiperf uses; installed with the kubernetes client) reading raw bytes, not httpx
+(about 1.5 ms more client CPU per request here). To tell the front's cost from the client's, the
+CPU time the router process and the client spend per request is recorded for each arm.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import resource
+import statistics
+import tempfile
+import time
+
+import aiohttp
+import grpc
+
+from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
+from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+STREAMS = 32
+PROMPT_BYTES = 1024
+NUM_PROMPTS = 4
+MAX_TOKENS = 4
+TARGETS = {"http_added_ttft_p50_ms": 2.0}
+
+
+class Arms:
+    """The two front doors for one prompt; each call returns its TTFT in ms."""
+
+    def __init__(self, router_address: str, http_address: str):
+        from services.common.server import CHANNEL_OPTIONS
+        self._channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._sampling = common_pb2.SamplingParams(temperature=0.0)
+        self._url = f"{http_address}/v1/completions"
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=STREAMS * 2),
+                                           timeout=aiohttp.ClientTimeout(total=120))
+
+    async def grpc(self, text: str) -> float:
+        start = time.perf_counter()
+        ttft = None
+        async for m in self._stub.Generate(router_pb2.GenerateRequest(
+                text=text, max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True), timeout=120):
+            if ttft is None and m.token_ids:
+                ttft = (time.perf_counter() - start) * 1000
+        return ttft
+
+    async def http(self, text: str) -> float:
+        body = {"prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
+        start = time.perf_counter()
+        ttft = None
+        async with self._http.post(self._url, json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:300]!r}")
+            async for chunk in response.content.iter_any():
+                if ttft is None and b"data:" in chunk:
+                    ttft = (time.perf_counter() - start) * 1000
+        return ttft
+
+    async def check_same_output(self, text: str) -> None:
+        grpc_tokens = 0
+        async for m in self._stub.Generate(router_pb2.GenerateRequest(
+                text=text, max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True), timeout=120):
+            grpc_tokens += len(m.token_ids)
+            last = m
+        body = {"prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        async with self._http.post(self._url, json=body) as response:
+            usage = (await response.json())["usage"]
+        if (usage["prompt_tokens"], usage["completion_tokens"]) != (last.usage.prompt_tokens, grpc_tokens):
+            raise RuntimeError(f"the arms differ: HTTP usage {usage}, gRPC {last.usage}")
+
+    async def close(self) -> None:
+        await self._channel.close()
+        await self._http.close()
+
+
+class CpuMeter:
+    """CPU seconds the router process and this (client) process have used so far."""
+
+    def __init__(self, router_pid: int):
+        self._stat = pathlib.Path(f"/proc/{router_pid}/stat")
+
+    def read(self) -> tuple[float, float]:
+        fields = self._stat.read_text().rpartition(")")[2].split()
+        router = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return router, me.ru_utime + me.ru_stime
+
+
+async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, streams: int, cpu: CpuMeter) -> dict:
+    samples = {"http": [], "grpc": [], "cpu": {"http": [0.0, 0.0], "grpc": [0.0, 0.0]}, "pair_added_p50": []}
+    for pair in range(pairs):
+        medians = {}
+        for arm in (("http", "grpc") if pair % 2 == 0 else ("grpc", "http")):
+            call = getattr(arms, arm)
+            before = cpu.read()
+            batch = await _batch(lambda text, _ids, call=call: call(text), [(p, None) for p in prompts], rounds,
+                                 streams)
+            after = cpu.read()
+            samples[arm] += batch
+            medians[arm] = statistics.median(batch)
+            for i in (0, 1):
+                samples["cpu"][arm][i] += after[i] - before[i]
+        samples["pair_added_p50"].append(medians["http"] - medians["grpc"])
+    return samples
+
+
+def _summarize(samples: dict) -> dict:
+    row = {"requests_per_arm": len(samples["http"])}
+    for arm in ("http", "grpc"):
+        row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
+        row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
+        router_s, client_s = samples["cpu"][arm]
+        row[f"{arm}_router_cpu_ms_per_request"] = router_s * 1000 / len(samples[arm])
+        row[f"{arm}_client_cpu_ms_per_request"] = client_s * 1000 / len(samples[arm])
+    row["added_p50_ms"] = row["http_p50_ms"] - row["grpc_p50_ms"]
+    # Each HTTP batch against the gRPC batch beside it: the spread says how much is drift.
+    row["pair_added_p50_ms"] = samples["pair_added_p50"]
+    row["median_pair_added_p50_ms"] = statistics.median(samples["pair_added_p50"])
+    row["added_p99_ms"] = row["http_p99_ms"] - row["grpc_p99_ms"]
+    row["added_router_cpu_ms_per_request"] = row["http_router_cpu_ms_per_request"] - row["grpc_router_cpu_ms_per_request"]
+    return row
+
+
+def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
+    from pdmesh.launcher import MeshSpec, start_mesh
+
+    prompts = [_text(PROMPT_BYTES, seed) for seed in range(NUM_PROMPTS)]
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pdmesh-http-front-"))
+    (run_dir / "local_prefill.yaml").write_text(LOCAL_PREFILL_PROFILE)
+    spec = MeshSpec(num_prefill=0, num_decode=1, router_port=0, http_port=0, model="tiny",
+                    profile=str(run_dir / "local_prefill.yaml"), kv_transports="grpc", num_blocks=1024,
+                    torch_threads=1, max_model_len=1024, extra_env=(("PDMESH_MAX_NUM_SEQS", str(STREAMS)),))
+    setup = {"streams": STREAMS, "prompt_bytes": PROMPT_BYTES, "prompts": NUM_PROMPTS, "max_tokens": MAX_TOKENS,
+             "mesh": "1 tiny decode worker, 0 prefill workers, profile local_prefill (never_remote)",
+             "http_client": f"aiohttp {aiohttp.__version__} (raw bytes)", "grpc_client": f"grpc.aio {grpc.__version__}"}
+    progress(f"starting mesh: {setup['mesh']} ({run_dir})")
+    mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
+    pairs, rounds = (24, 3) if quick else (48, 4)
+    try:
+        async def go():
+            arms = Arms(mesh.router_address, mesh.http_address)
+            cpu = CpuMeter(next(p.popen.pid for p in mesh.processes if p.name == "router"))
+            try:
+                await arms.check_same_output(prompts[0])
+                await _measure(arms, prompts, 2, 1, STREAMS, cpu)  # warm-up: connections, prefix cache
+                progress(f"{pairs} HTTP/gRPC batch pairs of {STREAMS} streams x {rounds} requests")
+                concurrent = await _measure(arms, prompts, pairs, rounds, STREAMS, cpu)
+                progress("one stream alone (diagnostic)")
+                single = await _measure(arms, prompts, 40 if quick else 100, 1, 1, cpu)
+                return concurrent, single
+            finally:
+                await arms.close()
+        concurrent, single = asyncio.run(go())
+    finally:
+        mesh.stop()
+    return _summarize(concurrent), _summarize(single), concurrent, setup
+
+
+def _print_table(row: dict, single: dict) -> None:
+    print()
+    print(f"{'':>22} {'n/arm':>6} | {'HTTP p50':>9} {'gRPC p50':>9} {'added p50':>9} | "
+          f"{'HTTP p99':>9} {'gRPC p99':>9} {'added p99':>9}")
+    for name, r in ((f"{STREAMS} streams", row), ("1 stream (diagnostic)", single)):
+        print(f"{name:>22} {r['requests_per_arm']:>6} | {r['http_p50_ms']:>9.2f} {r['grpc_p50_ms']:>9.2f} "
+              f"{r['added_p50_ms']:>+9.2f} | {r['http_p99_ms']:>9.2f} {r['grpc_p99_ms']:>9.2f} {r['added_p99_ms']:>+9.2f}")
+    print(f"TTFT in ms; target: added p50 <= {TARGETS['http_added_ttft_p50_ms']} ms at {STREAMS} streams")
+    pairs = sorted(row["pair_added_p50_ms"])
+    print(f"added p50 per HTTP/gRPC batch pair ({STREAMS} streams): median {row['median_pair_added_p50_ms']:+.2f} ms, "
+          f"range {pairs[0]:+.2f} .. {pairs[-1]:+.2f} ms over {len(pairs)} pairs")
+    print(f"CPU per request ({STREAMS} streams): router {row['http_router_cpu_ms_per_request']:.2f} ms HTTP vs "
+          f"{row['grpc_router_cpu_ms_per_request']:.2f} ms gRPC ({row['added_router_cpu_ms_per_request']:+.2f} ms); "
+          f"client {row['http_client_cpu_ms_per_request']:.2f} ms HTTP vs {row['grpc_client_cpu_ms_per_request']:.2f} ms gRPC")
+
+
+def _plot(path: pathlib.Path, samples: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, style in (("grpc", "-"), ("http", "--")):
+        values = sorted(samples[arm])
+        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], style, label=arm)
+    ax.set_title(f"TTFT, HTTP front vs gRPC, {STREAMS} streams, tiny model")
+    ax.set_xlabel("TTFT (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench.http_front", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer batches (~2 minutes)")
+    p.add_argument("--json", default=None, help="write results here (and a TTFT CDF PNG beside it)")
+    p.add_argument("--plot", default=None, help="PNG path (default: http_front.png beside --json)")
+    args = p.parse_args(argv)
+    _progress(f"load average {os.getloadavg()[0]:.2f} at start")
+    row, single, samples, setup = run(args.quick)
+    result = {
+        "http_added_ttft_p50_ms": row["added_p50_ms"], "http_added_ttft_p99_ms": row["added_p99_ms"],
+        "http_added_router_cpu_ms_per_request": row["added_router_cpu_ms_per_request"],
+        "concurrent": row, "single_stream": single, "setup": setup, "targets": TARGETS,
+        "load_average_end": os.getloadavg()[0], "quick": args.quick,
+    }
+    _print_table(row, single)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        plot = pathlib.Path(args.plot) if args.plot else path.with_name("http_front.png")
+        _plot(plot, samples)
+        _progress(f"wrote {path} and {plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Priority classes in the engine: interactive sequences go first, running batch sequences are
+preempted for them (KV swapped to the host tier) and resume with exactly the tokens they would
+have produced without the interruption."""
+
+import random
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Sequence
+
+BS = 4
+GREEDY = SamplingParams()
+
+
+def _prompt(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 5000) for _ in range(n)]
+
+
+def _engine(model, model_cfg, num_blocks=64, max_num_seqs=8, swap_blocks=256):
+    return LLMEngine(EngineConfig(model=model_cfg, cache=CacheConfig(BS, num_blocks, swap_blocks=swap_blocks),
+                                  scheduler=SchedulerConfig(max_num_seqs, 128, 256)), model=model)
+
+
+def _step(engine, tokens):
+    for out in engine.step():
+        if out.token_id is not None:
+            tokens.setdefault(out.request_id, []).append(out.token_id)
+
+
+def _run(engine, tokens, max_steps=1000):
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return tokens
+        _step(engine, tokens)
+    raise AssertionError("engine did not finish")
+
+
+def _alone(model, model_cfg, prompt, n):
+    engine = _engine(model, model_cfg)
+    engine.add_request("solo", prompt, GREEDY, n, ignore_eos=True)
+    return _run(engine, {})["solo"]
+
+
+# -- the scheduler alone ---------------------------------------------------------------------
+
+def _seq(rid, n, priority):
+    return Sequence(rid, list(range(100, 100 + n)), SamplingParams(), max_tokens=50, priority=priority)
+
+
+def test_interactive_is_admitted_ahead_of_a_queued_batch_backlog():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=64), BlockManager(64, BS))
+    for i in range(4):
+        s.add(_seq(f"batch{i}", 6, PRIORITY_BATCH))
+    s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
+    assert [q.request_id for q in s.waiting] == ["live", "batch0", "batch1", "batch2", "batch3"]
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["live", "batch0"]
+
+
+def test_a_running_batch_sequence_gives_its_slot_to_interactive():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=64), BlockManager(64, BS))
+    s.add(_seq("batch0", 6, PRIORITY_BATCH))
+    s.add(_seq("batch1", 6, PRIORITY_BATCH))
+    s.schedule()
+    s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["live", "batch0"]
+    assert [q.request_id for q in s.waiting] == ["batch1"] and s.num_preemptions == 1
+
+
+def test_interactive_never_preempted_for_batch():
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_model_len=256, max_num_batched_tokens=64), BlockManager(64, BS))
+    s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
+    s.schedule()
+    s.add(_seq("batch", 6, PRIORITY_BATCH))
+    assert [q.request_id for q in s.schedule().seqs] == ["live"] and s.num_preemptions == 0
+
+
+# -- the engine: exact output after preemption -----------------------------------------------
+
+@pytest.mark.parametrize("swap_blocks", [256, 0], ids=["swap", "recompute"])
+def test_preempted_batch_resumes_with_identical_tokens(tiny_model, tiny_config, swap_blocks):
+    """Two batch requests fill both slots; an interactive burst of two preempts them mid-decode."""
+    prompts = {f"batch{i}": _prompt(9 + 4 * i, i) for i in range(2)}
+    live = {f"live{i}": _prompt(7 + i, 10 + i) for i in range(2)}
+    engine = _engine(tiny_model, tiny_config, max_num_seqs=2, swap_blocks=swap_blocks)
+    tokens = {}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, GREEDY, 24, ignore_eos=True, priority=PRIORITY_BATCH)
+    for _ in range(6):
+        _step(engine, tokens)
+    assert all(len(tokens[rid]) >= 4 for rid in prompts), "both batch requests are mid-decode"
+    for rid, prompt in live.items():
+        engine.add_request(rid, prompt, GREEDY, 6, ignore_eos=True, priority=PRIORITY_INTERACTIVE)
+    _step(engine, tokens)
+    assert engine.scheduler.num_preemptions == 2
+    assert {s.request_id for s in engine.scheduler.running} == set(live)
+    _run(engine, tokens)
+    for rid, prompt in {**prompts, **live}.items():
+        n = 24 if rid.startswith("batch") else 6
+        assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, n), rid
+    if swap_blocks:
+        assert engine.scheduler.swap.num_swaps_out == 2 and engine.scheduler.swap.num_used_blocks == 0
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_kv_pressure_preempts_batch_for_an_interactive_prompt(tiny_model, tiny_config):
+    """No free blocks for the interactive prompt: the batch request's KV goes to the host tier."""
+    engine = _engine(tiny_model, tiny_config, num_blocks=12, max_num_seqs=4)
+    tokens = {}
+    batch_prompt, live_prompt = _prompt(30, 1), _prompt(21, 2)
+    engine.add_request("batch", batch_prompt, GREEDY, 12, ignore_eos=True, priority=PRIORITY_BATCH)
+    for _ in range(4):
+        _step(engine, tokens)
+    engine.add_request("live", live_prompt, GREEDY, 8, ignore_eos=True)
+    _step(engine, tokens)
+    assert [s.request_id for s in engine.scheduler.running] == ["live"]
+    assert engine.scheduler.swap.holds(engine._unfinished["batch"])
+    _run(engine, tokens)
+    assert tokens["batch"] == _alone(tiny_model, tiny_config, batch_prompt, 12)
+    assert tokens["live"] == _alone(tiny_model, tiny_config, live_prompt, 8)
+
+
+def test_interactive_import_reservation_preempts_batch(tiny_model, tiny_config):
+    engine = _engine(tiny_model, tiny_config, num_blocks=12, max_num_seqs=4)
+    engine.add_request("batch", _prompt(30, 1), GREEDY, 12, ignore_eos=True, priority=PRIORITY_BATCH)
+    engine.step()
+    assert engine.reserve_for_import("low", 20, priority=PRIORITY_BATCH) is None  # batch waits its turn
+    blocks = engine.reserve_for_import("live", 20, priority=PRIORITY_INTERACTIVE)
+    assert blocks is not None and len(blocks) == 5
+    assert engine.scheduler.num_preemptions == 1
+
+
+def test_aborting_a_swapped_out_request_frees_its_host_copy(tiny_model, tiny_config):
+    engine = _engine(tiny_model, tiny_config, max_num_seqs=1)
+    engine.add_request("batch", _prompt(9, 1), GREEDY, 20, ignore_eos=True, priority=PRIORITY_BATCH)
+    engine.step()
+    engine.step()
+    engine.add_request("live", _prompt(9, 2), GREEDY, 4, ignore_eos=True)
+    engine.step()
+    assert engine.scheduler.swap.num_used_blocks > 0
+    assert engine.abort("batch")
+    assert engine.scheduler.swap.num_used_blocks == 0
+    _run(engine, {})
+    assert engine.block_manager.num_used_blocks == 0
