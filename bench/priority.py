@@ -7,7 +7,8 @@ One mesh on the real model (1 decode worker prefilling locally; the router with 
 headroom rule), three kinds of phase in one run:
   A  interactive alone: open-loop Poisson arrivals at a fixed moderate rate;
   B  the same interactive schedule (same prompts, same offsets) plus a BatchService job big
-     enough to saturate the worker;
+     enough to saturate the worker, submitted before the slot starts (its first results are in,
+     so the slot sees a running backlog, not its ramp);
   C  the mesh's capacity: `capacity_streams` closed-loop streams (the worker's max_num_seqs) of
      the batch work's prompts and lengths sent as interactive requests, so no batch rule caps
      them; every token received inside the slot counts.
@@ -141,9 +142,12 @@ async def _run(address: str, setup: Setup) -> dict:
                     "C": f"capacity: {setup.capacity_streams} closed-loop streams"}[kind]
             _progress(f"phase {i + 1}/{len(setup.slots)} {kind}: {what}")
             load = BatchLoad(batch, setup, f"{kind}{i}") if kind == "B" else None
-            phase["start"] = time.perf_counter()
-            if load:
+            if load:  # the backlog is running (first results in) before the slot's clock starts
                 await load.start()
+                ramp_end = time.perf_counter() + 10.0
+                while len(load.done) < 2 and time.perf_counter() < ramp_end:
+                    await asyncio.sleep(0.1)
+            phase["start"] = time.perf_counter()
             if kind == "C":
                 await _saturate(router, setup, phase["start"], phase["batch"], tag=i)
             else:  # slot k of A and slot k of B share one schedule (A B B A: seeds 1 1 2 2)
