@@ -30,7 +30,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     http_port=None if args.http_port in ("off", "-1") else int(args.http_port), model=args.model,
                     kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
                     torch_threads=args.torch_threads, otlp_endpoint=endpoint, tls_dir=tls_dir,
-                    api_keys_file=args.api_keys_file)
+                    api_keys_file=args.api_keys_file, batch_db=args.batch_db)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
     mesh = start_mesh(spec, args.run_dir)
     for p in mesh.processes:
@@ -170,6 +170,11 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_batch_db() -> str:
+    import os
+    return os.path.expanduser(os.environ.get("PDMESH_BATCH_DB", "~/.local/share/pdmesh/batch.sqlite3"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="mutual TLS between all processes with the certificates in DIR (from `pdmesh certs`); "
                          "without DIR, make them in the run directory. Default: plaintext")
     up.add_argument("--api-keys-file", default="", help="router API keys: YAML/JSON mapping key -> tenant")
+    up.add_argument("--batch-db", default=_default_batch_db(), help="SQLite file of batch jobs (env PDMESH_BATCH_DB)")
     up.set_defaults(func=cmd_up)
     gen = sub.add_parser("generate", help="stream a completion through the router")
     gen.add_argument("prompt")
@@ -227,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                             "are always in)")
     certs.add_argument("--days", type=int, default=365)
     certs.set_defaults(func=cmd_certs)
+    from pdmesh.batch_cli import add_batch_parser
+    add_batch_parser(sub, DEFAULT_ROUTER)
     args = parser.parse_args(argv)
     return args.func(args)
 

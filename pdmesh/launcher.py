@@ -40,6 +40,8 @@ class MeshSpec:
     tls_dir: str = ""
     # The router's API keys file (key -> tenant; services/router/auth.py). "" = no keys.
     api_keys_file: str = ""
+    # The router's batch job store (SQLite); "" = batch.sqlite3 in the run directory.
+    batch_db: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -101,7 +103,8 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
                                    address("prefill"), "--decode", address("decode"), "--profile", spec.profile,
                                    "--max-model-len", str(spec.max_model_len), "--served-model-name", spec.model,
                                    "--http-port", "off" if spec.http_port is None else str(spec.http_port),
-                                   *metrics, *(["--api-keys-file", spec.api_keys_file] if spec.api_keys_file else [])],
+                                   *metrics, *(["--api-keys-file", spec.api_keys_file] if spec.api_keys_file else []),
+                                   "--batch-db", spec.batch_db or str(run / "batch.sqlite3")],
                         run, _service_env(env, spec, "router", "router"))
         mesh.processes.append(router)
         _wait_ready([router], spec.startup_timeout_s, progress)

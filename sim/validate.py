@@ -78,7 +78,7 @@ async def _replay(address: str, requests: list[Request], tokens: dict) -> tuple[
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
-        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
+        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]  # noqa: E731
         for _ in range(2):
             await asyncio.gather(*(_first_token(stub, draw(160), 2, 0.0) for _ in range(2)))
         probes = [(await _first_token(stub, draw(PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
@@ -142,7 +142,7 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
     predicted = simulate(requests, costs, 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
     scaled = simulate(requests, slowed(costs, slowdown), 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
     m50, m90 = percentile(measured, 0.5), percentile(measured, 0.9)
-    err = lambda p, m: round(abs(p - m) / m, 3)
+    err = lambda p, m: round(abs(p - m) / m, 3)  # noqa: E731
     return {
         "slice": s._asdict(), "requests": len(requests),
         "prompt_tokens_mean": round(sum(r.prompt_tokens for r in requests) / len(requests), 1),

@@ -1,8 +1,12 @@
 """RouterConfig: frozen, validated; filled from flags/env only in main.py."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.tls import TlsConfig
+from services.router.headroom import HeadroomRule
+from services.router.tenants import TenantPolicy
+
+DEFAULT_BATCH_DB = "~/.local/share/pdmesh/batch.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,13 @@ class RouterConfig:
     # YAML/JSON file mapping API key -> tenant (services/router/auth.py); keys guard gRPC and HTTP alike.
     api_keys_file: str | None = None
     tls: TlsConfig | None = None  # mutual TLS on the gRPC server and the worker channels; None = plaintext
+    # Priority classes, tenants and batch jobs (README: "Priority classes and batch jobs").
+    batch_max_inflight: int | None = None  # None: max_inflight // 2
+    batch_headroom: HeadroomRule = field(default_factory=HeadroomRule)
+    tenants: TenantPolicy = field(default_factory=TenantPolicy)
+    batch_db: str = DEFAULT_BATCH_DB  # SQLite file of the BatchService's jobs and results
+    batch_job_concurrency: int = 8  # items of one job in flight at once
+    batch_max_items: int = 50_000  # items per job
 
     def __post_init__(self) -> None:
         need = {"static": ("decode_addresses", "--decode host:port"),
@@ -55,13 +66,15 @@ class RouterConfig:
             raise ValueError("dns_interval_s must be positive")
         if self.max_tokens_cap <= 0 or self.max_model_len <= 1:
             raise ValueError("max_tokens_cap must be positive and max_model_len above 1")
+        if self.batch_job_concurrency <= 0 or self.batch_max_items <= 0 or not self.batch_db:
+            raise ValueError("batch_job_concurrency and batch_max_items must be positive and batch_db a path")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in 0..65535 (0 = any free port) or None (off), got {self.http_port}")
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")
 
     @property
     def has_prefill_pool(self) -> bool:
         """Whether a prefill pool is configured at all (without one, decode workers prefill locally)."""
         return bool({"static": self.prefill_addresses, "dns": self.prefill_dns,
                      "kubernetes": self.prefill_selector}[self.discovery])
-        if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            raise ValueError(f"http_port must be in 0..65535 (0 = any free port) or None (off), got {self.http_port}")
-        if not self.served_model_name:
-            raise ValueError("served_model_name must not be empty")

@@ -11,13 +11,14 @@ from services.common import tracing
 from services.common.metrics import start_metrics_server
 from services.common.server import announce_ready, configure_logging, start_server, stop_event_on_signals
 from services.common.tls import add_tls_flags, tls_from_args
-from services.router.admission import Admission
 from services.router.auth import ApiKeys
+from services.router.batch.wiring import BatchService, build_admission
 from services.router.chat_template import load_chat_template
 from services.router.config import RouterConfig
 from services.router.discovery import follow, known_discoveries, make_discovery
 from services.router.http_front import FrontSettings, OpenAIFront, create_app, start_http
 from services.router.placement.runner import load_profile
+from services.router.priority_flags import add_priority_flags, priority_fields
 from services.router.request_flow import RequestFlow
 from services.router.server import RouterServicer
 from services.common.worker_config import metrics_port_from_env
@@ -55,6 +56,7 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
                    help="Jinja chat template file (default: the GGUF's, else Gemma 3's turn format)")
     add_discovery_flags(p)
     add_tls_flags(p)
+    add_priority_flags(p)
     a = p.parse_args(argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     return RouterConfig(split(a.prefill), split(a.decode), a.host, a.port, a.profile, a.max_model_len,
@@ -62,7 +64,8 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
                         ready_file=a.ready_file, metrics_port=a.metrics_port, http_host=a.http_host or a.host,
                         http_port=_http_port(p, a.http_port), api_keys=split(a.api_key),
                         served_model_name=a.served_model_name, chat_template=a.chat_template,
-                        api_keys_file=a.api_keys_file, tls=tls_from_args(a), **discovery_fields(a))
+                        api_keys_file=a.api_keys_file, tls=tls_from_args(a), **discovery_fields(a),
+                        **priority_fields(a))
 
 
 def _http_port(parser: argparse.ArgumentParser, value: str) -> int | None:
@@ -103,18 +106,20 @@ async def serve(config: RouterConfig) -> None:
     registry.start()
     following = asyncio.create_task(follow(discovery, registry))
     following.add_done_callback(_report_discovery_end)
-    flow = RequestFlow(registry, load_profile(config.profile), Admission(config.max_inflight, config.max_queued),
-                       tokenizer)
+    flow = RequestFlow(registry, load_profile(config.profile), build_admission(config, registry), tokenizer)
     servicer = RouterServicer(flow, config, tokenizer, ApiKeys.load(config.api_keys, config.api_keys_file))
+    batch = BatchService(config, servicer, registry)
     stop = stop_event_on_signals()
     server = await start_server(lambda port: [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer,
-                                               router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name)],
+                                               router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name),
+                                              batch.binding()],
                                 config.host, config.port, config.tls)
     await server.set_serving(False)  # until the pools are reachable
     serving = asyncio.Event()  # set between startup and drain; /ready also needs the pools up
     http = await _start_http(config, servicer, template, lambda: serving.is_set() and _pools_up(registry, config))
     await _wait_for_pools(registry, config)
     await server.set_serving(True)
+    await batch.start()  # resumes the jobs a previous router left unfinished
     serving.set()
     metrics_port = start_metrics_server(config.metrics_port, config.host)
     announce_ready(config.ready_file, role="router", port=server.port, address=f"{config.host}:{server.port}",
@@ -126,6 +131,7 @@ async def serve(config: RouterConfig) -> None:
     serving.clear()  # /ready answers 503 while both fronts drain
     await asyncio.gather(server.drain_and_stop(config.drain_grace_s),
                          *([http.stop(config.drain_grace_s)] if http else []))
+    await batch.close()
     following.cancel()
     await asyncio.gather(following, return_exceptions=True)
     await registry.close()

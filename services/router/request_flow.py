@@ -60,7 +60,8 @@ class RequestFlow:
         ms = lambda: (time.perf_counter() - t0) * 1000  # noqa: E731
         timings = common_pb2.PhaseTimings()
         queued_at = time.perf_counter()
-        async with self._admission.admit(job.priority) as queue_ms, contextlib.AsyncExitStack() as held:
+        async with self._admission.admit(job.priority, job.tenant_id, len(job.prompt) + job.max_tokens) as queue_ms, \
+                   contextlib.AsyncExitStack() as held:
             timings.queue_ms = queue_ms
             admitted_at = time.perf_counter()
             tracing.record_span("router.queue", queued_at, admitted_at, {"pdmesh.priority": job.priority})
@@ -75,7 +76,7 @@ class RequestFlow:
             decode_request = decode_pb2.DecodeRequest(
                 request_id=worker_request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
                 max_tokens=job.max_tokens, ignore_eos=job.ignore_eos, priority=_PRIORITY[job.priority])
-            relay = _Relay(job, t0, timings, IncrementalDetokenizer(self._tokenizer))
+            relay = _Relay(job, t0, timings, IncrementalDetokenizer(self._tokenizer), self._admission.first_token)
             if placement.prefill is not None:
                 prefill_id = placement.prefill.worker.worker_id
                 start = ms()
@@ -204,8 +205,10 @@ class _Relay:
     """What one request has relayed so far, across decode attempts: tokens sent (never resent),
     the detokenizer, timings and counters. push() turns a DecodeResponse into a RelayEvent."""
 
-    def __init__(self, job: GenerateJob, t0: float, timings: common_pb2.PhaseTimings, detok):
+    def __init__(self, job: GenerateJob, t0: float, timings: common_pb2.PhaseTimings, detok,
+                 on_first_token=lambda: None):
         self.job, self.t0, self.timings, self.detok = job, t0, timings, detok
+        self._on_first_token = on_first_token  # admission: batch may go once live requests have a token
         self.sent: list[int] = []
         self.cached, self.transport, self.first_at, self.last_at = 0, "", None, 0.0
         self.span = None
@@ -223,6 +226,7 @@ class _Relay:
         tokens = list(message.token_ids)
         if tokens:
             if self.first_at is None:
+                self._on_first_token()
                 self.first_at = self.timings.time_to_first_token_ms = now
                 self._ttft.observe(now / 1000)
                 self.span.add_event("first_token")

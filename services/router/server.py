@@ -57,6 +57,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                            _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
                            time_remaining, arrived_at)
 
+    async def validate(self, request: router_pb2.GenerateRequest) -> None:
+        """Raises InvalidArgument when `generate` would reject the request as malformed."""
+        await self._job(request, None, time.perf_counter())
+
     async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of text; InvalidArgument, before any work, for text too long to fit the context."""
         limit = (self._config.max_model_len - 1) * self._tokenizer.max_token_chars

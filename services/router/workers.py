@@ -72,6 +72,7 @@ class WorkerRegistry:
         self._closing: set[asyncio.Task] = set()
         self._started = False
         self.changed = asyncio.Event()
+        self._listeners: list = []  # called (no arguments) on every load change, placement included
         self.index = PrefixIndex()
         self.block_size = 16  # learned from the workers' BlocksStored events
 
@@ -100,7 +101,7 @@ class WorkerRegistry:
         if self._started:
             self._tasks[address] = asyncio.create_task(self._follow(endpoint))
         log.info("following %s worker at %s", role, address)
-        self.changed.set()
+        self._notify()
 
     def remove(self, address: str) -> None:
         """Stop following the worker at address: placement no longer sees it and its prefix-index
@@ -132,6 +133,15 @@ class WorkerRegistry:
     def views(self) -> list[WorkerView]:
         return [e.view() for e in self._endpoints]
 
+    def add_listener(self, callback) -> None:
+        """Calls callback() whenever a load report, a worker's health or this router's placements change."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        self.changed.set()
+        for callback in self._listeners:
+            callback()
+
     def endpoint(self, worker_id: str) -> WorkerEndpoint:
         return self._by_key[worker_id]
 
@@ -147,11 +157,13 @@ class WorkerRegistry:
         endpoint = self.endpoint(worker_id)
         endpoint.inflight += 1
         endpoint.inflight_tokens += prompt_tokens
+        self._notify()
         try:
             yield
         finally:
             endpoint.inflight -= 1
             endpoint.inflight_tokens -= prompt_tokens
+            self._notify()
 
     def has_healthy(self, role: str) -> bool:
         return any(e.healthy and e.role == role for e in self._endpoints)
@@ -199,11 +211,11 @@ class WorkerRegistry:
                     self.index.removed(update.worker_id, event.removed.block_hashes)
                 else:
                     self.index.cleared(update.worker_id)
-        self.changed.set()
+        self._notify()
 
     def _mark_down(self, endpoint: WorkerEndpoint) -> None:
         endpoint.healthy = False
         if endpoint.worker_id:
             self.index.cleared(endpoint.worker_id)
-        self.changed.set()
+        self._notify()
 
