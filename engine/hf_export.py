@@ -4,7 +4,8 @@ Other engines (vLLM, transformers) load Gemma-3 from such a directory:
 
     config.json            model_type gemma3_text, architectures [Gemma3ForCausalLM]
     model.safetensors      float32, Hugging Face tensor names
-    tokenizer.json         ours (engine/tokenizer.py), copied as is
+    tokenizer.json         ours (engine/tokenizer.py) plus a post-processor that prepends <bos>
+                           (our Tokenizer adds it in Python; other loaders expect the file to)
     tokenizer_config.json  special tokens, so a loader does not guess them
     generation_config.json the end-of-sequence ids
 
@@ -15,7 +16,6 @@ Usage: `python -m engine.hf_export --out DIR` (default: <cache>/<model_id>/hf).
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -85,11 +85,22 @@ def export(out_dir: Path | str, config: ModelConfig, state: dict[str, torch.Tens
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
         "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
         "model_max_length": config.max_position})
-    shutil.copyfile(tokenizer_path, out / "tokenizer.json")
+    _write_tokenizer(tokenizer_path, out / "tokenizer.json", config.bos_token_id)
     tmp = out / ".model.safetensors.tmp"
     save_file(hf_state_dict(state), str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)  # safetensors writes 0600; the cache is shared read-only
     tmp.replace(out / "model.safetensors")
     return out
+
+
+def _write_tokenizer(src: Path, dst: Path, bos_token_id: int) -> None:
+    import tokenizers
+    from tokenizers.processors import TemplateProcessing
+    tokenizer = tokenizers.Tokenizer.from_file(str(src))
+    bos = tokenizer.id_to_token(bos_token_id)
+    tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                  special_tokens=[(bos, bos_token_id)])
+    tokenizer.save(str(dst))
 
 
 def default_dir() -> Path:

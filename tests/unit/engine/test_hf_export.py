@@ -4,6 +4,7 @@ with our model on the exported directory (the same check vLLM's loader relies on
 import json
 
 import pytest
+import tokenizers
 import torch
 from safetensors.torch import load_file
 
@@ -14,7 +15,10 @@ from engine.weights import load_model, random_state_dict
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_config):
     tokenizer = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tokenizer.write_text("{}")
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "capital": 3, "France": 4}
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    words.save(str(tokenizer))
     out = tmp_path_factory.mktemp("hf")
     return export(out, tiny_config, random_state_dict(tiny_config), tokenizer)
 
@@ -44,7 +48,12 @@ def test_config_describes_the_model(exported, tiny_config):
     assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
     assert "quantization_config" not in config
     assert config["layer_types"][5] == "full_attention" and config["layer_types"][0] == "sliding_attention"
-    assert (exported / "tokenizer.json").exists()
+
+
+def test_exported_tokenizer_prepends_bos(exported):
+    tokenizer = tokenizers.Tokenizer.from_file(str(exported / "tokenizer.json"))
+    assert tokenizer.encode("capital France").ids == [2, 3, 4]
+    assert tokenizer.encode("capital France", add_special_tokens=False).ids == [3, 4]
 
 
 def test_transformers_computes_our_logits(exported, tiny_config):
