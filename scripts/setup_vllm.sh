@@ -28,7 +28,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup-vllm: [4/4] pdmesh runtime packages vllm lacks, nixl-cu12, pdmesh"
   missing=$("$VENV/bin/python" scripts/missing_requirements.py requirements.txt)
   if [ -n "$missing" ]; then pip_install $missing; fi
-  pip_install --no-deps nixl-cu12==1.5.1
+  # nixl (the meta package, no deps: it would pull nixl-cu13) is the import name vLLM uses; it
+  # falls back to nixl_cu12 on a host without CUDA.
+  pip_install --no-deps nixl-cu12==1.5.1 nixl==1.5.1
   pip_install --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
