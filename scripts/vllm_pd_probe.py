@@ -8,6 +8,7 @@ vs local_compute) and whether its greedy text equals the prefill instance's own 
 Run with .venv-vllm/bin/python (needs the `nixl` import name: scripts/setup_vllm.sh installs it).
 """
 
+import json
 import os
 import sys
 import time
@@ -53,6 +54,8 @@ def main() -> int:
     same = list(out.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
     print("decode: prompt tokens by source", by_source)
     print("decode text equals the prefill instance's own greedy text:", same)
+    print("pd-probe result: " + json.dumps({"prompt_tokens": len(prompt), "by_source": by_source,
+                                            "same_text": same}), flush=True)
     return 0 if same and by_source.get("external_kv_transfer", 0) > 0 else 1
 
 
