@@ -42,6 +42,10 @@ class MeshSpec:
     api_keys_file: str = ""
     # The router's batch job store (SQLite); "" = batch.sqlite3 in the run directory.
     batch_db: str = ""
+    # Engine of the decode workers ("builtin" or "vllm") and the Python that runs them ("" = this
+    # one; vLLM workers need the vLLM venv, see scripts/setup_vllm.sh). Prefill stays built-in.
+    decode_engine: str = "builtin"
+    decode_python: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -95,8 +99,12 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
         for role, count in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
             for i in range(count):
                 name = f"{role}-{i}"
-                mesh.processes.append(_spawn(name, ["-m", f"services.{role}", "--worker-id", name, *common], run,
-                                             _service_env(env, spec, role, name)))
+                args = ["-m", f"services.{role}", "--worker-id", name, *common]
+                python = sys.executable
+                if role == "decode" and spec.decode_engine != "builtin":
+                    args += ["--engine", spec.decode_engine]
+                    python = spec.decode_python or python
+                mesh.processes.append(_spawn(name, args, run, _service_env(env, spec, role, name), python))
         _wait_ready(mesh.processes, spec.startup_timeout_s, progress)
         address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info["role"] == role)  # noqa
         router = _spawn("router", ["-m", "services.router", "--port", str(spec.router_port), "--prefill",
@@ -136,11 +144,11 @@ def _service_env(env: dict, spec: MeshSpec, role: str, name: str) -> dict:
             "OTEL_BSP_SCHEDULE_DELAY": env.get("OTEL_BSP_SCHEDULE_DELAY", "500")}
 
 
-def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict) -> Process:
+def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict, python: str = sys.executable) -> Process:
     ready, log = run / f"{name}.ready.json", run / f"{name}.log"
     ready.unlink(missing_ok=True)
     with open(log, "w") as log_out:
-        popen = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], cwd=ROOT, env=env,
+        popen = subprocess.Popen([python, *args, "--ready-file", str(ready)], cwd=ROOT, env=env,
                                  stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return Process(name, popen, ready, log, args=args, env=env)
 

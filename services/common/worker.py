@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig
 from pdmesh.v1 import worker_state_pb2, worker_state_pb2_grpc
 from services.common import tracing
 from services.common.engine_runner import EngineRunner
@@ -44,9 +43,13 @@ class WorkerContext:
         return model_id()
 
 
-def build_engine(config: EngineConfig):
+def build_engine(config: WorkerConfig):
+    """The engine the worker serves with: ours, or vLLM (imported only when asked for)."""
+    if config.engine_backend == "vllm":
+        from engine.vllm_backend import VllmEngine
+        return VllmEngine(config.engine, config.vllm)
     from engine.llm_engine import LLMEngine
-    return LLMEngine(config)
+    return LLMEngine(config.engine)
 
 
 async def run_worker(config: WorkerConfig,
@@ -54,7 +57,7 @@ async def run_worker(config: WorkerConfig,
                      on_stop: Callable[[WorkerContext], None] | None = None) -> None:
     torch.set_num_threads(config.torch_threads)
     loop = asyncio.get_running_loop()
-    engine = await asyncio.to_thread(build_engine, config.engine)
+    engine = await asyncio.to_thread(build_engine, config)
     hub = WorkerStateHub(loop)
     runner = EngineRunner(engine, loop, on_step=hub.publish_from_engine_thread)
     runner.start()

@@ -10,7 +10,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.vllm_backend import VllmOptions
 from services.common.tls import TlsConfig, add_tls_flags, tls_from_args
+
+ENGINES = ("builtin", "vllm")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class WorkerConfig:
     drain_grace_s: float = 30.0
     metrics_port: int | None = None  # Prometheus /metrics; 0 = any free port, None = off
     tls: TlsConfig | None = None  # mutual TLS for the server and every channel it opens; None = plaintext
+    # Which engine serves: our PyTorch engine, or vLLM (optional extra, see README "vLLM backend").
+    engine_backend: str = "builtin"
+    vllm: VllmOptions = field(default_factory=VllmOptions)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -38,6 +44,8 @@ class WorkerConfig:
         known = {"nixl", "grpc"}
         if not self.kv_transports or set(self.kv_transports) - known:
             raise ValueError(f"kv_transports must be a non-empty subset of {sorted(known)}, got {self.kv_transports}")
+        if self.engine_backend not in ENGINES:
+            raise ValueError(f"engine_backend must be one of {list(ENGINES)}, got {self.engine_backend!r}")
         if self.lease_ttl_s <= 0 or self.torch_threads <= 0:
             raise ValueError("lease_ttl_s and torch_threads must be positive")
 
@@ -62,6 +70,13 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=int(env("PDMESH_TORCH_THREADS", "2")))
     parser.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
                         help="serve Prometheus /metrics on this port (0: any free port; default off)")
+    parser.add_argument("--engine", choices=ENGINES, default=env("PDMESH_ENGINE", "builtin"),
+                        help="vllm needs the vLLM venv (scripts/setup_vllm.sh); decode workers only")
+    parser.add_argument("--vllm-model-dir", default=env("PDMESH_VLLM_MODEL_DIR", ""),
+                        help="Hugging Face style directory (default: the one engine.hf_export writes)")
+    parser.add_argument("--vllm-gpu-memory-utilization", type=float,
+                        default=float(env("PDMESH_VLLM_GPU_MEMORY_UTILIZATION", "0.25")),
+                        help="share of memory vLLM sizes its KV cache from (CPU build too)")
     parser.add_argument("--ready-file", default=None, help="write a JSON line with the bound port here")
     add_tls_flags(parser)
 
@@ -78,7 +93,8 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         advertise_host=args.advertise_host, engine=engine, lease_ttl_s=args.lease_ttl_s,
         kv_transports=tuple(t.strip() for t in args.kv_transports.split(",") if t.strip()),
         torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
-        metrics_port=args.metrics_port, tls=tls_from_args(args),
+        metrics_port=args.metrics_port, tls=tls_from_args(args), engine_backend=args.engine,
+        vllm=VllmOptions(model_dir=args.vllm_model_dir, gpu_memory_utilization=args.vllm_gpu_memory_utilization),
     )
 
 

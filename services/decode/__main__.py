@@ -1,3 +1,5 @@
 from services.decode.main import main
 
-main()
+# Guarded: the vLLM backend starts processes that re-import the main module.
+if __name__ == "__main__":
+    main()

@@ -64,10 +64,10 @@ class DecodeWorker:
     async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
         outputs = self._runner.open_stream(job.request_id)
         try:
-            if job.handle is not None:
+            if job.handle is not None and self._pullers:
                 transfer = await self._import(job)
             else:
-                transfer = None
+                transfer = None  # no KV sent, or an engine that cannot import it (vLLM): prefill here
             local = transfer is None  # no handle, or the pulled KV could not be used
             if local:
                 await self._add_local(job)

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def _pullers(ctx: WorkerContext) -> dict:
+    if ctx.config.engine_backend == "vllm":
+        return {}  # vLLM keeps its KV in its own process: every prompt is prefilled here
     layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
     usable = set(available_transports())
     pullers = {}

@@ -1,5 +1,7 @@
 """Entry point of a prefill worker: `python -m services.prefill --port 0 ...` (see --help)."""
 
+import os
+import sys
 
 from kvtransfer.layout import KvLayout
 from kvtransfer.source import KvSource, KvTransferServicer
@@ -28,7 +30,14 @@ def _bindings(ctx: WorkerContext):
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "--engine=vllm" in (argv or sys.argv) or _engine_arg(argv or sys.argv) == "vllm":
+        raise SystemExit("prefill workers run the built-in engine only; vLLM pools prefill on their decode "
+                         "workers (README: vLLM backend)")
     worker_main("prefill", _bindings, argv)
+
+
+def _engine_arg(argv: list[str]) -> str:
+    return argv[argv.index("--engine") + 1] if "--engine" in argv[:-1] else os.environ.get("PDMESH_ENGINE", "")
 
 
 if __name__ == "__main__":

