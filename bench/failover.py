@@ -27,15 +27,13 @@ import urllib.request
 
 import grpc
 
+from bench.common import progress as _progress
 from pdmesh.launcher import MeshSpec, restart, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 STREAMS = 4
 MAX_TOKENS = 200
 
-
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def prompt_of(i: int) -> list[int]:

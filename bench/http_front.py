@@ -32,6 +32,7 @@ import time
 import aiohttp
 import grpc
 
+from bench.common import plot_cdf
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -197,8 +198,7 @@ def _plot(path: pathlib.Path, samples: dict) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, style in (("grpc", "-"), ("http", "--")):
-        values = sorted(samples[arm])
-        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], style, label=arm)
+        plot_cdf(ax, samples[arm], style, arm)
     ax.set_title(f"TTFT, HTTP front vs gRPC, {STREAMS} streams, tiny model")
     ax.set_xlabel("TTFT (ms)")
     ax.set_ylabel("fraction of requests")

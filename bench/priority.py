@@ -35,6 +35,8 @@ import time
 
 import grpc
 
+from bench.common import percentile as _pct
+from bench.common import progress as _progress
 from pdmesh.v1 import batch_pb2, batch_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 
 TARGET_TTFT_RATIO, TARGET_SHARE = 1.2, 0.8
@@ -42,13 +44,6 @@ _WORDS = ("time person year way day thing man world life hand part child eye wom
           "government company number group problem fact river mountain city music garden window letter").split()
 
 
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 def _text(seed: int, words: int) -> str:

@@ -31,7 +31,16 @@ import uuid
 
 import grpc
 
-from pdmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
+from bench.common import percentile as _pct
+from bench.common import plot_cdf
+from bench.common import progress as _progress
+from pdmesh.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 
 STREAMS = 64
 PROMPT_KB = (1, 64)
@@ -58,9 +67,6 @@ _WORDS = ("the of and to in is that for it as was with be by on not he this are 
           "model cache block token router prefill decode worker stream latency request prompt memory").split()
 
 
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
 
 def _text(num_bytes: int, seed: int) -> str:
     rng = random.Random(seed)
@@ -71,10 +77,6 @@ def _text(num_bytes: int, seed: int) -> str:
         size += len(word) + 1
     return " ".join(words)[:num_bytes]
 
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 # ---- part 1: added TTFT ------------------------------------------------------------------------
@@ -313,8 +315,7 @@ def _plot(path: pathlib.Path, raw: dict) -> None:
     fig, axes = plt.subplots(1, len(raw), figsize=(5 * len(raw), 3.8))
     for ax, (kb, samples) in zip(axes, raw.items()):
         for arm, style in (("direct", "-"), ("router", "--")):
-            values = sorted(samples[arm])
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], style, label=arm)
+            plot_cdf(ax, samples[arm], style, arm)
         ax.set_title(f"{kb} KB prompt, {STREAMS} streams")
         ax.set_xlabel("TTFT (ms)")
         ax.set_ylabel("fraction of requests")

@@ -32,6 +32,8 @@ import urllib.request
 
 import grpc
 
+from bench.common import percentile as _pct
+from bench.common import progress as _progress
 from pdmesh.launcher import MeshSpec, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -40,9 +42,6 @@ MAX_TOKENS = 16
 DEADLINE_S = 60.0
 SHED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
 
-
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def rss_kb(pid: int) -> int:
@@ -217,12 +216,6 @@ async def soak(mesh, warmup_s: float, capacity_s: float, overload_s: float, seed
         "_series": {"rss": [(t - overload_t0, r) for t, r in sampler.samples], "requests": outcomes.rows},
     }
 
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def print_table(result: dict) -> None:

@@ -27,6 +27,9 @@ import time
 
 import grpc
 
+from bench.common import percentile as _pct
+from bench.common import plot_cdf
+from bench.common import progress as _progress
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 TARGET_TTFT_P50_OVERHEAD = 0.03
@@ -35,13 +38,6 @@ _WORDS = ("time person year way day thing man world life hand part child eye wom
           "government company number group problem fact river mountain city music garden window letter").split()
 
 
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def _prompt(seed: int) -> str:
@@ -167,8 +163,7 @@ def _plot(path: pathlib.Path, raw: dict, result: dict) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, style in (("on", "-"), ("off", "--")):
-        values = sorted(raw[name]["ttft_ms"])
-        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], style, label=f"tracing {name}")
+        plot_cdf(ax, raw[name]["ttft_ms"], style, f"tracing {name}")
     ax.set_xlabel("TTFT (ms, client side)")
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"tracing overhead: TTFT p50 {result['ttft_p50_overhead']:+.1%}", fontsize=10)
