@@ -81,21 +81,26 @@ class PrefixIndex:
                        include_expected: bool = True) -> dict[str, int]:
         """For each worker, how many leading blocks of the prompt it holds or (with
         include_expected) is expected to hold; 0 when none."""
-        matched = {w: 0 for w in worker_ids}
-        alive = set(matched)
+        matched = dict.fromkeys(worker_ids, 0)
         now = self._clock()
+        alive: set[str] | None = None  # workers matching every block so far; None before the first
         for i, h in enumerate(block_hashes):
-            if not alive:
-                break
-            holders = self._holders.get(h)
-            still = alive & holders if holders else set()
+            holders = self._holders.get(h, ())
+            if alive is None:  # only the pool's workers; the holders are usually far fewer than the pool
+                still = {w for w in holders if w in matched}
+            else:
+                still = alive & holders if holders else set()
             pending = self._expected.get(h) if include_expected else None
             if pending:
-                still |= {w for w, expiry in pending.items() if expiry > now and w in alive}
-            for w in alive - still:
-                matched[w] = i
+                still |= {w for w, expiry in pending.items() if expiry > now and w in matched
+                          and (alive is None or w in alive)}
+            if alive is not None:
+                for w in alive - still:
+                    matched[w] = i
             alive = still
-        for w in alive:
+            if not alive:
+                break
+        for w in alive or ():
             matched[w] = len(block_hashes)
         return matched
 

@@ -22,11 +22,13 @@ class LoadView(NamedTuple):
 
     @property
     def queue_depth(self) -> int:
-        return max(self.waiting + self.running, self.router_inflight)
+        reported = self.waiting + self.running  # (no max() call: this runs per worker per request)
+        return reported if reported >= self.router_inflight else self.router_inflight
 
     @property
     def pending_prefill_tokens(self) -> int:
-        return max(self.queued_prefill_tokens, self.router_inflight_tokens)
+        queued = self.queued_prefill_tokens
+        return queued if queued >= self.router_inflight_tokens else self.router_inflight_tokens
 
 
 class WorkerView(NamedTuple):

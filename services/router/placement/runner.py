@@ -7,12 +7,14 @@ a weighted sum, times each plugin, and records the scores and decision for the r
 puts them on spans). An empty candidate list after filtering raises NoCandidates.
 """
 
+import itertools
 import logging
 import pathlib
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import yaml
 
 from services.router.placement import registry
@@ -57,14 +59,14 @@ class PoolProfile:
             candidates = _timed(timings, f"filter.{f.name}", f.filter, request, candidates)
         if not candidates:
             raise NoCandidates(f"no {pool} worker is available ({len(workers)} known, none passed the filters)")
-        totals = {w.worker_id: 0.0 for w in candidates}
+        ids = [w.worker_id for w in candidates]
+        totals = np.zeros(len(ids))
         for scorer, weight in self.scorers:
             raw = _timed(timings, f"scorer.{scorer.name}", scorer.score, request, candidates)
-            for worker_id in totals:
-                totals[worker_id] += weight * _clamp(float(raw.get(worker_id, 0.0)))
-        scored = [(w, totals[w.worker_id]) for w in candidates]
-        chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, scored)
-        return PoolChoice(chosen, totals, timings)
+            totals += weight * _clamped(raw, ids)
+        totals = totals.tolist()
+        chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, list(zip(candidates, totals)))
+        return PoolChoice(chosen, dict(zip(ids, totals)), timings)
 
 
 @dataclass
@@ -109,15 +111,19 @@ class PlacementProfile:
 def _with_prefix(request: PlacementRequest, pool: list[WorkerView], index: PrefixIndex) -> list[WorkerView]:
     matched = index.matched_blocks(request.block_hashes, [w.worker_id for w in pool])
     # Most of a large pool matches nothing: keep those views as they are (no copy per worker).
-    return [w if matched[w.worker_id] == w.prefix_blocks else w._replace(prefix_blocks=matched[w.worker_id])
-            for w in pool]
+    return [w if (m := matched[w.worker_id]) == w.prefix_blocks else _with_prefix_blocks(w, m) for w in pool]
 
 
-def _clamp(score: float) -> float:
-    """Into [0, 1]; NaN -> 0. (Comparisons, not min/max calls: this runs per worker per scorer.)"""
-    if 0.0 <= score <= 1.0:
-        return score
-    return 1.0 if score > 1.0 else 0.0
+def _with_prefix_blocks(w: WorkerView, prefix_blocks: int) -> WorkerView:
+    # Spelled out rather than w._replace(...), which costs several times more per call.
+    return WorkerView(w.worker_id, w.address, w.role, w.healthy, w.load, prefix_blocks, w.confirmed_prefix_blocks)
+
+
+def _clamped(raw: dict[str, float], ids: list[str]) -> np.ndarray:
+    """A scorer's values in candidate order, missing -> 0, NaN -> 0, clamped into [0, 1]. (Vectorized:
+    this runs per scorer over every candidate, up to thousands of workers per request.)"""
+    values = np.fromiter(map(raw.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=len(ids))
+    return np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
 def _with_confirmed(request: PlacementRequest, worker: WorkerView, index: PrefixIndex) -> WorkerView:

@@ -12,11 +12,14 @@
 from services.router.placement.registry import register
 
 
-def _lower_is_better(values: dict[str, float]) -> dict[str, float]:
-    lo, hi = min(values.values()), max(values.values())
+def _lower_is_better(workers, values: list[float]) -> dict[str, float]:
+    """values[i] belongs to workers[i]; the lowest scores 1, the highest 0, linear between.
+    (Plain lists and one dict: scorers run over every candidate of a pool, per request.)"""
+    lo, hi = min(values), max(values)
     if hi == lo:
-        return {k: 1.0 for k in values}
-    return {k: (hi - v) / (hi - lo) for k, v in values.items()}
+        return dict.fromkeys([w.worker_id for w in workers], 1.0)
+    span = hi - lo
+    return {w.worker_id: (hi - v) / span for w, v in zip(workers, values)}
 
 
 @register("scorer", "prefix_overlap")
@@ -26,7 +29,8 @@ class PrefixOverlapScorer:
 
     def score(self, request, workers):
         blocks = len(request.block_hashes)
-        return {w.worker_id: (w.prefix_blocks / blocks if blocks else 0.0) for w in workers}
+        per_block = 1.0 / blocks if blocks else 0.0
+        return {w.worker_id: w.prefix_blocks * per_block for w in workers}
 
 
 @register("scorer", "queue_depth")
@@ -34,7 +38,7 @@ class QueueDepthScorer:
     name = "queue_depth"
 
     def score(self, request, workers):
-        return _lower_is_better({w.worker_id: w.load.queue_depth for w in workers})
+        return _lower_is_better(workers, [w.load.queue_depth for w in workers])
 
 
 @register("scorer", "kv_utilization")
@@ -42,8 +46,8 @@ class KvUtilizationScorer:
     name = "kv_utilization"
 
     def score(self, request, workers):
-        return {w.worker_id: 1.0 - (w.load.kv_blocks_used / w.load.kv_blocks_total if w.load.kv_blocks_total else 0.0)
-                for w in workers}
+        return {w.worker_id: (1.0 - load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 1.0)
+                for w in workers for load in (w.load,)}
 
 
 @register("scorer", "queued_prefill_tokens")
@@ -51,4 +55,4 @@ class QueuedPrefillTokensScorer:
     name = "queued_prefill_tokens"
 
     def score(self, request, workers):
-        return _lower_is_better({w.worker_id: w.load.pending_prefill_tokens for w in workers})
+        return _lower_is_better(workers, [w.load.pending_prefill_tokens for w in workers])
