@@ -129,6 +129,9 @@ class RequestFlow:
                     event = relay.push(message)
                     if event is not None and event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                         final = event
+                        # The finish is the worker's last message: wait for its status rather than
+                        # cancelling a stream that is ending anyway (a cancel costs both sides work).
+                        await stream.code()
                         break
                     if event is not None:
                         yield event
@@ -139,7 +142,8 @@ class RequestFlow:
             finally:
                 # A consumer that stops early (client gone, stop string) closes this generator at a
                 # yield, where no await is interrupted: cancel explicitly so the worker frees the KV now.
-                stream.cancel()
+                if not stream.done():
+                    stream.cancel()
         if final is None:
             raise _WorkerLost(f"decode worker {decode_id} ended the stream without a finish reason")
         yield final
