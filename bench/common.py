@@ -1,6 +1,9 @@
-"""Small helpers every benchmark shares: a timestamped progress line, a nearest-rank percentile
-and a CDF line for the PNGs."""
+"""Small helpers every benchmark shares: a timestamped progress line, a nearest-rank percentile,
+a CDF line for the PNGs and a per-process CPU meter."""
 
+import os
+import pathlib
+import resource
 import time
 
 
@@ -20,3 +23,25 @@ def plot_cdf(ax, values: list[float], style: str, label: str) -> None:
     """The empirical CDF of values on a matplotlib axis."""
     ordered = sorted(values)
     ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], style, label=label)
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) used so far by named processes, plus this one as
+    "client": read() before and after a batch and divide the difference by its requests."""
+
+    def __init__(self, pids: dict[str, int]):
+        self._stats = {name: pathlib.Path(f"/proc/{pid}/stat") for name, pid in pids.items()}
+
+    def read(self) -> dict[str, float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for name, stat in self._stats.items():
+            fields = stat.read_text().rpartition(")")[2].split()
+            used[name] = (int(fields[11]) + int(fields[12])) / ticks
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        used["client"] = me.ru_utime + me.ru_stime
+        return used
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    return {name: (after[name] - before[name]) * 1000 / requests for name in before}

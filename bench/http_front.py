@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import pathlib
-import resource
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ import time
 import aiohttp
 import grpc
 
-from bench.common import plot_cdf
+from bench.common import CpuMeter, plot_cdf
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -93,21 +92,8 @@ class Arms:
         await self._http.close()
 
 
-class CpuMeter:
-    """CPU seconds the router process and this (client) process have used so far."""
-
-    def __init__(self, router_pid: int):
-        self._stat = pathlib.Path(f"/proc/{router_pid}/stat")
-
-    def read(self) -> tuple[float, float]:
-        fields = self._stat.read_text().rpartition(")")[2].split()
-        router = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        return router, me.ru_utime + me.ru_stime
-
-
 async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, streams: int, cpu: CpuMeter) -> dict:
-    samples = {"http": [], "grpc": [], "cpu": {"http": [0.0, 0.0], "grpc": [0.0, 0.0]}, "pair_added_p50": []}
+    samples = {"http": [], "grpc": [], "cpu": {"http": {}, "grpc": {}}, "pair_added_p50": []}
     for pair in range(pairs):
         medians = {}
         for arm in (("http", "grpc") if pair % 2 == 0 else ("grpc", "http")):
@@ -118,8 +104,8 @@ async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, stre
             after = cpu.read()
             samples[arm] += batch
             medians[arm] = statistics.median(batch)
-            for i in (0, 1):
-                samples["cpu"][arm][i] += after[i] - before[i]
+            for name, seconds in after.items():
+                samples["cpu"][arm][name] = samples["cpu"][arm].get(name, 0.0) + seconds - before[name]
         samples["pair_added_p50"].append(medians["http"] - medians["grpc"])
     return samples
 
@@ -129,9 +115,8 @@ def _summarize(samples: dict) -> dict:
     for arm in ("http", "grpc"):
         row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
         row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
-        router_s, client_s = samples["cpu"][arm]
-        row[f"{arm}_router_cpu_ms_per_request"] = router_s * 1000 / len(samples[arm])
-        row[f"{arm}_client_cpu_ms_per_request"] = client_s * 1000 / len(samples[arm])
+        for name, seconds in samples["cpu"][arm].items():
+            row[f"{arm}_{name}_cpu_ms_per_request"] = seconds * 1000 / len(samples[arm])
     row["added_p50_ms"] = row["http_p50_ms"] - row["grpc_p50_ms"]
     # Each HTTP batch against the gRPC batch beside it: the spread says how much is drift.
     row["pair_added_p50_ms"] = samples["pair_added_p50"]
@@ -159,7 +144,8 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
     try:
         async def go():
             arms = Arms(mesh.router_address, mesh.http_address)
-            cpu = CpuMeter(next(p.popen.pid for p in mesh.processes if p.name == "router"))
+            cpu = CpuMeter({"router": next(p.popen.pid for p in mesh.processes if p.name == "router"),
+                            "decode": mesh.workers("decode")[0].popen.pid})
             try:
                 await arms.check_same_output(prompts[0])
                 await _measure(arms, prompts, 2, 1, STREAMS, cpu)  # warm-up: connections, prefix cache

@@ -31,6 +31,7 @@ import uuid
 
 import grpc
 
+from bench.common import CpuMeter
 from bench.common import percentile as _pct
 from bench.common import plot_cdf
 from bench.common import progress as _progress
@@ -134,8 +135,8 @@ async def _single_stream(arms: Arms, prompts, pairs: int) -> dict:
     return samples
 
 
-async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int) -> dict:
-    samples = {"router": [], "direct": []}
+async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMeter) -> dict:
+    samples = {"router": [], "direct": [], "cpu": {"router": {}, "direct": {}}}
     for prompt in prompts:  # one at a time: 64 uncached 64 KB prefills at once exhaust memory
         await arms.direct(*prompt)
     await _batch(arms.router, prompts, 1)  # warm-up: channels, tokenizer, detokenizer
@@ -143,7 +144,10 @@ async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int) -> dict:
     for pair in range(pairs):
         order = ("router", "direct") if pair % 2 == 0 else ("direct", "router")
         for arm in order:
+            before = cpu.read()
             samples[arm] += await _batch(getattr(arms, arm), prompts, rounds)
+            for name, seconds in cpu.read().items():
+                samples["cpu"][arm][name] = samples["cpu"][arm].get(name, 0.0) + seconds - before[name]
     return samples
 
 
@@ -152,6 +156,8 @@ def _summarize_size(kb: int, num_tokens: int, samples: dict) -> dict:
     for arm in ("router", "direct"):
         row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
         row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
+        for name, seconds in samples.get("cpu", {}).get(arm, {}).items():
+            row[f"{arm}_{name}_cpu_ms_per_request"] = seconds * 1000 / len(samples[arm])
     row["added_p50_ms"] = row["router_p50_ms"] - row["direct_p50_ms"]
     row["added_p99_ms"] = row["router_p99_ms"] - row["direct_p99_ms"]
     return row
@@ -184,12 +190,14 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[list[dict], dict, d
     try:
         async def go():
             arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
+            cpu = CpuMeter({"router": next(p.popen.pid for p in mesh.processes if p.name == "router"),
+                            "decode": mesh.workers("decode")[0].popen.pid})
             try:
                 for kb in PROMPT_KB:
                     n = statistics.median(len(ids) for _, ids in prompts[kb])
                     progress(f"{kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch pairs of "
                              f"{STREAMS} streams x {rounds} requests")
-                    samples = await _measure_size(arms, prompts[kb], pairs, rounds)
+                    samples = await _measure_size(arms, prompts[kb], pairs, rounds, cpu)
                     rows.append(_summarize_size(kb, int(n), samples))
                     raw[kb] = samples
                     single = _summarize_size(kb, int(n), await _single_stream(arms, prompts[kb], 40 if quick else 100))
@@ -291,6 +299,11 @@ def _print_table(rows: list[dict], decision: dict, per_kb: float) -> None:
         print(f"{r['prompt_kb']:>5}KB {r['prompt_tokens']:>7} {r['requests_per_arm']:>6} | {r['router_p50_ms']:>10.2f} "
               f"{r['direct_p50_ms']:>10.2f} {r['added_p50_ms']:>+9.2f} | {r['router_p99_ms']:>10.2f} "
               f"{r['direct_p99_ms']:>10.2f} {r['added_p99_ms']:>+9.2f}")
+    for r in rows:
+        if "router_decode_cpu_ms_per_request" in r:
+            print(f"{r['prompt_kb']:>5}KB, CPU ms per request ({STREAMS} streams): decode worker "
+                  f"{r['router_decode_cpu_ms_per_request']:.2f} via router vs {r['direct_decode_cpu_ms_per_request']:.2f} "
+                  f"direct; router process {r['router_router_cpu_ms_per_request']:.2f}")
     for r in rows:
         one = r["single_stream"]
         print(f"{r['prompt_kb']:>5}KB, 1 stream alone (diagnostic): router p50 {one['router_p50_ms']:.2f} ms, direct p50 "

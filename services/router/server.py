@@ -34,6 +34,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
         self.api_keys = api_keys
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        tokenizer.max_token_chars  # noqa: B018 - computed once here (a 262k-entry scan), not in the first request
 
     async def _job(self, request: router_pb2.GenerateRequest, time_remaining: float | None,
                    arrived_at: float) -> GenerateJob:

@@ -52,7 +52,9 @@ class WorkerEndpoint:
         return self.worker_id or self.address
 
     def view(self) -> WorkerView:
-        load = self.load._replace(router_inflight=self.inflight, router_inflight_tokens=self.inflight_tokens)
+        r = self.load  # (spelled out, not _replace(): this runs per worker per request)
+        load = LoadView(r.waiting, r.running, r.kv_blocks_used, r.kv_blocks_total, r.queued_prefill_tokens,
+                        self.inflight, self.inflight_tokens)
         return WorkerView(self.key, self.address, self.role, self.healthy, load)
 
 

@@ -121,9 +121,10 @@ def _with_prefix_blocks(w: WorkerView, prefix_blocks: int) -> WorkerView:
 
 def _clamped(raw: dict[str, float], ids: list[str]) -> np.ndarray:
     """A scorer's values in candidate order, missing -> 0, NaN -> 0, clamped into [0, 1]. (Vectorized:
-    this runs per scorer over every candidate, up to thousands of workers per request.)"""
+    this runs per scorer over every candidate, up to thousands of workers per request; fmax/fmin
+    ignore NaN, so NaN becomes 0.)"""
     values = np.fromiter(map(raw.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=len(ids))
-    return np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return np.fmin(np.fmax(values, 0.0, out=values), 1.0, out=values)
 
 
 def _with_confirmed(request: PlacementRequest, worker: WorkerView, index: PrefixIndex) -> WorkerView:
