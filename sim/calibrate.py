@@ -163,6 +163,60 @@ def calibrate(grid: dict, threads: int) -> dict:
     }
 
 
+CONTENTION_WORK = {"prefill": (384, 0), "decode": (4, 256)}  # a 384-token prompt; a step of 4 x 256 context
+
+
+def _contender(conn, threads: int) -> None:
+    """A worker-like process: one engine, one torch thread; times the work it is told to repeat."""
+    import torch
+    torch.set_num_threads(threads)
+    bench = Bench(num_blocks=256)
+    bench.prefill_s(64, 0)
+    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    conn.send("ready")
+    for kind, seconds in iter(conn.recv, None):
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            a, b = CONTENTION_WORK[kind]
+            times.append(bench.prefill_s(a, b) if kind == "prefill" else bench.decode_step_s(a, b, steps=4))
+        conn.send(times)
+
+
+def contention(max_workers: int, threads: int, seconds: float = 10.0) -> dict:
+    """How much slower each of n worker processes computes while n compute at once (n = 1 ..
+    max_workers), for prefill and for decode work: the mean time of each process's repeated
+    operation over the same operation with one process alone. Processes that are not in the
+    round sit idle (blocked on their pipe), as an idle mesh worker does."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(max_workers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_contender, args=(child, threads), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        for pipe in pipes:
+            pipe.recv()
+        out = {}
+        for kind in CONTENTION_WORK:
+            means = []
+            for n in range(1, max_workers + 1):
+                for pipe in pipes[:n]:
+                    pipe.send((kind, seconds))
+                times = [t for pipe in pipes[:n] for t in pipe.recv()[1:-1]]  # first and last may run unshared
+                means.append(statistics.mean(times))
+                progress(f"contention {kind}: {n} process(es) at once, {means[-1] * 1000:.0f} ms per operation")
+            out[kind] = [round(m / means[0], 3) for m in means]
+        return out
+    finally:
+        for pipe in pipes:
+            pipe.send(None)
+        for proc in procs:
+            proc.join(timeout=10)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="measure the engine here and write a simulator cost profile")
     parser.add_argument("--out", default="sim/profiles/cpu-local.yaml")
