@@ -40,7 +40,8 @@ SOURCES = {
     "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
     "max_batch": "the workers' default max_num_seqs",
     "prefill_chunk_tokens": "engine SchedulerConfig.max_num_batched_tokens default",
-    "attention": "engine/model.py pads every sequence of a step to the longest query and context",
+    "attention": "engine/model.py pads every sequence of a step to the longest query and context "
+                 "(one batched SDPA)",
     "rpc_s": "assumption: a loopback gRPC hop through the router (README: +2.4 ms for one stream)",
     "host_cores": "os.cpu_count() here: the mesh's workers all run on this host",
     "host_slowdown": "measured under contention: n engine processes (1 torch thread each) prefilling or "

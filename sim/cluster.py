@@ -321,10 +321,13 @@ class DecodeWorker:
         local = self._admit_local() if batch < costs.max_batch else None
         if local is not None:
             uncached = local.req.prompt_tokens - local.cached_tokens
-            # One mixed step: the prompt's tokens plus one token of every running sequence.
+            # One mixed step: the prompt's tokens plus one token of every running sequence. The
+            # engine runs them as one forward pass, so the step's fixed cost (reading the weights,
+            # the LM head) is paid once: the decode step's when sequences are running.
             mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
-            step_s = costs.prefill_base_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
-            self._schedule(1, step_s + decode_s, 0.0, local)
+            fixed_s = decode_s if batch else costs.prefill_base_s
+            step_s = fixed_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
+            self._schedule(1, step_s, 0.0, local)
         elif batch:
             steps = min(s[1] for s in self.running)
             self._schedule(steps, decode_s, costs.decode_per_ctx_token_s * batch, None)

@@ -205,12 +205,16 @@ def _error(predicted: float, measured: float) -> float:
     return round(abs(predicted - measured) / measured, 3)
 
 
-def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dict, cores: int) -> dict:
+def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dict, costs: CostModel) -> dict:
     measured = [r["ttft_s"] for r in run["requests"]]
     m50, m90 = percentile(measured, 0.5), percentile(measured, 0.9)
+    pulled = [(q, r) for q, r in zip(phase, run["requests"]) if r["decision"] == "remote_prefill"]
     out = {"rate": rate, "requests": len(phase), "measured_ttft_p50_s": round(m50, 3),
            "measured_ttft_p90_s": round(m90, 3), "wall_s": round(run["wall_s"], 1),
-           "host_cpu_utilisation": round(run["cpu_s"] / run["wall_s"] / cores, 3)}
+           "host_cpu_utilisation": round(run["cpu_s"] / run["wall_s"] / os.cpu_count(), 3),
+           "kv_pull_ms_mean": {"measured": round(sum(r["kv_transfer_ms"] for _, r in pulled) / max(len(pulled), 1), 1),
+                               "model": round(sum(costs.transfer_s(q.prompt_tokens) for q, _ in pulled) * 1000
+                                              / max(len(pulled), 1), 1)}}
     for name, ttft in predictions.items():
         p50, p90 = percentile(ttft, 0.5), percentile(ttft, 0.9)
         out[name] = {"ttft_p50_s": round(p50, 3), "ttft_p90_s": round(p90, 3),
@@ -234,7 +238,7 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
     variants = {"predicted": costs, "no_host_sharing": dataclasses.replace(costs, host_cores=0.0),
                 "probe_scaled": slowed(costs, slowdown)}
     by_variant = {name: predict(c, phases, offsets, s.seed) for name, c in variants.items()}
-    reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, os.cpu_count())
+    reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, costs)
                for i, (rate, phase, run) in enumerate(zip(s.rates, phases, runs))]
     worst = lambda key: max(r["predicted"][key] for r in reports)  # noqa: E731
     return {
@@ -257,6 +261,9 @@ def print_report(out: dict) -> None:
               f"{r['measured_ttft_p90_s']:<8.2f} {p['ttft_p50_s']:>6.2f}/{p['ttft_p90_s']:<6.2f} "
               f"{p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} {n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
               f"{q['ttft_p50_s']:>6.2f}/{q['ttft_p90_s']:<6.2f}")
+    for r in out["phases"]:
+        print(f"KV pull at {r['rate']} req/s, mean: measured {r['kv_pull_ms_mean']['measured']} ms, "
+              f"model {r['kv_pull_ms_mean']['model']} ms")
     print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "
           f"{out['ttft_p90_prediction_error']:.0%}; probe prefill {out['probe_prefill_s']} s = "
           f"{out['probe_slowdown']}x the profile")
