@@ -172,8 +172,15 @@ def calibrate(grid: dict, threads: int) -> dict:
         progress(f"decode B={b} context={c}: {s * 1000:.1f} ms/step")
     bandwidth = copy_bytes_per_s()
     progress(f"KV copy bandwidth: {bandwidth / 1e9:.2f} GB/s")
+    max_batch = bench.max_num_seqs
     del bench  # its memory, before four more engines load
     shared = contention(CONTENTION_WORKERS, threads)
+    return profile_of(prefill, decode, bandwidth, shared, threads, max_batch)
+
+
+def profile_of(prefill: list[dict], decode: list[dict], bandwidth: float, shared: dict, threads: int,
+               max_batch: int) -> dict:
+    """The profile YAML's content: the measured points, the fit, and where each number comes from."""
     model = ModelConfig()
     return {
         "name": "cpu-local",
@@ -185,7 +192,7 @@ def calibrate(grid: dict, threads: int) -> dict:
             **fit_coefficients(prefill, decode),
             "transfer_latency_s": 0.01, "transfer_bytes_per_s": bandwidth,
             "kv_bytes_per_token": model.kv_bytes_per_token,
-            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": bench.max_num_seqs, "rpc_s": 0.003,
+            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": max_batch, "rpc_s": 0.003,
             "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens, "attention": "padded",
             "host_cores": os.cpu_count(), "host_slowdown": host_slowdown(shared),
         },
