@@ -14,8 +14,11 @@ Decode steps are not simulated one by one: while a decode worker's batch does no
 steps are identical but for the context growing by the batch size each step, so a run of n steps
 is one event (time from a closed form). A sequence joining mid-run cuts the run at the end of the
 step in progress, where the real engine would admit it. Prefill workers run chunked prefill
-steps like the engine's scheduler (PrefillWorker). Modelling choices, stated: a decode worker reserves KV for the whole output when it admits a sequence (no
-preemption); transfers into one decode worker share its link one at a time.
+steps like the engine's scheduler (PrefillWorker). Every step or run is computed on the worker's
+Host (sim/host.py): its own device, or one CPU shared by all workers when the cost profile says so
+(host_cores), where a step stretches while other workers compute. Modelling choices, stated: a
+decode worker reserves KV for the whole output when it admits a sequence (no preemption);
+transfers into one decode worker share its link one at a time.
 """
 
 import heapq

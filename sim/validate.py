@@ -128,7 +128,7 @@ async def _replay(address: str, phases: list[list[Request]], tokens: dict, pids:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
-        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]  # noqa: E731
+        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
         for _ in range(2):
             await asyncio.gather(*(_first_token(stub, draw(160), 2, 0.0) for _ in range(2)))
         probes = [(await _first_token(stub, draw(PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
@@ -240,7 +240,7 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
     by_variant = {name: predict(c, phases, offsets, s.seed) for name, c in variants.items()}
     reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, costs)
                for i, (rate, phase, run) in enumerate(zip(s.rates, phases, runs))]
-    worst = lambda key: max(r["predicted"][key] for r in reports)  # noqa: E731
+    worst = lambda key: max(r["predicted"][key] for r in reports)
     return {
         "slice": s._asdict(), "phases": reports,
         "prompt_tokens_mean": round(sum(r.prompt_tokens for p in phases for r in p) / (s.n * len(phases)), 1),
