@@ -10,9 +10,11 @@ conversation trace, and a check of its predictions against the real mesh here.
 3. Sweeps: request rate (x trace rate) for several P:D splits of 64 workers (prefix_aware, and
    round_robin at 32:32) -> the latency/throughput frontier; and goodput per split at the
    headline rate -> the best split for the SLO. Drawn to a PNG beside the JSON.
-4. Validation (default on; --no-validate skips it): a scaled slice replayed against a real
-   2 prefill + 2 decode mesh and predicted with the calibrated cpu-local profile (sim/validate.py
-   says exactly how the slice is scaled): TTFT p50 and p90, measured vs predicted.
+4. Validation (default on; --no-validate skips it): scaled slices replayed against a real
+   2 prefill + 2 decode mesh at two request rates and predicted with the calibrated cpu-local
+   profile (sim/validate.py says exactly how the slices are scaled and timed): TTFT p50 and p90,
+   measured vs predicted, and the host's CPU utilisation, per rate. `ttft_p50_prediction_error`
+   is the worse of the two rates.
 The simulator's numbers are deterministic (seed 0); only wall times and the validation drift.
 """
 
@@ -33,9 +35,9 @@ WORKERS = 64
 HEADLINE_RATE = 12.0  # x the trace's 3.4 req/s: ~41 req/s on 64 H100s (busy, not saturated)
 POLICIES = ("prefix_aware", "load_only", "round_robin", "random")
 QUICK = {"sweep_limit": 3000, "rates": (4, 8, 12, 16, 24), "splits": (12, 16, 20, 24, 32, 40),
-         "frontier_splits": (16, 24, 32), "slice": {"n": 20, "rate": 0.4}}
+         "frontier_splits": (16, 24, 32), "slice": {"n": 30, "rates": (0.4, 0.8)}}
 FULL = {"sweep_limit": None, "rates": (4, 8, 12, 16, 20, 24, 32), "splits": (8, 12, 16, 20, 24, 28, 32, 40, 48),
-        "frontier_splits": (12, 16, 24, 32), "slice": {"n": 48, "rate": 0.4}}
+        "frontier_splits": (12, 16, 24, 32), "slice": {"n": 60, "rates": (0.4, 0.8)}}
 
 
 def progress(message: str) -> None:
@@ -82,20 +84,21 @@ def run(cfg: dict, validate: bool) -> dict:
     report |= {"rate_sweep": [_slim(r) for r in frontier], "split_sweep": [_slim(r) for r in splits],
                "best_split": f"{best['prefill']}P:{best['decode']}D", "best_split_goodput_rps": best["goodput_rps"]}
     if validate:
-        report["validation"] = _validate(cfg["slice"])
-        report["ttft_p50_prediction_error"] = report["validation"]["ttft_p50_prediction_error"]
-        for key in ("ttft_p90_prediction_error", "ttft_p50_prediction_error_probe_scaled",
-                    "ttft_p90_prediction_error_probe_scaled", "probe_slowdown"):
-            report[key] = report["validation"][key]
+        v = report["validation"] = _validate(cfg["slice"])
+        for key in ("ttft_p50_prediction_error", "ttft_p90_prediction_error", "probe_slowdown"):
+            report[key] = v[key]
+        for key in ("ttft_p50_error", "ttft_p90_error"):
+            report[f"{key}_by_rate"] = {str(r["rate"]): r["predicted"][key] for r in v["phases"]}
+        report["host_cpu_utilisation_by_rate"] = {str(r["rate"]): r["host_cpu_utilisation"] for r in v["phases"]}
     return report
 
 
 def _validate(slice_cfg: dict) -> dict:
     from sim.validate import Slice, validate
     s = Slice(**slice_cfg)
-    progress(f"validation: trace requests from {s.start}, {s.n} with prompt <= {s.max_prompt} after dividing "
-             f"lengths by {s.factor} (one 512-token trace block = one 16-token engine block of tokens seeded by "
-             f"its hash id), outputs clipped to [2, {s.max_output}], {s.rate} req/s open loop")
+    progress(f"validation: trace requests from {s.start} with prompt <= {s.max_prompt} after dividing lengths by "
+             f"{s.factor} (one 512-token trace block = one 16-token engine block of tokens seeded by its hash id), "
+             f"outputs clipped to [2, {s.max_output}]; {s.n} requests per phase at {s.rates} req/s, open loop")
     return validate(load_costs("cpu-local"), s, progress)
 
 
@@ -140,17 +143,13 @@ def print_table(report: dict) -> None:
               f"{rr['tpot_p90_s'] * 1000:.0f} ms")
     v = report.get("validation")
     if v:
-        print(f"validation on the real mesh ({v['requests']} requests, mean prompt {v['prompt_tokens_mean']} tokens):")
-        print(f"  TTFT p50 measured {v['measured_ttft_p50_s']:.3f} s vs predicted {v['predicted_ttft_p50_s']:.3f} s "
-              f"(error {v['ttft_p50_prediction_error']:.0%})")
-        print(f"  TTFT p90 measured {v['measured_ttft_p90_s']:.3f} s vs predicted {v['predicted_ttft_p90_s']:.3f} s "
-              f"(error {v['ttft_p90_prediction_error']:.0%})")
-        print(f"  probe prefill {v['probe_prefill_s']} s = {v['probe_slowdown']}x the profile; scaled by it: TTFT p50 "
-              f"{v['scaled_ttft_p50_s']:.3f} s (error {v['ttft_p50_prediction_error_probe_scaled']:.0%}), p90 "
-              f"{v['scaled_ttft_p90_s']:.3f} s (error {v['ttft_p90_prediction_error_probe_scaled']:.0%})")
+        from sim.validate import print_report as print_validation
+        print(f"validation on the real mesh ({v['slice']['n']} requests per phase, mean prompt "
+              f"{v['prompt_tokens_mean']} tokens, mean output {v['output_tokens_mean']}; TTFT in s):")
+        print_validation(v)
     for key in ("wall_s_full_trace_64w", "reuse_unbounded", "ttft_p50_ratio_prefix_vs_rr", "ttft_p90_ratio_prefix_vs_rr",
-                "goodput_ratio_prefix_vs_rr", "best_split", "ttft_p50_prediction_error",
-                "ttft_p50_prediction_error_probe_scaled", "probe_slowdown"):
+                "goodput_ratio_prefix_vs_rr", "best_split", "ttft_p50_prediction_error", "ttft_p90_prediction_error",
+                "ttft_p50_error_by_rate", "host_cpu_utilisation_by_rate", "probe_slowdown"):
         if key in report:
             print(f"{key}: {report[key]}")
 

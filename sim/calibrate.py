@@ -31,6 +31,23 @@ FULL = {"prefill": [(u, c) for c in (0, 512, 1024) for u in (32, 128, 512, 1024,
         "decode": [(b, c) for b in (1, 4, 8, 16) for c in (128, 512, 1024)], "repeats": 2}
 QUICK = {"prefill": [(u, c) for c in (0, 1024) for u in (64, 512, 1536)],
          "decode": [(b, c) for b in (1, 8, 16) for c in (128, 1024)], "repeats": 1}
+SOURCES = {
+    "prefill_*, decode_*": "least-squares fit to the points under measured (sim/calibrate.py)",
+    "transfer_bytes_per_s": "single-threaded copy of a 2,048-token KV run measured here",
+    "transfer_latency_s": "assumption: lend + NIXL handshake + checksum verify + release per handoff "
+                          "(bench.kv_transfer's 2,048-token handoff is ~20 ms on this host)",
+    "kv_bytes_per_token": "engine/config.py ModelConfig.kv_bytes_per_token (float32 KV)",
+    "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
+    "max_batch": "the workers' default max_num_seqs",
+    "prefill_chunk_tokens": "engine SchedulerConfig.max_num_batched_tokens default",
+    "attention": "engine/model.py pads every sequence of a step to the longest query and context "
+                 "(one batched SDPA)",
+    "rpc_s": "assumption: a loopback gRPC hop through the router (README: +2.4 ms for one stream)",
+    "host_cores": "os.cpu_count() here: the mesh's workers all run on this host",
+    "host_slowdown": "measured under contention: n engine processes (1 torch thread each) prefilling or "
+                     "decoding at once; the mean of the prefill and decode slowdowns for each n",
+}
+CONTENTION_WORKERS = 4  # as many worker processes as the validation mesh runs on this host
 
 
 def progress(message: str) -> None:
@@ -71,6 +88,27 @@ class Bench:
         if cached:
             self._run([prefix + self._prompt(BLOCK_SIZE)], 1)  # puts the prefix in the cache
         return sum(self._run([prefix + self._prompt(uncached)], 1))
+
+    def add_decoding(self, batch: int, context: int, max_tokens: int = 1000) -> None:
+        """Starts `batch` sequences of `context` prompt tokens; one step prefills them all (batch x
+        context within the step's token budget), so every later step is a decode step."""
+        self._decoding = []
+        for _ in range(batch):
+            self._ids += 1
+            self._decoding.append(f"c{self._ids}")
+            self.engine.add_request(self._decoding[-1], self._prompt(context), self._greedy, max_tokens,
+                                    ignore_eos=True)
+        self.engine.step()
+
+    def step_s(self) -> float:
+        return _timed(self.engine.step)
+
+    def abort_all(self) -> None:
+        for request_id in getattr(self, "_decoding", []):
+            self.engine.abort(request_id)
+        self._decoding = []
+        while self.engine.has_unfinished():
+            self.engine.step()
 
     def decode_step_s(self, batch: int, context: int, steps: int = 8) -> float:
         timings = self._run([self._prompt(context) for _ in range(batch)], steps + 1)
@@ -134,33 +172,100 @@ def calibrate(grid: dict, threads: int) -> dict:
         progress(f"decode B={b} context={c}: {s * 1000:.1f} ms/step")
     bandwidth = copy_bytes_per_s()
     progress(f"KV copy bandwidth: {bandwidth / 1e9:.2f} GB/s")
+    max_batch = bench.max_num_seqs
+    del bench  # its memory, before four more engines load
+    shared = contention(CONTENTION_WORKERS, threads)
+    return profile_of(prefill, decode, bandwidth, shared, threads, max_batch)
+
+
+def profile_of(prefill: list[dict], decode: list[dict], bandwidth: float, shared: dict, threads: int,
+               max_batch: int) -> dict:
+    """The profile YAML's content: the measured points, the fit, and where each number comes from."""
     model = ModelConfig()
     return {
         "name": "cpu-local",
         "measured": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": threads,
                      "cpu_count": os.cpu_count(), "load_average_at_end": round(os.getloadavg()[0], 2),
                      "model": model.name, "prefill": prefill, "decode": decode,
-                     "kv_copy_bytes_per_s": round(bandwidth)},
+                     "kv_copy_bytes_per_s": round(bandwidth), "contention": shared},
         "coefficients": {
             **fit_coefficients(prefill, decode),
             "transfer_latency_s": 0.01, "transfer_bytes_per_s": bandwidth,
             "kv_bytes_per_token": model.kv_bytes_per_token,
-            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": bench.max_num_seqs, "rpc_s": 0.003,
+            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": max_batch, "rpc_s": 0.003,
             "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens, "attention": "padded",
+            "host_cores": os.cpu_count(), "host_slowdown": host_slowdown(shared),
         },
-        "sources": {
-            "prefill_*, decode_*": "least-squares fit to the points under measured (sim/calibrate.py)",
-            "transfer_bytes_per_s": "single-threaded copy of a 2,048-token KV run measured here",
-            "transfer_latency_s": "assumption: lend + NIXL handshake + checksum verify + release per handoff "
-                                  "(bench.kv_transfer's 2,048-token handoff is ~20 ms on this host)",
-            "kv_bytes_per_token": "engine/config.py ModelConfig.kv_bytes_per_token (float32 KV)",
-            "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
-            "max_batch": "the workers' default max_num_seqs",
-            "prefill_chunk_tokens": "engine SchedulerConfig.max_num_batched_tokens default",
-            "attention": "engine/model.py pads every sequence of a step to the longest query and context",
-            "rpc_s": "assumption: a loopback gRPC hop through the router (README: +2.4 ms for one stream)",
-        },
+        "sources": SOURCES,
     }
+
+
+CONTENTION_WORK = {"prefill": 384, "decode": 4}  # a 384-token prompt; a decode step of 4 sequences
+
+
+def _contender(conn, threads: int) -> None:
+    """A worker-like process: one engine, one torch thread; repeats the work it is told to from a
+    shared start time and reports how long each operation that ended inside the window took."""
+    import torch
+    torch.set_num_threads(threads)
+    bench = Bench(num_blocks=256)
+    bench.prefill_s(64, 0)
+    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    conn.send("ready")
+    for kind, start, seconds in iter(conn.recv, None):
+        if kind == "decode":  # a batch already decoding: every timed operation is one decode step
+            bench.add_decoding(CONTENTION_WORK["decode"], 256)
+        op = (lambda: bench.prefill_s(CONTENTION_WORK["prefill"], 0)) if kind == "prefill" else bench.step_s
+        time.sleep(max(0.0, start - time.time()))
+        times, end = [], start + seconds
+        while time.time() < end:
+            took = op()
+            if time.time() <= end:  # every other process was computing all along
+                times.append(took)
+        bench.abort_all()
+        conn.send(times)
+
+
+def contention(max_workers: int, threads: int, seconds: float = 12.0) -> dict:
+    """How much slower each of n worker processes computes while n compute at once (n = 1 ..
+    max_workers), for prefill and for decode work: the mean time of the operations that ended
+    while all n were computing, over the same with one process alone. Processes that are not in
+    the round sit idle (blocked on their pipe), as an idle mesh worker does."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(max_workers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_contender, args=(child, threads), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        for pipe in pipes:
+            pipe.recv()
+        out = {}
+        for kind in CONTENTION_WORK:
+            means = []
+            for n in range(1, max_workers + 1):
+                start = time.time() + 1.0
+                for pipe in pipes[:n]:
+                    pipe.send((kind, start, seconds))
+                times = [t for pipe in pipes[:n] for t in pipe.recv()]
+                means.append(statistics.mean(times))
+                progress(f"contention {kind}: {n} process(es) at once, {means[-1] * 1000:.0f} ms per operation "
+                         f"({len(times)} operations)")
+            out[kind] = [round(m / means[0], 3) for m in means]
+        return out
+    finally:
+        for pipe in pipes:
+            pipe.send(None)
+        for proc in procs:
+            proc.join(timeout=10)
+
+
+def host_slowdown(shared: dict) -> list[float]:
+    """One slowdown per number of computing workers: the mean over the kinds of work measured."""
+    return [round(statistics.mean(col), 3) for col in zip(*shared.values())]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,8 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer points (~2 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as each mesh worker uses")
     parser.add_argument("--refit", help="refit the points measured in this profile YAML (no measuring)")
+    parser.add_argument("--contention-only", action="store_true",
+                        help="measure only the host slowdown and write it into the --out profile")
     args = parser.parse_args(argv)
-    if args.refit:
+    if args.contention_only:
+        with open(args.out) as f:
+            profile = yaml.safe_load(f)
+        profile["measured"]["contention"] = shared = contention(CONTENTION_WORKERS, args.threads)
+        profile["coefficients"] |= {"host_cores": os.cpu_count(), "host_slowdown": host_slowdown(shared)}
+        profile["sources"] |= {k: SOURCES[k] for k in ("host_cores", "host_slowdown")}
+    elif args.refit:
         with open(args.refit) as f:
             profile = yaml.safe_load(f)
         profile["coefficients"] |= fit_coefficients(profile["measured"]["prefill"], profile["measured"]["decode"])

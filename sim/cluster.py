@@ -14,8 +14,11 @@ Decode steps are not simulated one by one: while a decode worker's batch does no
 steps are identical but for the context growing by the batch size each step, so a run of n steps
 is one event (time from a closed form). A sequence joining mid-run cuts the run at the end of the
 step in progress, where the real engine would admit it. Prefill workers run chunked prefill
-steps like the engine's scheduler (PrefillWorker). Modelling choices, stated: a decode worker reserves KV for the whole output when it admits a sequence (no
-preemption); transfers into one decode worker share its link one at a time.
+steps like the engine's scheduler (PrefillWorker). Every step or run is computed on the worker's
+Host (sim/host.py): its own device, or one CPU shared by all workers when the cost profile says so
+(host_cores), where a step stretches while other workers compute. Modelling choices, stated: a
+decode worker reserves KV for the whole output when it admits a sequence (no preemption);
+transfers into one decode worker share its link one at a time.
 """
 
 import heapq
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 from services.router.placement.base import LoadView
 from sim.costs import CostModel
+from sim.host import Host
 from sim.kv_cache import KvCache
 from sim.router import SimRouter, TraceRequest, seeded_profile
 from sim.trace import Request
@@ -57,6 +61,8 @@ class Cluster:
         self._heap: list = []
         self._seq = 0
         capacity = costs.kv_capacity_blocks(block_size)
+        # One shared host when the profile says workers share a CPU, else a device per worker.
+        self._shared_host = Host(lambda: self.now, self.at, costs.host_slowdown_at) if costs.host_cores else None
         self.prefill = {f"prefill-{i}": PrefillWorker(f"prefill-{i}", self, capacity) for i in range(num_prefill)}
         self.decode = {f"decode-{i}": DecodeWorker(f"decode-{i}", self, capacity) for i in range(num_decode)}
         roles = {**dict.fromkeys(self.prefill, "prefill"), **dict.fromkeys(self.decode, "decode")}
@@ -115,6 +121,10 @@ class Cluster:
         job.end_s = self.now
         self.router.track(job.decode_id, 0, -1)
 
+    def host(self) -> Host:
+        """Where a new worker computes."""
+        return self._shared_host or Host(lambda: self.now, self.at)
+
     def _load_of(self, worker_id: str) -> LoadView:
         worker = self.prefill.get(worker_id) or self.decode[worker_id]
         return worker.load()
@@ -133,10 +143,12 @@ class PrefillWorker:
     def __init__(self, worker_id: str, cluster: Cluster, capacity_blocks: int):
         self.id, self.cluster, self.costs = worker_id, cluster, cluster.costs
         self.cache = KvCache(capacity_blocks, lambda kind, hashes: cluster.on_kv_event(worker_id, kind, hashes))
+        self.host = cluster.host()
         self.waiting: deque[Job] = deque()
         self.running: list[list] = []  # [job, uncached tokens, tokens computed so far]
         self.stepping = False
         self.busy_s = 0.0
+        self._step_start = 0.0
         self._queued_tokens = 0
 
     def load(self) -> LoadView:
@@ -193,8 +205,8 @@ class PrefillWorker:
         step_s += costs.prefill_per_token_s * sum(n for _, n in chunks)
         step_s += costs.attention_s([(n, seq[0].cached_tokens + seq[2]) for seq, n in chunks])
         self.stepping = True
-        self.busy_s += step_s
-        self.cluster.at(self.cluster.now + step_s, self._end_step, chunks)
+        self._step_start = self.cluster.now
+        self.host.start(self.id, step_s, self._end_step, chunks)
 
     @staticmethod
     def _chunk(seq: list, budget: int, chunks: list) -> int:
@@ -203,6 +215,7 @@ class PrefillWorker:
         return n
 
     def _end_step(self, chunks) -> None:
+        self.busy_s += self.cluster.now - self._step_start
         for seq, n in chunks:
             seq[2] += n
             if seq[2] >= seq[1]:
@@ -224,14 +237,15 @@ class DecodeWorker:
     def __init__(self, worker_id: str, cluster: Cluster, capacity_blocks: int):
         self.id, self.cluster, self.costs = worker_id, cluster, cluster.costs
         self.cache = KvCache(capacity_blocks, lambda kind, hashes: cluster.on_kv_event(worker_id, kind, hashes))
+        self.host = cluster.host()
         self.imports: deque[Job] = deque()  # waiting for KV room to pull into
         self.local: deque[Job] = deque()  # to prefill here
         self.joining: deque[list] = deque()  # [job, tokens left, context] ready to join the batch
         self.running: list[list] = []
         self.link_free_s = 0.0
         self.busy_s = 0.0
-        self._run = None  # (start, steps planned, first step s, growth per step s, local job or None)
-        self._version = 0
+        self._run = None  # (steps planned, first step s, growth per step s, local job or None)
+        self._run_start = 0.0
 
     def load(self) -> LoadView:
         queued = sum(j.req.prompt_tokens for j in self.local)
@@ -292,12 +306,13 @@ class DecodeWorker:
         if self._run is None:
             self._next_run()
             return
-        start, steps, first, growth, local = self._run
+        steps, first, growth, local = self._run
         if local is not None or steps <= 1:
             return
-        done = _steps_within(self.cluster.now - start, first, growth)
+        done = _steps_within(self.host.work_done(self.id), first, growth)
         if done + 1 < steps:
-            self._schedule(start, done + 1, first, growth, None)
+            self._run = (done + 1, first, growth, None)
+            self.host.resize(self.id, _run_s(done + 1, first, growth))
 
     def _next_run(self) -> None:
         costs = self.costs
@@ -309,13 +324,16 @@ class DecodeWorker:
         local = self._admit_local() if batch < costs.max_batch else None
         if local is not None:
             uncached = local.req.prompt_tokens - local.cached_tokens
-            # One mixed step: the prompt's tokens plus one token of every running sequence.
+            # One mixed step: the prompt's tokens plus one token of every running sequence. The
+            # engine runs them as one forward pass, so the step's fixed cost (reading the weights,
+            # the LM head) is paid once: the decode step's when sequences are running.
             mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
-            step_s = costs.prefill_base_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
-            self._schedule(self.cluster.now, 1, step_s + decode_s, 0.0, local)
+            fixed_s = decode_s if batch else costs.prefill_base_s
+            step_s = fixed_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
+            self._schedule(1, step_s, 0.0, local)
         elif batch:
             steps = min(s[1] for s in self.running)
-            self._schedule(self.cluster.now, steps, decode_s, costs.decode_per_ctx_token_s * batch, None)
+            self._schedule(steps, decode_s, costs.decode_per_ctx_token_s * batch, None)
         else:
             self._run = None
 
@@ -335,16 +353,14 @@ class DecodeWorker:
         job.held[self.id] = (list(hashes), new)
         return job
 
-    def _schedule(self, start: float, steps: int, first: float, growth: float, local: Job | None) -> None:
-        self._version += 1
-        self._run = (start, steps, first, growth, local)
-        self.cluster.at(start + _run_s(steps, first, growth), self._end_run, self._version)
+    def _schedule(self, steps: int, first: float, growth: float, local: Job | None) -> None:
+        self._run = (steps, first, growth, local)
+        self._run_start = self.cluster.now
+        self.host.start(self.id, _run_s(steps, first, growth), self._end_run)
 
-    def _end_run(self, version: int) -> None:
-        if version != self._version:
-            return  # superseded: the run was cut short
-        start, steps, _, _, local = self._run
-        self.busy_s += self.cluster.now - start
+    def _end_run(self) -> None:
+        steps, _, _, local = self._run
+        self.busy_s += self.cluster.now - self._run_start
         still = []
         for s in self.running:
             s[1] -= steps

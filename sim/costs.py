@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from sim.host import slowdown_curve
+
 PROFILES_DIR = pathlib.Path(__file__).parent / "profiles"
 _INTS = ("kv_bytes_per_token", "kv_capacity_tokens", "max_batch", "prefill_chunk_tokens")
 
@@ -44,6 +46,11 @@ class CostModel:
     # padded to the step's longest query and context, as our CPU engine's batched SDPA does).
     attention: str = "varlen"
     rpc_s: float = 0.0  # router <-> worker round trip, paid once per RPC on the request's path
+    # Workers sharing one host's CPU (sim/host.py): 0 = a device per worker (no sharing); else all
+    # workers share a host of host_cores cores, each computing host_slowdown[n - 1] times slower
+    # while n of them compute at once (measured for n = 1 .. len; processor sharing beyond).
+    host_cores: float = 0.0
+    host_slowdown: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.transfer_bytes_per_s <= 0 or self.kv_capacity_tokens <= 0 or self.max_batch <= 0:
@@ -52,6 +59,12 @@ class CostModel:
             raise ValueError(f"{self.name}: attention must be 'varlen' or 'padded', got {self.attention!r}")
         if min(self.prefill_per_token_s, self.decode_base_s) <= 0:
             raise ValueError(f"{self.name}: prefill_per_token_s and decode_base_s must be positive")
+        if self.host_cores:
+            slowdown_curve(self.host_slowdown, self.host_cores)  # raises ValueError when malformed
+
+    def host_slowdown_at(self, computing: int) -> float:
+        """How many times slower each worker computes while `computing` workers compute at once."""
+        return slowdown_curve(self.host_slowdown, self.host_cores)(computing) if self.host_cores else 1.0
 
     def prefill_s(self, uncached: int, cached: int = 0) -> float:
         return self.prefill_base_s + self.prefill_per_token_s * uncached + \
@@ -112,6 +125,6 @@ def load_costs(name_or_path: str) -> CostModel:
         raise ValueError(f"unknown cost profile {name_or_path!r}; known: {', '.join(known)} (or a YAML path)")
     spec = yaml.safe_load(path.read_text())
     coefficients = derive(spec["derive"]) if "derive" in spec else dict(spec["coefficients"])
-    coefficients = {k: (v if k == "attention" else int(v) if k in _INTS else float(v))
-                    for k, v in coefficients.items()}
+    coefficients = {k: (v if k == "attention" else tuple(map(float, v)) if k == "host_slowdown"
+                        else int(v) if k in _INTS else float(v)) for k, v in coefficients.items()}
     return CostModel(name=spec.get("name", path.stem), **coefficients)

@@ -1,17 +1,26 @@
-"""Replays a scaled-down slice of the Mooncake trace against the real mesh on this machine and
+"""Replays scaled-down slices of the Mooncake trace against the real mesh on this machine and
 predicts the same run in the simulator with the calibrated CPU profile.
 
-Scaling, exactly: requests [start, start + n) of the trace; every length divided by `factor`
-(32: a 512-token trace block becomes one 16-token engine block), prompt tokens = ceil(input /
-factor), output tokens = ceil(output / factor) clipped to [2, max_output]; requests whose scaled
-prompt exceeds max_prompt are skipped. Each trace hash id becomes a fixed run of 16 token ids
-drawn from random.Random(hash id), so equal leading ids are equal leading tokens: the trace's
-shared prefixes are real shared prefixes for the engine's prefix cache. Arrivals keep the trace's
-order and relative spacing, rescaled so the slice arrives at `rate` requests per second (open loop).
-TTFT is measured by the client from each request's scheduled arrival. The simulator runs the same
-requests (block hashes from engine/hashing.py over the same tokens) on 2 prefill + 2 decode
-workers with the worker's KV size and the cpu-local cost profile — as calibrated, and scaled by
-the slowdown of a 512-token probe prompt timed alone on the live mesh before the replay.
+Scaling, exactly: the trace's requests from `start` on; every length divided by `factor` (32: a
+512-token trace block becomes one 16-token engine block), prompt tokens = ceil(input / factor),
+output tokens = ceil(output / factor) clipped to [2, max_output]; requests whose scaled prompt
+exceeds max_prompt are skipped. Each trace hash id becomes a fixed run of 16 token ids drawn from
+random.Random(hash id), so equal leading ids are equal leading tokens: the trace's shared prefixes
+are real shared prefixes for the engine's prefix cache.
+
+Arrivals: the trace's timestamps are 3-second ticks (every request of a tick has the same one),
+so its requests arrive in bursts of up to ~15 at one instant. We spread the requests of one tick
+evenly over the tick (the order and the per-tick counts are the trace's), then rescale the slice
+so it arrives at `rate` requests per second on average (open loop).
+
+Phases: the replay runs one phase per rate in `rates`, each with the next `n` requests of the
+trace, one after the other on one mesh (a phase starts `gap_s` after the previous one's last
+request finished; the caches carry over). TTFT is measured by the client from each request's
+scheduled arrival, and the mesh's CPU use (utime + stime of every mesh process and the client)
+over each phase gives the host's utilisation. The simulator runs exactly that schedule (each
+phase at the offset where it really started) on 2 prefill + 2 decode workers with the workers'
+KV size and the cpu-local profile: its costs, its host sharing (2 cores, measured slowdown), the
+engine's chunked prefill and padded attention, the transfer and RPC costs.
 """
 
 import asyncio
@@ -20,6 +29,7 @@ import math
 import os
 import random
 import time
+from itertools import groupby
 from typing import NamedTuple
 
 from engine.hashing import block_hashes
@@ -29,16 +39,19 @@ from sim.run import simulate
 from sim.trace import Request, read_mooncake
 
 ENGINE_BLOCK = 16
+TRACE_TICK_S = 3.0  # the Mooncake conversation trace's timestamp resolution
+PROBE_TOKENS = 512
 
 
 class Slice(NamedTuple):
     start: int = 0
-    n: int = 40
+    n: int = 30  # requests per phase
+    rates: tuple[float, ...] = (0.4, 0.8)  # one phase per rate, requests per second
     factor: int = 32
     max_prompt: int = 1024
     max_output: int = 16
-    rate: float = 0.4
     num_blocks: int = 512  # per worker: 8,192 tokens
+    gap_s: float = 3.0
     seed: int = 0
 
 
@@ -47,10 +60,10 @@ def _run_tokens(hash_id: int) -> list[int]:
     return [rng.randrange(1000, 200_000) for _ in range(ENGINE_BLOCK)]
 
 
-def scaled_requests(s: Slice) -> tuple[list[Request], dict[str, list[int]]]:
-    trace = read_mooncake(limit=s.start + s.n * 4)[s.start:]
+def _scaled(s: Slice, count: int) -> tuple[list[Request], dict[str, list[int]]]:
+    """The first `count` requests from s.start that fit, scaled; their token ids by request id."""
     picked, tokens = [], {}
-    for r in trace:
+    for r in read_mooncake(limit=s.start + count * 4)[s.start:]:
         prompt = math.ceil(r.prompt_tokens / s.factor)
         if prompt > s.max_prompt:
             continue
@@ -59,34 +72,78 @@ def scaled_requests(s: Slice) -> tuple[list[Request], dict[str, list[int]]]:
         picked.append(Request(r.request_id, r.arrival_s, prompt, output, tuple(block_hashes(ids, ENGINE_BLOCK)),
                               ENGINE_BLOCK, r.hash_ids))
         tokens[r.request_id] = ids
-        if len(picked) == s.n:
+        if len(picked) == count:
             break
-    # Keep the trace's relative spacing, at `rate` requests per second on average.
-    t0, span = picked[0].arrival_s, max(picked[-1].arrival_s - picked[0].arrival_s, 1e-9)
-    stretch = (len(picked) - 1) / s.rate / span
-    return [r._replace(arrival_s=(r.arrival_s - t0) * stretch) for r in picked], tokens
+    return picked, tokens
 
 
-PROBE_TOKENS = 512
+def spread_ticks(requests: list[Request], tick_s: float = TRACE_TICK_S) -> list[Request]:
+    """The requests of one timestamp spread evenly over [timestamp, timestamp + tick_s)."""
+    out = []
+    for t, group in groupby(requests, key=lambda r: r.arrival_s):
+        group = list(group)
+        out += [r._replace(arrival_s=t + tick_s * i / len(group)) for i, r in enumerate(group)]
+    return out
 
 
-async def _replay(address: str, requests: list[Request], tokens: dict) -> tuple[list[dict], list[float]]:
-    """Warm-up, then two probe prompts alone (their prefill time on the live mesh), then the slice."""
+def at_rate(requests: list[Request], rate: float) -> list[Request]:
+    """Arrivals from 0 with the same relative spacing, `rate` requests per second on average."""
+    t0 = requests[0].arrival_s
+    span = max(requests[-1].arrival_s - t0, 1e-9)
+    stretch = (len(requests) - 1) / rate / span
+    return [r._replace(arrival_s=(r.arrival_s - t0) * stretch) for r in requests]
+
+
+def scaled_phases(s: Slice) -> tuple[list[list[Request]], dict[str, list[int]]]:
+    requests, tokens = _scaled(s, s.n * len(s.rates))
+    if len(requests) < s.n * len(s.rates):
+        raise ValueError(f"the trace has only {len(requests)} requests that fit the slice")
+    requests = spread_ticks(requests)
+    return [at_rate(requests[i * s.n:(i + 1) * s.n], rate) for i, rate in enumerate(s.rates)], tokens
+
+
+# -- the real mesh ------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (a process that is gone counts 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+async def _replay(address: str, phases: list[list[Request]], tokens: dict, pids: list[int],
+                  gap_s: float) -> tuple[list[dict], list[float]]:
+    """Warm-up, two probe prompts alone (their prefill time on the live mesh), then each phase."""
     import grpc
 
     from pdmesh.v1 import router_pb2_grpc
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
-        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]  # noqa: E731
+        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
         for _ in range(2):
             await asyncio.gather(*(_first_token(stub, draw(160), 2, 0.0) for _ in range(2)))
         probes = [(await _first_token(stub, draw(PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
         await asyncio.sleep(1.0)
-        t0 = time.perf_counter() + 0.5
-        measured = await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens, t0 + r.arrival_s)
-                                          for r in requests))
-        return list(measured), probes
+        t0 = time.perf_counter()
+        out = []
+        for phase in phases:
+            start = time.perf_counter() + gap_s
+            cpu0 = _cpu_seconds(pids)
+            measured = await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens,
+                                                           start + r.arrival_s) for r in phase))
+            wall = time.perf_counter() - start
+            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": _cpu_seconds(pids) - cpu0,
+                        "requests": list(measured)})
+        return out, probes
 
 
 async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict:
@@ -108,18 +165,22 @@ async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict
             "cached_tokens": last.usage.cached_prompt_tokens}
 
 
-def measure_mesh(s: Slice, requests: list[Request], tokens: dict, progress) -> tuple[list[dict], list[float]]:
+def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) -> tuple[list[dict], list[float]]:
     from pdmesh.launcher import MeshSpec, start_mesh
     spec = MeshSpec(num_prefill=2, num_decode=2, router_port=0, profile="prefix_aware", num_blocks=s.num_blocks,
                     torch_threads=1, max_model_len=4096)
     progress(f"starting the real mesh: 2 prefill + 2 decode, {s.num_blocks} KV blocks each, 1 torch thread each")
     mesh = start_mesh(spec, progress=lambda m: None)
     try:
-        progress(f"replaying {len(requests)} requests open loop over {requests[-1].arrival_s:.0f} s "
+        pids = [p.popen.pid for p in mesh.processes] + [os.getpid()]
+        progress(f"replaying {len(phases)} phases of {s.n} requests at {', '.join(map(str, s.rates))} req/s "
                  f"(load average {os.getloadavg()[0]:.1f})")
-        return asyncio.run(_replay(mesh.router_address, requests, tokens))
+        return asyncio.run(_replay(mesh.router_address, phases, tokens, pids, s.gap_s))
     finally:
         mesh.stop()
+
+
+# -- the prediction -----------------------------------------------------------------------------
 
 
 def slowed(costs: CostModel, factor: float) -> CostModel:
@@ -129,38 +190,84 @@ def slowed(costs: CostModel, factor: float) -> CostModel:
         "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s")})
 
 
-def validate(costs: CostModel, s: Slice, progress) -> dict:
-    """Measures the slice on the real mesh and predicts it twice: with the calibrated profile as
-    is, and with its compute times scaled by the slowdown of a probe prompt measured on the live
-    mesh just before the replay (on a shared machine the mesh's processes get less CPU than the
-    calibration did; the probe measures how much less, not the slice itself)."""
-    requests, tokens = scaled_requests(s)
-    costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
-    per_request, probes = measure_mesh(s, requests, tokens, progress)
-    measured = [r["ttft_s"] for r in per_request]
-    slowdown = min(probes) / costs.prefill_s(PROBE_TOKENS)
-    predicted = simulate(requests, costs, 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
-    scaled = simulate(requests, slowed(costs, slowdown), 2, 2, "prefix_aware", seed=s.seed, block_size=ENGINE_BLOCK)
+def predict(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int) -> list[list[float]]:
+    """Every request's simulated TTFT, phase by phase, with each phase starting at its offset."""
+    schedule = [r._replace(arrival_s=r.arrival_s + off) for phase, off in zip(phases, offsets) for r in phase]
+    ttft = simulate(schedule, costs, 2, 2, "prefix_aware", seed=seed, block_size=ENGINE_BLOCK)["ttft_each_s"]
+    out, i = [], 0
+    for phase in phases:
+        out.append(ttft[i:i + len(phase)])
+        i += len(phase)
+    return out
+
+
+def _error(predicted: float, measured: float) -> float:
+    return round(abs(predicted - measured) / measured, 3)
+
+
+def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dict, costs: CostModel) -> dict:
+    measured = [r["ttft_s"] for r in run["requests"]]
     m50, m90 = percentile(measured, 0.5), percentile(measured, 0.9)
-    err = lambda p, m: round(abs(p - m) / m, 3)  # noqa: E731
+    pulled = [(q, r) for q, r in zip(phase, run["requests"]) if r["decision"] == "remote_prefill"]
+    out = {"rate": rate, "requests": len(phase), "measured_ttft_p50_s": round(m50, 3),
+           "measured_ttft_p90_s": round(m90, 3), "wall_s": round(run["wall_s"], 1),
+           "host_cpu_utilisation": round(run["cpu_s"] / run["wall_s"] / os.cpu_count(), 3),
+           "kv_pull_ms_mean": {"measured": round(sum(r["kv_transfer_ms"] for _, r in pulled) / max(len(pulled), 1), 1),
+                               "model": round(sum(costs.transfer_s(q.prompt_tokens) for q, _ in pulled) * 1000
+                                              / max(len(pulled), 1), 1)}}
+    for name, ttft in predictions.items():
+        p50, p90 = percentile(ttft, 0.5), percentile(ttft, 0.9)
+        out[name] = {"ttft_p50_s": round(p50, 3), "ttft_p90_s": round(p90, 3),
+                     "ttft_p50_error": _error(p50, m50), "ttft_p90_error": _error(p90, m90), "ttft_each_s": ttft}
+    out["measured"] = [{"prompt_tokens": q.prompt_tokens, "arrival_s": round(q.arrival_s, 2)} | r
+                       for q, r in zip(phase, run["requests"])]
+    return out
+
+
+def validate(costs: CostModel, s: Slice, progress) -> dict:
+    """Measures the phases on the real mesh and predicts them: `predicted` with the profile as
+    calibrated (host sharing included), `no_host_sharing` with a core per worker (what the
+    simulator assumed before), and `probe_scaled` with every compute time scaled by the slowdown
+    of a probe prompt timed alone on the live mesh before the replay (how much slower this
+    machine is now than when it was calibrated)."""
+    phases, tokens = scaled_phases(s)
+    costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
+    runs, probes = measure_mesh(s, phases, tokens, progress)
+    offsets = [run["offset_s"] for run in runs]
+    slowdown = min(probes) / costs.prefill_s(PROBE_TOKENS)
+    variants = {"predicted": costs, "no_host_sharing": dataclasses.replace(costs, host_cores=0.0),
+                "probe_scaled": slowed(costs, slowdown)}
+    by_variant = {name: predict(c, phases, offsets, s.seed) for name, c in variants.items()}
+    reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, costs)
+               for i, (rate, phase, run) in enumerate(zip(s.rates, phases, runs))]
+    worst = lambda key: max(r["predicted"][key] for r in reports)
     return {
-        "slice": s._asdict(), "requests": len(requests),
-        "prompt_tokens_mean": round(sum(r.prompt_tokens for r in requests) / len(requests), 1),
-        "output_tokens_mean": round(sum(r.output_tokens for r in requests) / len(requests), 1),
-        "measured_ttft_p50_s": round(m50, 3), "measured_ttft_p90_s": round(m90, 3),
-        "predicted_ttft_p50_s": predicted["ttft_p50_s"], "predicted_ttft_p90_s": predicted["ttft_p90_s"],
-        "ttft_p50_prediction_error": err(predicted["ttft_p50_s"], m50),
-        "ttft_p90_prediction_error": err(predicted["ttft_p90_s"], m90),
+        "slice": s._asdict(), "phases": reports,
+        "prompt_tokens_mean": round(sum(r.prompt_tokens for p in phases for r in p) / (s.n * len(phases)), 1),
+        "output_tokens_mean": round(sum(r.output_tokens for p in phases for r in p) / (s.n * len(phases)), 1),
+        "ttft_p50_prediction_error": worst("ttft_p50_error"), "ttft_p90_prediction_error": worst("ttft_p90_error"),
         "probe_prefill_s": [round(p, 3) for p in probes], "probe_slowdown": round(slowdown, 2),
-        "scaled_ttft_p50_s": scaled["ttft_p50_s"], "scaled_ttft_p90_s": scaled["ttft_p90_s"],
-        "ttft_p50_prediction_error_probe_scaled": err(scaled["ttft_p50_s"], m50),
-        "ttft_p90_prediction_error_probe_scaled": err(scaled["ttft_p90_s"], m90),
-        "predicted_prefix_hit_rate": predicted["prefix_hit_rate"],
-        "measured": [{"prompt_tokens": q.prompt_tokens, "arrival_s": round(q.arrival_s, 2)} | r
-                     for q, r in zip(requests, per_request)],
-        "predicted_ttft_s": predicted["ttft_each_s"], "scaled_ttft_s": scaled["ttft_each_s"],
+        "costs": {"host_cores": costs.host_cores, "host_slowdown": list(costs.host_slowdown)},
         "load_average_after": round(os.getloadavg()[0], 2),
     }
+
+
+def print_report(out: dict) -> None:
+    print(f"{'rate':>6} {'host CPU':>9} {'measured p50/p90':>17} {'predicted':>13} {'error':>11} "
+          f"{'no host sharing':>16} {'probe-scaled':>13}")
+    for r in out["phases"]:
+        p, n, q = r["predicted"], r["no_host_sharing"], r["probe_scaled"]
+        print(f"{r['rate']:>6} {r['host_cpu_utilisation']:>9.0%} {r['measured_ttft_p50_s']:>8.2f}/"
+              f"{r['measured_ttft_p90_s']:<8.2f} {p['ttft_p50_s']:>6.2f}/{p['ttft_p90_s']:<6.2f} "
+              f"{p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} {n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
+              f"{q['ttft_p50_s']:>6.2f}/{q['ttft_p90_s']:<6.2f}")
+    for r in out["phases"]:
+        print(f"KV pull at {r['rate']} req/s, mean: measured {r['kv_pull_ms_mean']['measured']} ms, "
+              f"model {r['kv_pull_ms_mean']['model']} ms")
+    print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "
+          f"{out['ttft_p90_prediction_error']:.0%}; probe prefill {out['probe_prefill_s']} s = "
+          f"{out['probe_slowdown']}x the profile")
+
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
@@ -168,20 +275,20 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     from sim.costs import load_costs
-    parser = argparse.ArgumentParser(description="replay a scaled trace slice on the real mesh vs the simulator")
-    parser.add_argument("--n", type=int, default=20)
-    parser.add_argument("--rate", type=float, default=0.4)
+    parser = argparse.ArgumentParser(description="replay scaled trace slices on the real mesh vs the simulator")
+    parser.add_argument("--n", type=int, default=30, help="requests per phase")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.4, 0.8], help="one phase per rate (req/s)")
     parser.add_argument("--costs", default="cpu-local")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    out = validate(load_costs(args.costs), Slice(n=args.n, rate=args.rate),
+    out = validate(load_costs(args.costs), Slice(n=args.n, rates=tuple(args.rates)),
                    lambda m: print(f"[sim.validate] {m}", file=sys.stderr, flush=True))
-    for q, p, sc in zip(out["measured"], out["predicted_ttft_s"], out["scaled_ttft_s"]):
-        print(f"{q['prompt_tokens']:>5} tokens at {q['arrival_s']:>6.1f} s: measured {q['ttft_s']:6.2f} s "
-              f"(router {q['router_ttft_ms'] / 1000:5.2f}, prefill {q['prefill_ms'] / 1000:5.2f}, pull "
-              f"{q['kv_transfer_ms']:5.0f} ms, {q['decision']}, cached {q['cached_tokens']}) predicted {p:6.2f} s, "
-              f"probe-scaled {sc:6.2f} s")
-    print({k: v for k, v in out.items() if k not in ("measured", "predicted_ttft_s", "scaled_ttft_s")})
+    for r in out["phases"]:
+        for q, p in zip(r["measured"], r["predicted"]["ttft_each_s"]):
+            print(f"{r['rate']:>4} req/s {q['prompt_tokens']:>5} tokens at {q['arrival_s']:>6.1f} s: measured "
+                  f"{q['ttft_s']:6.2f} s (prefill {q['prefill_ms'] / 1000:5.2f}, pull {q['kv_transfer_ms']:4.0f} ms, "
+                  f"{q['decision']}, cached {q['cached_tokens']}) predicted {p:6.2f} s")
+    print_report(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

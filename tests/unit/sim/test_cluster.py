@@ -90,3 +90,15 @@ def test_long_prompts_are_chunked_at_the_token_budget():
     a, b = cluster.run([request(1, 0.0, 256, 2), request(2, 0.0, 64, 2)])
     assert a.first_token_s == pytest.approx(256 * 2**-10 + 2**-5)  # two full chunks
     assert b.first_token_s == pytest.approx(320 * 2**-10 + 2**-5)  # admitted once the budget allows
+
+
+def test_a_local_prefill_joining_a_decoding_batch_pays_the_steps_fixed_cost_once():
+    costs = dataclasses.replace(FIXED, prefill_base_s=2**-4)
+    cluster = Cluster(costs, 1, 1, "prefix_aware", block_size=16)  # prompts < 128 tokens prefill locally
+    a = Request("a", 0.0, 96, 10, tuple(range(6)), 16)
+    b = Request("b", 0.15625 + 2.5 * 2**-6, 32, 2, (100, 101), 16)  # mid-way through a's third decode step
+    ja, jb = cluster.run([a, b])
+    assert ja.first_token_s == pytest.approx(2**-4 + 96 * 2**-10)  # alone: the prefill's fixed cost
+    # b waits for the step in progress (ends 0.203125), then one pass: a's decode step at batch 1
+    # (1/64 s) plus b's 32 prompt tokens (1/32 s); no second fixed cost.
+    assert jb.prefill_id == "" and jb.first_token_s == pytest.approx(0.203125 + 2**-6 + 2**-5)

@@ -1,0 +1,35 @@
+"""How the validation slices the trace and times its arrivals (no mesh here: that is bench.sim)."""
+
+import pytest
+
+from sim.calibrate import host_slowdown
+from sim.trace import Request
+from sim.validate import Slice, at_rate, scaled_phases, spread_ticks
+
+
+def at(t):
+    return Request("r", t, 16, 2, (), 16)
+
+
+def test_requests_of_one_trace_tick_are_spread_over_the_tick():
+    spread = spread_ticks([at(0.0), at(0.0), at(0.0), at(3.0), at(9.0), at(9.0)], tick_s=3.0)
+    assert [r.arrival_s for r in spread] == [0.0, 1.0, 2.0, 3.0, 9.0, 10.5]
+
+
+def test_at_rate_keeps_the_spacing_and_sets_the_mean_rate():
+    out = at_rate([at(10.0), at(11.0), at(14.0)], rate=0.5)
+    assert [r.arrival_s for r in out] == pytest.approx([0.0, 1.0, 4.0])  # 2 gaps in 4 s: 0.5 req/s
+
+
+def test_phases_take_consecutive_trace_requests_at_their_rates():
+    phases, tokens = scaled_phases(Slice(n=8, rates=(0.5, 1.0)))
+    first, second = phases
+    assert len(first) == len(second) == 8
+    assert not {r.request_id for r in first} & {r.request_id for r in second}
+    assert first[-1].arrival_s == pytest.approx(7 / 0.5) and second[-1].arrival_s == pytest.approx(7 / 1.0)
+    assert all(r.prompt_tokens == len(tokens[r.request_id]) <= 1024 for r in first + second)
+    assert all(len(r.block_hashes) == r.prompt_tokens // 16 for r in first + second)
+
+
+def test_host_slowdown_is_the_mean_over_kinds_of_work():
+    assert host_slowdown({"prefill": [1.0, 1.2, 1.6], "decode": [1.0, 1.4, 2.0]}) == [1.0, 1.3, 1.8]
