@@ -6,6 +6,9 @@ Ownership and order for a pulled prompt:
      through to the next one; corrupt bytes fall back to recomputing the prompt here);
   3. release the holder's lease (always, even on failure: the holder must get its blocks back);
   4. hand the sequence to the engine, which owns the blocks from then on.
+A handle the engine pulls itself (vLLM's NixlConnector, `engine_transport`) skips 1-3: the
+request goes to the engine with the handle's parameters, the engine pulls the KV before its
+first step and generates every token, the first included.
 """
 
 import asyncio
@@ -57,23 +60,29 @@ class DecodeEvent(NamedTuple):
 
 
 class DecodeWorker:
-    def __init__(self, runner: EngineRunner, pullers: dict):
+    def __init__(self, runner: EngineRunner, pullers: dict, engine_transport: str = ""):
         self._runner = runner
         self._pullers = pullers  # transport name -> KvPuller, in preference order
+        self._engine_transport = engine_transport  # KV the engine pulls itself ("vllm-nixl"), "" = none
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
         outputs = self._runner.open_stream(job.request_id)
         try:
-            if job.handle is not None and self._pullers:
+            engine_pulls = job.handle is not None and self._engine_transport in job.handle.transports
+            if engine_pulls:
+                transfer = None
+                await self._add_engine_pulled(job)
+            elif job.handle is not None and self._pullers:
                 transfer = await self._import(job)
             else:
-                transfer = None  # no KV sent, or an engine that cannot import it (vLLM): prefill here
-            local = transfer is None  # no handle, or the pulled KV could not be used
-            if local:
+                transfer = None  # no KV sent, or none this worker can use: prefill here
+            local = transfer is None  # no handle, the pulled KV could not be used, or the engine pulls
+            if local and not engine_pulls:
                 await self._add_local(job)
             first = [] if local else [job.first_token_id]
             local_len = len(job.prompt) + len(job.resume_token_ids) if local else 0
-            async for event in self._stream(outputs, first, transfer, local_len):
+            transport = self._engine_transport if engine_pulls else ""
+            async for event in self._stream(outputs, first, transfer, local_len, transport):
                 yield event
         except BaseException:
             self._runner.post(lambda engine: engine.abort(job.request_id))
@@ -145,15 +154,22 @@ class DecodeWorker:
         except Exception as exc:  # the lease expires on its own; never fail a request over it
             log.warning("releasing lease %s failed: %s", handle.lease_id, exc)
 
+    async def _add_engine_pulled(self, job: DecodeJob) -> None:
+        params = job.handle.engine_kv_params_dict()
+        await self._runner.call(lambda engine: engine.add_remote_prefilled(
+            job.request_id, job.prompt, params, job.sampling, job.max_tokens, job.ignore_eos, job.priority))
+
     async def _add_local(self, job: DecodeJob) -> None:
         await self._runner.call(lambda engine: engine.add_request(
             job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos,
             priority=job.priority, resume_token_ids=job.resume_token_ids))
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
-                      local_prompt_len: int):
+                      local_prompt_len: int, engine_transport: str = ""):
         """Relays engine outputs. A pulled prompt's first token goes out at once; with local
-        prefill, the first output says how much of the prompt was cached."""
+        prefill, the first output says how much of the prompt was cached. With KV the engine
+        pulled (engine_transport), the pulled tokens are not cache hits: cached_tokens stays 0 and
+        local_prefill_tokens counts what this worker computed of the prompt anyway."""
         start, first_at, generated = time.perf_counter(), None, 0
         if first:
             yield DecodeEvent(first, None, transfer)
@@ -165,8 +181,9 @@ class DecodeWorker:
             if out.queue_ms:
                 tracing.record_span("decode.queue", start, start + out.queue_ms / 1000)
             if transfer is None:
-                transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
-                                        cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
+                cached = 0 if engine_transport else out.num_cached_tokens
+                transfer = TransferInfo(engine_transport, local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
+                                        cached_tokens=cached, queue_ms=out.queue_ms)
             elif out.queue_ms:
                 transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []

@@ -1,29 +1,63 @@
-"""KV crossing between two vLLM processes over vLLM's NixlConnector (CPU buffer, NIXL/UCX): the
-decode instance takes every prompt token from the transfer (vLLM's own prompt-token counters)
-and continues with the prefill instance's greedy text. Runs scripts/vllm_pd_probe.py (two vLLM
-engines: about 3 minutes here). Marked `vllm` (make test-vllm)."""
+"""The KV really crosses from the vLLM prefill worker to the vLLM decode worker through the router:
+the decode worker's own vLLM counters (prompt tokens by source, read from its /metrics) say every
+prompt token came from the KV transfer and none was computed there; ours agree. A repeated
+prompt is then served from the prefill worker's vLLM prefix cache. Marked `vllm` (one mesh per
+session, tests/e2e/conftest.py: vllm_mesh).
+"""
 
-import json
-import os
-import subprocess
+import urllib.request
 
-import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from pdmesh.launcher import ROOT
-from tests.e2e.test_vllm import VLLM_PYTHON
+from pdmesh.v1 import common_pb2
+from tests.e2e.test_mesh import _load_report, generate
+from tests.e2e.vllm_env import VLLM_MARKS
 
-pytestmark = [pytest.mark.vllm,
-              pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"no vLLM venv at {VLLM_PYTHON} (make setup-vllm)")]
-MARK = "pd-probe result: "
+pytestmark = VLLM_MARKS
+
+# ~330 tokens: two full vLLM blocks (128 tokens on this build) and a partial one.
+LONG_PROMPT = "Paged attention stores the KV cache in fixed-size blocks. " * 25 + "The capital of France is"
 
 
-def test_kv_crosses_between_two_vllm_processes_over_nixl():
-    done = subprocess.run([str(VLLM_PYTHON), "scripts/vllm_pd_probe.py"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
-    assert lines, f"probe printed no result (exit {done.returncode}):\n{done.stderr[-3000:]}"
-    result = json.loads(lines[-1][len(MARK):])
-    assert result["by_source"]["external_kv_transfer"] == result["prompt_tokens"]
-    assert result["by_source"]["local_compute"] == 0, "the decode instance recomputed the prompt"
-    assert result["same_text"]
-    assert done.returncode == 0
+def _prompt_tokens_by_source(process) -> dict[str, float]:
+    """vLLM's own counter vllm:prompt_tokens_by_source, as the worker's /metrics serves it."""
+    body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=10).read().decode()
+    return {sample.labels["source"]: sample.value for family in text_string_to_metric_families(body)
+            if family.name == "vllm:prompt_tokens_by_source" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {key: after[key] - before.get(key, 0.0) for key in after}
+
+
+def test_decode_worker_takes_the_whole_prompt_from_the_transfer(vllm_mesh, vllm_router):
+    decode, prefill = vllm_mesh.workers("decode")[0], vllm_mesh.workers("prefill")[0]
+    vllm_before, ours_before = _prompt_tokens_by_source(decode), _load_report(decode.info["address"])
+    prefill_before = _load_report(prefill.info["address"])
+    messages = generate(vllm_router, text="A different preamble so nothing is cached. " + LONG_PROMPT, max_tokens=8)
+    num_prompt = messages[-1].usage.prompt_tokens
+    by_source = _delta(_prompt_tokens_by_source(decode), vllm_before)
+    ours = _load_report(decode.info["address"])
+    prefill_after = _load_report(prefill.info["address"])
+    assert num_prompt > 256
+    assert messages[-1].placement.kv_transport == "vllm-nixl"
+    assert by_source["external_kv_transfer"] == num_prompt, by_source
+    assert by_source["local_compute"] == 0, f"the decode worker recomputed the prompt: {by_source}"
+    assert ours.prompt_tokens_computed_total == ours_before.prompt_tokens_computed_total
+    assert prefill_after.prompt_tokens_computed_total - prefill_before.prompt_tokens_computed_total == num_prompt
+    assert [t for m in messages for t in m.token_ids], "no tokens streamed"
+
+
+def test_repeated_prompt_is_served_from_the_prefill_workers_vllm_cache(vllm_mesh, vllm_router):
+    prefill = vllm_mesh.workers("prefill")[0]
+    first = generate(vllm_router, text=LONG_PROMPT, max_tokens=4)
+    before = _load_report(prefill.info["address"])
+    again = generate(vllm_router, text=LONG_PROMPT, max_tokens=4)
+    after = _load_report(prefill.info["address"])
+    num_prompt = again[-1].usage.prompt_tokens
+    cached = after.prompt_tokens_cached_total - before.prompt_tokens_cached_total
+    assert cached + after.prompt_tokens_computed_total - before.prompt_tokens_computed_total == num_prompt
+    assert again[-1].usage.cached_prompt_tokens == cached >= num_prompt - 128
+    assert [t for m in again for t in m.token_ids] == [t for m in first for t in m.token_ids]
+    assert again[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
