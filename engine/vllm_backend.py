@@ -6,9 +6,10 @@ own engine-core process; step() returns what that process produced since the las
 TokenOutput per new token (vLLM streams deltas, normally one token per request per step).
 
 What maps and what does not:
-- add_request / abort / step / has_unfinished / load / stats: vLLM's request API; counters are
-  derived from its outputs (num_cached_tokens on a request's first output says how much of the
-  prompt its prefix cache served, so prompt_tokens_computed is what vLLM really computed).
+- add_request / abort / step / has_unfinished / load: vLLM's request API. stats: the prompt
+  counters are vLLM's own per-step accounting (a stat logger, _prompt_token_counter), so
+  prompt_tokens_computed is what vLLM really computed; a request's num_cached_tokens is its
+  RequestOutput's (vLLM reports 0 there for a prompt pulled from another worker).
 - KV events: vLLM's own block hashes are salted and use vLLM's block size, so they cannot feed
   our router's prefix index. We publish our chained hashes (engine/hashing.py, our block size)
   of the prompt blocks vLLM served, and a "removed" for the oldest once they exceed what vLLM's
@@ -60,7 +61,8 @@ class VllmOptions:
     side_channel_port: int = 0
     # How long a prefilled request's blocks wait for their decoder (our lease TTL).
     kv_lease_s: int = 30
-    # vLLM's own Prometheus counters (prompt tokens by source, ...), served on the worker's /metrics.
+    # vLLM's stat loggers: its Prometheus counters (served on the worker's /metrics) and its
+    # prompt-token accounting our prompt counters come from (off: those stay 0; bench only).
     log_stats: bool = True
 
     def __post_init__(self) -> None:
@@ -73,11 +75,10 @@ class VllmOptions:
 
 
 class _Request:
-    __slots__ = ("prompt", "added_at", "first_at", "num_generated", "remote_prefilled")
+    __slots__ = ("prompt", "added_at", "first_at", "num_generated")
 
-    def __init__(self, prompt: list[int], remote_prefilled: bool):
+    def __init__(self, prompt: list[int]):
         self.prompt, self.added_at, self.first_at, self.num_generated = prompt, time.monotonic(), None, 0
-        self.remote_prefilled = remote_prefilled  # its prompt KV came from another vLLM worker
 
 
 def _kv_transfer_config(options: VllmOptions):
@@ -91,6 +92,29 @@ def _kv_transfer_config(options: VllmOptions):
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
     return KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_both", kv_buffer_device="cpu",
                             kv_connector_extra_config={"kv_lease_duration": options.kv_lease_s})
+
+
+def _prompt_token_counter(stats: EngineStats):
+    """A vLLM stat logger adding vLLM's own per-step prompt-token accounting to our counters:
+    computed here -> prompt_tokens_computed, its prefix-cache hits -> prompt_tokens_cached. Tokens
+    pulled from another worker count in neither, as with our engine. Runs on the engine thread
+    (vLLM records inside step())."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class PromptTokenCounter(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if iteration_stats is not None:
+                tokens = iteration_stats.prompt_token_stats
+                stats.prompt_tokens_computed += tokens.computed
+                stats.prompt_tokens_cached += tokens.local_cache_hit
+
+        def log_engine_initialized(self):
+            pass
+
+    return PromptTokenCounter
 
 
 def _free_port(host: str) -> int:
@@ -144,15 +168,15 @@ class VllmEngine:
                           enable_prefix_caching=config.cache.enable_prefix_caching, skip_tokenizer_init=True,
                           kv_transfer_config=_kv_transfer_config(options),
                           disable_log_stats=not options.log_stats)
+        self.stats = EngineStats()
         self.config = config
-        self.vllm = VllmLLMEngine.from_engine_args(args)
+        self.vllm = VllmLLMEngine.from_engine_args(args, stat_loggers=[_prompt_token_counter(self.stats)])
         cache = self.vllm.vllm_config.cache_config
         self.vllm_block_size = cache.block_size
         self.vllm_num_blocks = cache.num_gpu_blocks or 0
         capacity = self.vllm_num_blocks * self.vllm_block_size // config.cache.block_size
         self.prefix = PrefixEstimate(config.cache.block_size, capacity)
         self.kv_connector = options.kv_connector
-        self.stats = EngineStats()
         self._unfinished: dict[str, _Request] = {}
         self._pending: list[TokenOutput] = []
         self._kv_params: dict[str, dict] = {}  # finished keep_kv requests -> vLLM's kv_transfer_params
@@ -197,8 +221,7 @@ class VllmEngine:
         self._check(prompt, max_tokens)
         params = self._sampling(sampling, max_tokens, ignore_eos, kv_transfer_params)
         self.vllm.add_request(request_id, {"prompt_token_ids": prompt}, params, priority=priority)
-        remote = bool(kv_transfer_params and kv_transfer_params.get("do_remote_prefill"))
-        self._unfinished[request_id] = _Request(prompt, remote)
+        self._unfinished[request_id] = _Request(prompt)
 
     def abort(self, request_id: str) -> bool:
         if self._unfinished.pop(request_id, None) is None:
@@ -249,10 +272,6 @@ class VllmEngine:
         if req.first_at is None and tokens:
             req.first_at = time.monotonic()
             queue_ms = (req.first_at - req.added_at) * 1000  # includes the prompt's compute (or pull) here
-            # As our engine: pulled prompt tokens count in neither counter (vLLM counts them as
-            # cached); only what this worker computed counts as computed.
-            self.stats.prompt_tokens_cached += 0 if req.remote_prefilled else cached
-            self.stats.prompt_tokens_computed += len(req.prompt) - cached
             self.prefix.served(req.prompt)
         self.stats.generated_tokens += len(tokens)
         req.num_generated += len(tokens)

@@ -168,8 +168,9 @@ class DecodeWorker:
                       local_prompt_len: int, engine_transport: str = ""):
         """Relays engine outputs. A pulled prompt's first token goes out at once; with local
         prefill, the first output says how much of the prompt was cached. With KV the engine
-        pulled (engine_transport), the pulled tokens are not cache hits: cached_tokens stays 0 and
-        local_prefill_tokens counts what this worker computed of the prompt anyway."""
+        pulls itself (engine_transport), vLLM does not say per request how much it computed (the
+        worker's counters do): the first event names the transport, its span covers pull and
+        first token."""
         start, first_at, generated = time.perf_counter(), None, 0
         if first:
             yield DecodeEvent(first, None, transfer)
@@ -180,15 +181,19 @@ class DecodeWorker:
                 raise out
             if out.queue_ms:
                 tracing.record_span("decode.queue", start, start + out.queue_ms / 1000)
-            if transfer is None:
-                cached = 0 if engine_transport else out.num_cached_tokens
-                transfer = TransferInfo(engine_transport, local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
-                                        cached_tokens=cached, queue_ms=out.queue_ms)
+            if transfer is None and engine_transport:
+                transfer = TransferInfo(engine_transport, queue_ms=out.queue_ms)
+            elif transfer is None:
+                transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
+                                        cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
             elif out.queue_ms:
                 transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []
             generated += len(tokens)
-            if tokens and first_at is None:
+            if tokens and first_at is None and engine_transport:
+                first_at = time.perf_counter()
+                tracing.record_span("kv_transfer", start, first_at, {"pdmesh.kv.transport": engine_transport})
+            elif tokens and first_at is None:
                 first_at = time.perf_counter()
                 tracing.record_span("decode.local_prefill", start + out.queue_ms / 1000, first_at, {
                     "pdmesh.prefill.cached_tokens": transfer.cached_tokens,
