@@ -6,8 +6,6 @@ Marked `vllm` (needs .venv-vllm, built by `make setup-vllm`; `make test` runs it
 leaves it out). One mesh per session (tests/e2e/conftest.py: vllm_mesh).
 """
 
-import json
-
 import grpc
 import pytest
 
@@ -103,10 +101,3 @@ def _engine_handle(params: bytes, num_tokens: int) -> common_pb2.KvHandle:
                                num_tokens=num_tokens, layout=layout, transports=["vllm-nixl"],
                                engine_kv_params=params)
 
-
-def test_engine_handle_round_trips_through_the_proto():
-    from kvtransfer.handle import KvHandle
-    params = {"do_remote_prefill": True, "remote_block_ids": [[1, 2]], "remote_port": 5600}
-    handle = KvHandle.from_proto(_engine_handle(json.dumps(params).encode(), num_tokens=200))
-    assert handle.engine_kv_params_dict() == params and handle.block_ids == ()
-    assert KvHandle.from_proto(handle.to_proto()) == handle
