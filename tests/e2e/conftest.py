@@ -37,7 +37,7 @@ def router_stub(mesh):
 def vllm_mesh(tmp_path_factory):
     """One vLLM prefill and one vLLM decode worker (the CPU build, NixlConnector on host memory)
     behind the router, always disaggregated: every request's KV crosses between the two vLLM
-    processes. Session-scoped: vLLM starts once per test session (about 2 minutes here)."""
+    processes. Session-scoped: vLLM starts once per test session (~45 s on a quiet machine)."""
     from tests.e2e.vllm_env import VLLM_PYTHON
     env = (("PDMESH_VLLM_GPU_MEMORY_UTILIZATION", "0.15"),)
     spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, kv_transports="grpc", profile="round_robin",
