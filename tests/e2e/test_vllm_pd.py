@@ -1,6 +1,6 @@
 """The KV really crosses from the vLLM prefill worker to the vLLM decode worker through the router:
-the decode worker's own vLLM counters (prompt tokens by source, read from its /metrics) say every
-prompt token came from the KV transfer and none was computed there; ours agree. A repeated
+the decode worker's own vLLM counters (prompt tokens by source, NIXL bytes read; from its /metrics)
+say every prompt token came from the KV transfer and none was computed there; ours agree. A repeated
 prompt is then served from the prefill worker's vLLM prefix cache. Marked `vllm` (one mesh per
 session, tests/e2e/conftest.py: vllm_mesh).
 """
@@ -19,12 +19,18 @@ pytestmark = VLLM_MARKS
 LONG_PROMPT = "Paged attention stores the KV cache in fixed-size blocks. " * 25 + "The capital of France is"
 
 
-def _prompt_tokens_by_source(process) -> dict[str, float]:
-    """vLLM's own counter vllm:prompt_tokens_by_source, as the worker's /metrics serves it."""
+def _vllm_counters(process) -> dict[str, float]:
+    """vLLM's own counters as the worker's /metrics serves them: prompt tokens by source (keyed
+    by source) and the NIXL bytes this worker read (key "nixl_bytes")."""
     body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=10).read().decode()
-    return {sample.labels["source"]: sample.value for family in text_string_to_metric_families(body)
-            if family.name == "vllm:prompt_tokens_by_source" for sample in family.samples
-            if sample.name.endswith("_total")}
+    counters = {"nixl_bytes": 0.0}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "vllm:prompt_tokens_by_source_total":
+                counters[sample.labels["source"]] = sample.value
+            elif sample.name == "vllm:nixl_bytes_transferred_sum":
+                counters["nixl_bytes"] += sample.value
+    return counters
 
 
 def _delta(after: dict, before: dict) -> dict:
@@ -33,17 +39,20 @@ def _delta(after: dict, before: dict) -> dict:
 
 def test_decode_worker_takes_the_whole_prompt_from_the_transfer(vllm_mesh, vllm_router):
     decode, prefill = vllm_mesh.workers("decode")[0], vllm_mesh.workers("prefill")[0]
-    vllm_before, ours_before = _prompt_tokens_by_source(decode), _load_report(decode.info["address"])
+    vllm_before, ours_before = _vllm_counters(decode), _load_report(decode.info["address"])
     prefill_before = _load_report(prefill.info["address"])
     messages = generate(vllm_router, text="A different preamble so nothing is cached. " + LONG_PROMPT, max_tokens=8)
     num_prompt = messages[-1].usage.prompt_tokens
-    by_source = _delta(_prompt_tokens_by_source(decode), vllm_before)
+    counted = _delta(_vllm_counters(decode), vllm_before)
+    print("decode worker, vLLM counters moved by", counted, "for", messages[-1].usage.prompt_tokens, "prompt tokens")
     ours = _load_report(decode.info["address"])
     prefill_after = _load_report(prefill.info["address"])
     assert num_prompt > 256
     assert messages[-1].placement.kv_transport == "vllm-nixl"
-    assert by_source["external_kv_transfer"] == num_prompt, by_source
-    assert by_source["local_compute"] == 0, f"the decode worker recomputed the prompt: {by_source}"
+    assert counted["external_kv_transfer"] == num_prompt, counted
+    assert counted["local_compute"] == 0, f"the decode worker recomputed the prompt: {counted}"
+    # fp32 KV of 18 layers x (K, V) x 1 head x 256 dims per token, read in whole 128-token blocks
+    assert counted["nixl_bytes"] >= num_prompt * 18 * 2 * 256 * 4, counted
     assert ours.prompt_tokens_computed_total == ours_before.prompt_tokens_computed_total
     assert prefill_after.prompt_tokens_computed_total - prefill_before.prompt_tokens_computed_total == num_prompt
     assert [t for m in messages for t in m.token_ids], "no tokens streamed"
