@@ -18,6 +18,8 @@ def _bindings(ctx: WorkerContext):
                PrefillServicer(worker, model.vocab_size, config.engine.scheduler.max_model_len),
                prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name)
     if config.engine_backend == "vllm":  # vLLM's connector serves the KV; no KvTransferService here
+        if ctx.engine.kv_connector == "none":
+            raise SystemExit("a vLLM prefill worker lends KV through vLLM's connector: drop --vllm-kv-connector none")
         worker.lender = VllmLender(config.worker_id, vllm_layout(ctx.engine, ctx.model_id), config.lease_ttl_s)
         return [prefill]
     layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
