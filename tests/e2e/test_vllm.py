@@ -1,19 +1,52 @@
 """vLLM (CPU build) prefill and decode workers behind the unchanged router: golden greedy text with
-the KV handed from the vLLM prefill worker to the vLLM decode worker (vLLM's NixlConnector), the
-built-in engine's gRPC statuses for bad input, vLLM's local prefill path, and KV events.
+the KV handed from the vLLM prefill worker to the vLLM decode worker (vLLM's NixlConnector); the
+KV really crosses (the decode worker's own vLLM counters: prompt tokens by source, NIXL bytes
+read, from its /metrics; ours agree); the prefill worker's prefix cache; the built-in engine's
+gRPC statuses for bad input; vLLM's local prefill path; KV events.
 
 Marked `vllm` (needs .venv-vllm, built by `make setup-vllm`; `make test` runs it, `make test-fast`
-leaves it out). One mesh per session (tests/e2e/conftest.py: vllm_mesh).
+leaves it out). The vLLM mesh starts once, for this module only, so no idle vLLM process stays
+up while the rest of the suite runs.
 """
+
+import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from pdmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.e2e.test_mesh import BAD_REQUESTS, GOLDEN, GREEDY, generate
-from tests.e2e.vllm_env import VLLM_MARKS
+from pdmesh.launcher import MeshSpec, start_mesh
+from pdmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
+                       router_pb2_grpc)
+from tests.e2e.test_mesh import BAD_REQUESTS, GOLDEN, GREEDY, _load_report, generate
+from tests.e2e.vllm_env import VLLM_MARKS, VLLM_PYTHON
 
 pytestmark = VLLM_MARKS
+
+# ~340 tokens: two full vLLM blocks (128 tokens on this build) and a partial one.
+LONG_PROMPT = "Paged attention stores the KV cache in fixed-size blocks. " * 25 + "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def vllm_mesh(tmp_path_factory):
+    """One vLLM prefill and one vLLM decode worker (NixlConnector on host memory) behind the
+    router, always disaggregated: every request's KV crosses between the two vLLM processes.
+    Starting both takes ~45 s on a quiet machine."""
+    env = (("PDMESH_VLLM_GPU_MEMORY_UTILIZATION", "0.15"),)
+    spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, kv_transports="grpc", profile="round_robin",
+                    torch_threads=2, max_model_len=2048, http_port=None, extra_env=env, startup_timeout_s=600,
+                    prefill_engine="vllm", prefill_python=str(VLLM_PYTHON),
+                    decode_engine="vllm", decode_python=str(VLLM_PYTHON))
+    mesh = start_mesh(spec, str(tmp_path_factory.mktemp("mesh-vllm")), progress=lambda *_: None)
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_router(vllm_mesh):
+    channel = grpc.insecure_channel(vllm_mesh.router_address)
+    yield router_pb2_grpc.RouterServiceStub(channel)
+    channel.close()
 
 
 def _address(mesh, role: str) -> str:
@@ -101,3 +134,55 @@ def _engine_handle(params: bytes, num_tokens: int) -> common_pb2.KvHandle:
                                num_tokens=num_tokens, layout=layout, transports=["vllm-nixl"],
                                engine_kv_params=params)
 
+
+def _vllm_counters(process) -> dict[str, float]:
+    """vLLM's own counters as the worker's /metrics serves them: prompt tokens by source (keyed
+    by source) and the NIXL bytes this worker read (key "nixl_bytes")."""
+    body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=10).read().decode()
+    counters = {"nixl_bytes": 0.0}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "vllm:prompt_tokens_by_source_total":
+                counters[sample.labels["source"]] = sample.value
+            elif sample.name == "vllm:nixl_bytes_transferred_sum":
+                counters["nixl_bytes"] += sample.value
+    return counters
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {key: after[key] - before.get(key, 0.0) for key in after}
+
+
+def test_decode_worker_takes_the_whole_prompt_from_the_transfer(vllm_mesh, vllm_router):
+    decode, prefill = vllm_mesh.workers("decode")[0], vllm_mesh.workers("prefill")[0]
+    vllm_before, ours_before = _vllm_counters(decode), _load_report(decode.info["address"])
+    prefill_before = _load_report(prefill.info["address"])
+    messages = generate(vllm_router, text="A different preamble so nothing is cached. " + LONG_PROMPT, max_tokens=8)
+    num_prompt = messages[-1].usage.prompt_tokens
+    counted = _delta(_vllm_counters(decode), vllm_before)
+    print("decode worker, vLLM counters moved by", counted, "for", messages[-1].usage.prompt_tokens, "prompt tokens")
+    ours = _load_report(decode.info["address"])
+    prefill_after = _load_report(prefill.info["address"])
+    assert num_prompt > 256
+    assert messages[-1].placement.kv_transport == "vllm-nixl"
+    assert counted["external_kv_transfer"] == num_prompt, counted
+    assert counted["local_compute"] == 0, f"the decode worker recomputed the prompt: {counted}"
+    # fp32 KV of 18 layers x (K, V) x 1 head x 256 dims per token, read in whole 128-token blocks
+    assert counted["nixl_bytes"] >= num_prompt * 18 * 2 * 256 * 4, counted
+    assert ours.prompt_tokens_computed_total == ours_before.prompt_tokens_computed_total
+    assert prefill_after.prompt_tokens_computed_total - prefill_before.prompt_tokens_computed_total == num_prompt
+    assert [t for m in messages for t in m.token_ids], "no tokens streamed"
+
+
+def test_repeated_prompt_is_served_from_the_prefill_workers_vllm_cache(vllm_mesh, vllm_router):
+    prefill = vllm_mesh.workers("prefill")[0]
+    first = generate(vllm_router, text=LONG_PROMPT, max_tokens=4)
+    before = _load_report(prefill.info["address"])
+    again = generate(vllm_router, text=LONG_PROMPT, max_tokens=4)
+    after = _load_report(prefill.info["address"])
+    num_prompt = again[-1].usage.prompt_tokens
+    cached = after.prompt_tokens_cached_total - before.prompt_tokens_cached_total
+    assert cached + after.prompt_tokens_computed_total - before.prompt_tokens_computed_total == num_prompt
+    assert again[-1].usage.cached_prompt_tokens == cached >= num_prompt - 128
+    assert [t for m in again for t in m.token_ids] == [t for m in first for t in m.token_ids]
+    assert again[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
