@@ -31,7 +31,7 @@ LONG_PROMPT = "Paged attention stores the KV cache in fixed-size blocks. " * 25 
 def vllm_mesh(tmp_path_factory):
     """One vLLM prefill and one vLLM decode worker (NixlConnector on host memory) behind the
     router, always disaggregated: every request's KV crosses between the two vLLM processes.
-    Starting both takes ~45 s on a quiet machine."""
+    Starting both takes about 50 s here."""
     env = (("PDMESH_VLLM_GPU_MEMORY_UTILIZATION", "0.15"),)
     spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, kv_transports="grpc", profile="round_robin",
                     torch_threads=2, max_model_len=2048, http_port=None, extra_env=env, startup_timeout_s=600,
