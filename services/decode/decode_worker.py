@@ -68,27 +68,31 @@ class DecodeWorker:
     async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
         outputs = self._runner.open_stream(job.request_id)
         try:
-            engine_pulls = job.handle is not None and self._engine_transport in job.handle.transports
-            if engine_pulls:
-                transfer = None
+            route = self._route(job.handle)
+            transfer = await self._import(job) if route == "pull" else None
+            if route == "engine":
                 await self._add_engine_pulled(job)
-            elif job.handle is not None and self._pullers:
-                transfer = await self._import(job)
-            else:
-                transfer = None  # no KV sent, or none this worker can use: prefill here
-            local = transfer is None  # no handle, the pulled KV could not be used, or the engine pulls
-            if local and not engine_pulls:
+            elif transfer is None:  # no KV sent, none usable here, or the pulled KV was unusable
                 await self._add_local(job)
-            first = [] if local else [job.first_token_id]
-            local_len = len(job.prompt) + len(job.resume_token_ids) if local else 0
-            transport = self._engine_transport if engine_pulls else ""
-            async for event in self._stream(outputs, first, transfer, local_len, transport):
+            first = [] if transfer is None else [job.first_token_id]
+            local_len = len(job.prompt) + len(job.resume_token_ids) if transfer is None else 0
+            engine_transport = self._engine_transport if route == "engine" else ""
+            async for event in self._stream(outputs, first, transfer, local_len, engine_transport):
                 yield event
         except BaseException:
             self._runner.post(lambda engine: engine.abort(job.request_id))
             raise
         finally:
             self._runner.close_stream(job.request_id)
+
+    def _route(self, handle: KvHandle | None) -> str:
+        """How the prompt's KV gets here: "engine" (the engine pulls it itself), "pull" (our
+        kvtransfer), or "local" (no KV sent, or another engine's KV: prefill here)."""
+        if handle is None:
+            return "local"
+        if self._engine_transport and self._engine_transport in handle.transports:
+            return "engine"
+        return "pull" if self._pullers and not handle.engine_kv_params else "local"
 
     async def _import(self, job: DecodeJob) -> TransferInfo | None:
         dst = await self._reserve(job)

@@ -5,7 +5,7 @@ belong to the lease in the returned handle. They are unpinned exactly once, when
 released by the puller or expires (KvSource calls `on_lease_free`). With vLLM, vLLM's connector
 owns them instead (services/prefill/vllm_lender.py).
 
-The lender (`source`) has two calls: collect(engine, request_id), on the engine thread, says
+The lender (`lender`) has two calls: collect(engine, request_id), on the engine thread, says
 what the finished request left to lend (our block ids, or vLLM's transfer parameters); lend(
 request_id, collected, num_tokens) turns that into the KvHandle.
 """
