@@ -1,5 +1,5 @@
 # The two commands of README.md. Both set everything up first (idempotent).
-.PHONY: setup setup-vllm run test test-vllm bench-engines lint-proto protos
+.PHONY: setup setup-vllm run test test-fast test-vllm bench-engines lint-proto protos
 
 setup:
 	bash scripts/setup.sh
@@ -8,15 +8,19 @@ setup:
 run: setup
 	.venv/bin/pdmesh up $(ARGS)
 
-# Set up and run the whole test suite (the vLLM group is `make test-vllm`).
-test: setup
+# Set up everything (vLLM's venv included) and run the whole test suite, the vLLM group too.
+test: setup-vllm
+	.venv/bin/python -m pytest -q tests $(ARGS)
+
+# The suite without the vLLM group (no .venv-vllm needed): the quick loop while developing.
+test-fast: setup
 	.venv/bin/python -m pytest -q tests -m "not vllm" $(ARGS)
 
-# The vLLM backend: a separate venv (.venv-vllm, ~3.5 GB, ~4 min the first time) for vLLM workers.
+# The vLLM backend: a separate venv (.venv-vllm, ~4 GB, ~2 min the first time) for vLLM workers.
 setup-vllm: setup
 	bash scripts/setup_vllm.sh
 
-# vLLM decode workers behind the router (real vLLM processes; about 3 minutes).
+# Only the vLLM group: a vLLM prefill and a vLLM decode worker behind the router.
 test-vllm: setup-vllm
 	.venv/bin/python -m pytest -q tests -m vllm $(ARGS)
 

@@ -12,6 +12,16 @@ import time
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
+def _engines(engine: str) -> dict:
+    """MeshSpec fields that put both pools on `engine`."""
+    if engine == "builtin":
+        return {}
+    from pdmesh.launcher import ROOT
+    python = os.environ.get("PDMESH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+    return dict(prefill_engine=engine, prefill_python=python, decode_engine=engine, decode_python=python,
+                startup_timeout_s=600)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from engine.weights import prepare
     from pdmesh.launcher import MeshSpec, start_mesh
@@ -30,7 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     http_port=None if args.http_port in ("off", "-1") else int(args.http_port), model=args.model,
                     kv_transports=args.kv_transports, profile=args.profile, num_blocks=args.num_blocks,
                     torch_threads=args.torch_threads, otlp_endpoint=endpoint, tls_dir=tls_dir,
-                    api_keys_file=args.api_keys_file, batch_db=args.batch_db)
+                    api_keys_file=args.api_keys_file, batch_db=args.batch_db, **_engines(args.engine))
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode worker(s) and a router ...", flush=True)
     mesh = start_mesh(spec, args.run_dir)
     for p in mesh.processes:
@@ -199,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                          "without DIR, make them in the run directory. Default: plaintext")
     up.add_argument("--api-keys-file", default="", help="router API keys: YAML/JSON mapping key -> tenant")
     up.add_argument("--batch-db", default=_default_batch_db(), help="SQLite file of batch jobs (env PDMESH_BATCH_DB)")
+    up.add_argument("--engine", choices=["builtin", "vllm"], default="builtin",
+                    help="engine of every worker; vllm runs them in .venv-vllm (make setup-vllm), KV over "
+                         "vLLM's NixlConnector (env PDMESH_VLLM_PYTHON picks another interpreter)")
     up.set_defaults(func=cmd_up)
     gen = sub.add_parser("generate", help="stream a completion through the router")
     gen.add_argument("prompt")

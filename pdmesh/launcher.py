@@ -42,14 +42,22 @@ class MeshSpec:
     api_keys_file: str = ""
     # The router's batch job store (SQLite); "" = batch.sqlite3 in the run directory.
     batch_db: str = ""
-    # Engine of the decode workers ("builtin" or "vllm") and the Python that runs them ("" = this
-    # one; vLLM workers need the vLLM venv, see scripts/setup_vllm.sh). Prefill stays built-in.
+    # Engine of the decode / prefill workers ("builtin" or "vllm") and the Python that runs them
+    # ("" = this one; vLLM workers need the vLLM venv, see scripts/setup_vllm.sh).
     decode_engine: str = "builtin"
     decode_python: str = ""
+    prefill_engine: str = "builtin"
+    prefill_python: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
             raise ValueError("need at least one decode worker and a non-negative number of prefill workers")
+
+    def engine_of(self, role: str) -> tuple[str, str]:
+        """(engine, python executable) of a worker of this role."""
+        engine, python = (self.decode_engine, self.decode_python) if role == "decode" else \
+            (self.prefill_engine, self.prefill_python)
+        return engine, (python if engine != "builtin" else "") or sys.executable
 
 
 @dataclass
@@ -100,10 +108,9 @@ def start_mesh(spec: MeshSpec, run_dir: str | None = None, progress=print) -> Me
             for i in range(count):
                 name = f"{role}-{i}"
                 args = ["-m", f"services.{role}", "--worker-id", name, *common]
-                python = sys.executable
-                if role == "decode" and spec.decode_engine != "builtin":
-                    args += ["--engine", spec.decode_engine]
-                    python = spec.decode_python or python
+                engine, python = spec.engine_of(role)
+                if engine != "builtin":
+                    args += ["--engine", engine]
                 mesh.processes.append(_spawn(name, args, run, _service_env(env, spec, role, name), python))
         _wait_ready(mesh.processes, spec.startup_timeout_s, progress)
         address = lambda role: ",".join(p.info["address"] for p in mesh.processes if p.info["role"] == role)  # noqa

@@ -88,7 +88,7 @@ class KvLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_bytes: _Optional[int] = ..., wire_version: _Optional[int] = ..., compat_hash: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("worker_id", "transfer_address", "lease_id", "block_ids", "num_tokens", "layout", "block_checksums", "lease_expires_unix_ms", "transports")
+    __slots__ = ("worker_id", "transfer_address", "lease_id", "block_ids", "num_tokens", "layout", "block_checksums", "lease_expires_unix_ms", "transports", "engine_kv_params")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class KvHandle(_message.Message):
     BLOCK_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_KV_PARAMS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     transfer_address: str
     lease_id: str
@@ -107,7 +108,8 @@ class KvHandle(_message.Message):
     block_checksums: _containers.RepeatedScalarFieldContainer[int]
     lease_expires_unix_ms: int
     transports: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., lease_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., block_checksums: _Optional[_Iterable[int]] = ..., lease_expires_unix_ms: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ...) -> None: ...
+    engine_kv_params: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., lease_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., block_checksums: _Optional[_Iterable[int]] = ..., lease_expires_unix_ms: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., engine_kv_params: _Optional[bytes] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

@@ -5,12 +5,13 @@ frozen dataclass.
 """
 
 import argparse
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.vllm_backend import VllmOptions
+from engine.vllm_backend import KV_CONNECTORS, VllmOptions
 from services.common.tls import TlsConfig, add_tls_flags, tls_from_args
 
 ENGINES = ("builtin", "vllm")
@@ -77,6 +78,10 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-gpu-memory-utilization", type=float,
                         default=float(env("PDMESH_VLLM_GPU_MEMORY_UTILIZATION", "0.25")),
                         help="share of memory vLLM sizes its KV cache from (CPU build too)")
+    parser.add_argument("--vllm-kv-connector", choices=KV_CONNECTORS, default=env("PDMESH_VLLM_KV_CONNECTOR", "nixl"),
+                        help="vLLM's NixlConnector for prefill -> decode KV handoff between vLLM workers")
+    parser.add_argument("--vllm-side-channel-port", type=int, default=int(env("PDMESH_VLLM_SIDE_CHANNEL_PORT", "0")),
+                        help="port of vLLM's NIXL handshake, reached at --advertise-host (0: any free port)")
     parser.add_argument("--ready-file", default=None, help="write a JSON line with the bound port here")
     add_tls_flags(parser)
 
@@ -94,7 +99,9 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         kv_transports=tuple(t.strip() for t in args.kv_transports.split(",") if t.strip()),
         torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
         metrics_port=args.metrics_port, tls=tls_from_args(args), engine_backend=args.engine,
-        vllm=VllmOptions(model_dir=args.vllm_model_dir, gpu_memory_utilization=args.vllm_gpu_memory_utilization),
+        vllm=VllmOptions(model_dir=args.vllm_model_dir, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                         kv_connector=args.vllm_kv_connector, side_channel_host=args.advertise_host,
+                         side_channel_port=args.vllm_side_channel_port, kv_lease_s=math.ceil(args.lease_ttl_s)),
     )
 
 

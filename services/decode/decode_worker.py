@@ -6,6 +6,9 @@ Ownership and order for a pulled prompt:
      through to the next one; corrupt bytes fall back to recomputing the prompt here);
   3. release the holder's lease (always, even on failure: the holder must get its blocks back);
   4. hand the sequence to the engine, which owns the blocks from then on.
+A handle the engine pulls itself (vLLM's NixlConnector, `engine_transport`) skips 1-3: the
+request goes to the engine with the handle's parameters, the engine pulls the KV before its
+first step and generates every token, the first included.
 """
 
 import asyncio
@@ -57,29 +60,39 @@ class DecodeEvent(NamedTuple):
 
 
 class DecodeWorker:
-    def __init__(self, runner: EngineRunner, pullers: dict):
+    def __init__(self, runner: EngineRunner, pullers: dict, engine_transport: str = ""):
         self._runner = runner
         self._pullers = pullers  # transport name -> KvPuller, in preference order
+        self._engine_transport = engine_transport  # KV the engine pulls itself ("vllm-nixl"), "" = none
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
         outputs = self._runner.open_stream(job.request_id)
         try:
-            if job.handle is not None and self._pullers:
-                transfer = await self._import(job)
-            else:
-                transfer = None  # no KV sent, or an engine that cannot import it (vLLM): prefill here
-            local = transfer is None  # no handle, or the pulled KV could not be used
-            if local:
+            route = self._route(job.handle)
+            transfer = await self._import(job) if route == "pull" else None
+            if route == "engine":
+                await self._add_engine_pulled(job)
+            elif transfer is None:  # no KV sent, none usable here, or the pulled KV was unusable
                 await self._add_local(job)
-            first = [] if local else [job.first_token_id]
-            local_len = len(job.prompt) + len(job.resume_token_ids) if local else 0
-            async for event in self._stream(outputs, first, transfer, local_len):
+            first = [] if transfer is None else [job.first_token_id]
+            local_len = len(job.prompt) + len(job.resume_token_ids) if transfer is None else 0
+            engine_transport = self._engine_transport if route == "engine" else ""
+            async for event in self._stream(outputs, first, transfer, local_len, engine_transport):
                 yield event
         except BaseException:
             self._runner.post(lambda engine: engine.abort(job.request_id))
             raise
         finally:
             self._runner.close_stream(job.request_id)
+
+    def _route(self, handle: KvHandle | None) -> str:
+        """How the prompt's KV gets here: "engine" (the engine pulls it itself), "pull" (our
+        kvtransfer), or "local" (no KV sent, or another engine's KV: prefill here)."""
+        if handle is None:
+            return "local"
+        if self._engine_transport and self._engine_transport in handle.transports:
+            return "engine"
+        return "pull" if self._pullers and not handle.engine_kv_params else "local"
 
     async def _import(self, job: DecodeJob) -> TransferInfo | None:
         dst = await self._reserve(job)
@@ -145,15 +158,23 @@ class DecodeWorker:
         except Exception as exc:  # the lease expires on its own; never fail a request over it
             log.warning("releasing lease %s failed: %s", handle.lease_id, exc)
 
+    async def _add_engine_pulled(self, job: DecodeJob) -> None:
+        params = job.handle.engine_kv_params_dict()
+        await self._runner.call(lambda engine: engine.add_remote_prefilled(
+            job.request_id, job.prompt, params, job.sampling, job.max_tokens, job.ignore_eos, job.priority))
+
     async def _add_local(self, job: DecodeJob) -> None:
         await self._runner.call(lambda engine: engine.add_request(
             job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos,
             priority=job.priority, resume_token_ids=job.resume_token_ids))
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
-                      local_prompt_len: int):
+                      local_prompt_len: int, engine_transport: str = ""):
         """Relays engine outputs. A pulled prompt's first token goes out at once; with local
-        prefill, the first output says how much of the prompt was cached."""
+        prefill, the first output says how much of the prompt was cached. With KV the engine
+        pulls itself (engine_transport), vLLM does not say per request how much it computed (the
+        worker's counters do): the first event names the transport, its span covers pull and
+        first token."""
         start, first_at, generated = time.perf_counter(), None, 0
         if first:
             yield DecodeEvent(first, None, transfer)
@@ -164,14 +185,19 @@ class DecodeWorker:
                 raise out
             if out.queue_ms:
                 tracing.record_span("decode.queue", start, start + out.queue_ms / 1000)
-            if transfer is None:
+            if transfer is None and engine_transport:
+                transfer = TransferInfo(engine_transport, queue_ms=out.queue_ms)
+            elif transfer is None:
                 transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
                                         cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
             elif out.queue_ms:
                 transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []
             generated += len(tokens)
-            if tokens and first_at is None:
+            if tokens and first_at is None and engine_transport:
+                first_at = time.perf_counter()
+                tracing.record_span("kv_transfer", start, first_at, {"pdmesh.kv.transport": engine_transport})
+            elif tokens and first_at is None:
                 first_at = time.perf_counter()
                 tracing.record_span("decode.local_prefill", start + out.queue_ms / 1000, first_at, {
                     "pdmesh.prefill.cached_tokens": transfer.cached_tokens,

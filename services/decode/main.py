@@ -3,6 +3,7 @@
 import functools
 import logging
 
+from engine.vllm_backend import KV_TRANSPORT
 from kvtransfer.base import available_transports, make_puller
 from kvtransfer.layout import KvLayout
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def _pullers(ctx: WorkerContext) -> dict:
     if ctx.config.engine_backend == "vllm":
-        return {}  # vLLM keeps its KV in its own process: every prompt is prefilled here
+        return {}  # vLLM keeps its KV in its own process; its connector pulls (_engine_transport)
     layout = KvLayout.from_pool(ctx.engine.kv_cache, ctx.model_id)
     usable = set(available_transports())
     pullers = {}
@@ -31,6 +32,13 @@ def _pullers(ctx: WorkerContext) -> dict:
     return pullers
 
 
+def _engine_transport(ctx: WorkerContext) -> str:
+    """The KV transport the engine serves itself: vLLM's NixlConnector, when it runs one."""
+    if ctx.config.engine_backend == "vllm" and ctx.engine.kv_connector == "nixl":
+        return KV_TRANSPORT
+    return ""
+
+
 def _holder_channel(address: str, options: list, tls):
     return aio_channel(address, tls, options)
 
@@ -38,7 +46,7 @@ def _holder_channel(address: str, options: list, tls):
 def _bindings(ctx: WorkerContext):
     config = ctx.config
     ctx.pullers = _pullers(ctx)
-    worker = DecodeWorker(ctx.runner, ctx.pullers)
+    worker = DecodeWorker(ctx.runner, ctx.pullers, _engine_transport(ctx))
     return [(decode_pb2_grpc.add_DecodeServiceServicer_to_server,
              DecodeServicer(worker, config.engine.model.vocab_size, config.engine.scheduler.max_model_len),
              decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name)]

@@ -28,6 +28,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise InvalidArgument(f"first_token_id {request.first_token_id} is not a known token id")
             if handle.num_tokens != len(prompt):
                 raise InvalidArgument(f"kv_handle holds {handle.num_tokens} tokens but the prompt has {len(prompt)}")
+            if handle.engine_kv_params:
+                handle.engine_kv_params_dict()  # ValueError (INVALID_ARGUMENT) unless a JSON object
         if handle is not None and request.resume_token_ids:
             raise InvalidArgument("resume_token_ids cannot be combined with kv_handle: a resumed request is "
                                   "prefilled here")

@@ -2,7 +2,12 @@
 
 Ownership: after `prefill` returns, the prompt's blocks are pinned in this worker's engine and
 belong to the lease in the returned handle. They are unpinned exactly once, when the lease is
-released by the puller or expires (KvSource calls `on_lease_free`).
+released by the puller or expires (KvSource calls `on_lease_free`). With vLLM, vLLM's connector
+owns them instead (services/prefill/vllm_lender.py).
+
+The lender (`lender`) has two calls: collect(engine, request_id), on the engine thread, says
+what the finished request left to lend (our block ids, or vLLM's transfer parameters); lend(
+request_id, collected, num_tokens) turns that into the KvHandle.
 """
 
 import time
@@ -10,6 +15,7 @@ from typing import NamedTuple
 
 from engine.sampling import SamplingParams
 from kvtransfer.handle import KvHandle
+from kvtransfer.source import KvSource
 from services.common import tracing
 from services.common.engine_runner import EngineFailure, EngineRunner
 
@@ -22,10 +28,23 @@ class PrefillResult(NamedTuple):
     compute_ms: float
 
 
+class PoolLender:
+    """Our engine's blocks, lent through a KvSource."""
+
+    def __init__(self, source: KvSource):
+        self.source = source
+
+    def collect(self, engine, request_id: str) -> list[int]:
+        return engine.block_ids_of(request_id)
+
+    def lend(self, request_id: str, block_ids: list[int], num_tokens: int) -> KvHandle:
+        return self.source.lend(request_id, block_ids, num_tokens)
+
+
 class PrefillWorker:
     def __init__(self, runner: EngineRunner):
         self._runner = runner
-        self.source = None  # KvSource, attached once the server knows its address
+        self.lender = None  # PoolLender or VllmLender, attached once the server knows its address
 
     def on_lease_free(self, lease) -> None:
         """KvSource callback (any thread): give the lease's blocks back to the engine."""
@@ -42,7 +61,7 @@ class PrefillWorker:
             out = await outputs.get()
             if isinstance(out, EngineFailure):
                 raise out
-            block_ids = await self._runner.call(lambda engine: engine.block_ids_of(request_id))
+            kept = await self._runner.call(lambda engine: self.lender.collect(engine, request_id))
         except BaseException:
             self._runner.post(lambda engine: _abort_and_release(engine, request_id))
             raise
@@ -55,7 +74,7 @@ class PrefillWorker:
             "pdmesh.prefill.cached_tokens": out.num_cached_tokens,
             "pdmesh.prefill.computed_tokens": len(prompt) - out.num_cached_tokens})
         try:
-            handle = self.source.lend(request_id, block_ids, len(prompt))
+            handle = self.lender.lend(request_id, kept, len(prompt))
         except BaseException:
             self._runner.post(lambda engine: engine.release(request_id))
             raise

@@ -31,3 +31,4 @@ def router_stub(mesh):
     channel = grpc.insecure_channel(mesh.router_address)
     yield router_pb2_grpc.RouterServiceStub(channel)
     channel.close()
+

@@ -10,7 +10,8 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from pdmesh.launcher import MeshSpec, start_mesh
-from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
+from pdmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc, worker_state_pb2,
+                       worker_state_pb2_grpc)
 
 PROMPTS = [[2, 651, 6037, 529, 7001, 563], [2] + list(range(1000, 1070))]  # the second crosses the window
 
@@ -115,3 +116,21 @@ def test_state_stream_snapshot_then_kv_events_use_the_engine_hashes(tiny_mesh):
                 break
         stream.cancel()
     assert set(expected) <= stored
+
+
+def test_kv_held_by_another_engine_is_recomputed_here(tiny_mesh):
+    """A handle to KV that vLLM holds (transport vllm-nixl) reaches a built-in decode worker: no
+    transport in common, so the worker prefills the prompt itself and the text is unchanged."""
+    prompt = PROMPTS[0]
+    layout = common_pb2.KvLayout(model_id="m", dtype="float32", block_size=128, num_layers=18, num_kv_heads=1,
+                                 head_dim=256)
+    handle = common_pb2.KvHandle(worker_id="vllm-prefill", transfer_address="127.0.0.1:1", lease_id="r",
+                                 num_tokens=len(prompt), layout=layout, transports=["vllm-nixl"],
+                                 engine_kv_params=b'{"do_remote_prefill": true}')
+    request = decode_pb2.DecodeRequest(request_id="foreign-kv", prompt_token_ids=prompt, max_tokens=6,
+                                       ignore_eos=True, kv_handle=handle, first_token_id=5)
+    with grpc.insecure_channel(tiny_mesh.workers("decode")[0].info["address"]) as channel:
+        messages = list(decode_pb2_grpc.DecodeServiceStub(channel).Decode(request, timeout=60))
+    assert [t for m in messages for t in m.token_ids] == engine_alone(prompt, 6, SamplingParams())
+    assert messages[0].stats.local_prefill_tokens + messages[0].stats.cached_tokens == len(prompt)
+    assert messages[0].stats.kv_transport == ""

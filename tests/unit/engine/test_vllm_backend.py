@@ -1,5 +1,5 @@
-"""The parts of engine.vllm_backend that need no vLLM: the prefix-cache estimate behind a vLLM
-worker's KV events, and the options' validation."""
+"""The parts of the vLLM backend that need no vLLM: the prefix-cache estimate behind a vLLM
+worker's KV events, the options' validation, and the handle a vLLM prefill worker lends."""
 
 import pytest
 
@@ -31,3 +31,28 @@ def test_oldest_blocks_are_removed_past_capacity():
 def test_options_reject_a_bad_memory_share():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         VllmOptions(gpu_memory_utilization=0.0)
+
+
+@pytest.mark.parametrize("fields", [dict(kv_connector="lmcache"), dict(side_channel_port=70000),
+                                    dict(kv_lease_s=0)])
+def test_options_reject_a_bad_connector_setting(fields):
+    with pytest.raises(ValueError):
+        VllmOptions(**fields)
+
+
+def test_vllm_lender_carries_vllms_parameters_unread():
+    import json
+    import time
+
+    from kvtransfer.handle import KvHandle
+    from kvtransfer.layout import KvLayout
+    from services.prefill.vllm_lender import VllmLender
+    params = {"do_remote_prefill": True, "remote_block_ids": [[7, 8, 9]], "remote_host": "10.0.0.5",
+              "remote_port": 5601, "remote_engine_id": "e1", "remote_request_id": "r1"}
+    layout = KvLayout("gemma", "float32", 128, 18, 1, 256)
+    handle = VllmLender("prefill-0", layout, lease_s=30).lend("r1", params, num_tokens=300)
+    assert handle.transports == ("vllm-nixl",) and handle.block_ids == () and handle.num_tokens == 300
+    assert json.loads(handle.engine_kv_params) == params
+    assert handle.transfer_address == "10.0.0.5:5601"
+    assert 0 < handle.lease_expires_unix_ms / 1000 - time.time() <= 30
+    assert KvHandle.from_proto(handle.to_proto()) == handle

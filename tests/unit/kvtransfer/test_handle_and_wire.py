@@ -32,6 +32,23 @@ def test_handle_rejects_inconsistent_fields():
         _handle(num_tokens=9)
 
 
+def test_engine_held_kv_has_parameters_and_no_pdmesh_blocks():
+    params = b'{"do_remote_prefill": true, "remote_block_ids": [[3, 4]]}'
+    handle = _handle(block_ids=(), block_checksums=(), num_tokens=200, transports=("vllm-nixl",),
+                     engine_kv_params=params)
+    assert KvHandle.from_proto(handle.to_proto()) == handle
+    assert handle.engine_kv_params_dict() == {"do_remote_prefill": True, "remote_block_ids": [[3, 4]]}
+    with pytest.raises(ValueError, match="no pdmesh block ids"):
+        _handle(engine_kv_params=params)
+
+
+@pytest.mark.parametrize("params", [b"not json", b"[1, 2]", b"\xff"])
+def test_engine_kv_params_must_be_a_json_object(params):
+    handle = _handle(block_ids=(), block_checksums=(), num_tokens=3, engine_kv_params=params)
+    with pytest.raises(ValueError, match="engine_kv_params"):
+        handle.engine_kv_params_dict()
+
+
 @pytest.mark.parametrize("offset, data", [(0, b""), (0, b"abc"), (2**40 + 3, bytes(range(256)) * 300)])
 def test_raw_chunk_parser_agrees_with_protobuf(offset, data):
     raw = kv_transfer_pb2.PullKvResponse(offset=offset, data=data).SerializeToString()
