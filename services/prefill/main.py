@@ -4,8 +4,8 @@ import os
 import sys
 
 from kvtransfer.layout import KvLayout
-from kvtransfer.source import KvSource, KvTransferServicer
-from pdmesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from kvtransfer.source import KvSource, KvTransferServicer, add_kv_transfer_service
+from pdmesh.v1 import kv_transfer_pb2, prefill_pb2, prefill_pb2_grpc
 from services.common.metrics import register_leases
 from services.common.worker import WorkerContext, worker_main
 from services.prefill.prefill_worker import PrefillWorker
@@ -24,9 +24,15 @@ def _bindings(ctx: WorkerContext):
         (prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
          PrefillServicer(worker, model.vocab_size, config.engine.scheduler.max_model_len),
          prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name),
-        (kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server, KvTransferServicer(worker.source),
-         kv_transfer_pb2.DESCRIPTOR.services_by_name["KvTransferService"].full_name),
+        kv_transfer_binding(worker.source),
     ]
+
+
+def kv_transfer_binding(source: KvSource):
+    """KvTransferService over source, with PullKv sending pre-encoded chunks (the gRPC fallback's
+    holder side copies each byte once instead of three times; same messages on the wire)."""
+    return (add_kv_transfer_service, KvTransferServicer(source),
+            kv_transfer_pb2.DESCRIPTOR.services_by_name["KvTransferService"].full_name)
 
 
 def main(argv: list[str] | None = None) -> None:
