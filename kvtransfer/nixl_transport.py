@@ -55,6 +55,8 @@ DEFAULT_PROGRESS_DELAY_US = 100
 # Parallel copy threads of a puller (see the module docstring); 0 = the posting thread copies.
 DEFAULT_NUM_THREADS = 2 if (os.cpu_count() or 1) >= 2 else 0
 SPLIT_MIN_DESCRIPTORS = 16  # smaller handoffs stay on one copy thread
+# First look at a posted READ after this fraction of its expected copy time (see NixlPuller._wait).
+EARLY_LOOK_FRACTION = 0.85
 _construct_lock = threading.Lock()
 
 
@@ -124,6 +126,32 @@ def split_runs(runs: list[tuple[int, int, int]], max_blocks: int) -> list[tuple[
         for offset in range(0, n, max_blocks):
             pieces.append((s + offset, d + offset, min(max_blocks, n - offset)))
     return pieces
+
+
+class CopyRate:
+    """A puller's recent READ speed, to plan when to look at a transfer again. The plan should err
+    short: an early look costs a few polls, a late one adds latency. A READ still running at the
+    first look gives its exact time (a faster one raises the rate at once, a slower one pulls it
+    down gradually); one already done may have finished long before, so the rate goes up a step.
+    Races between concurrent pulls are benign (a float either way)."""
+
+    def __init__(self, decay: float = 0.8, step_up: float = 2.0) -> None:
+        self.bytes_per_s = 0.0
+        self.decay = decay
+        self.step_up = step_up
+
+    def expected_s(self, num_bytes: int) -> float:
+        """Seconds a READ of num_bytes should take; 0 before the first observation."""
+        return num_bytes / self.bytes_per_s if self.bytes_per_s > 0 else 0.0
+
+    def observe(self, num_bytes: int, seconds: float) -> None:
+        """A READ of num_bytes took `seconds` (seen finishing, to within a poll)."""
+        rate = num_bytes / max(seconds, 1e-9)
+        self.bytes_per_s = rate if rate > self.bytes_per_s else self.decay * self.bytes_per_s + (1 - self.decay) * rate
+
+    def finished_within(self, num_bytes: int, seconds: float) -> None:
+        """A READ of num_bytes was already done when first looked at, `seconds` after posting."""
+        self.bytes_per_s = max(self.bytes_per_s * self.step_up, num_bytes / max(seconds, 1e-9))
 
 
 class NixlAgent:
@@ -199,6 +227,7 @@ class NixlPuller(KvPuller):
         self.descriptor_mode = descriptor_mode
         self.timeout_s = timeout_s
         self.poll_sleep_s = poll_sleep_s
+        self.copy_rate = CopyRate()
         self.local = NixlAgent(pool, agent_name or f"pdmesh-puller-{uuid.uuid4().hex[:12]}", thread_safe=True,
                                progress_thread=progress_thread, num_threads=num_threads)
         self._local_dlist = self.local.agent.prep_xfer_dlist(
@@ -293,14 +322,14 @@ class NixlPuller(KvPuller):
         except Exception as e:  # noqa: BLE001 -- a stale peer fails here; caller re-handshakes
             log.warning("NIXL request to %s failed: %s", peer.agent_name, e)
             return "ERR"
+        num_bytes = len(src) * self.layout.block_bytes
         try:
+            posted = time.monotonic()
             state = agent.transfer(xfer)
-            deadline = time.monotonic() + self.timeout_s
-            while state == "PROC":  # each check also drives UCX progress (no progress thread here)
-                if time.monotonic() > deadline:
-                    raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
-                time.sleep(self.poll_sleep_s)
-                state = agent.check_xfer_state(xfer)
+            if state == "DONE":  # copied while posting (one copy thread)
+                self.copy_rate.observe(num_bytes, time.monotonic() - posted)
+            elif state == "PROC":
+                state = self._wait(xfer, num_bytes, posted)
             return state
         except KvTransferError:
             raise
@@ -312,6 +341,28 @@ class NixlPuller(KvPuller):
                 agent.release_xfer_handle(xfer)
             except Exception as e:  # noqa: BLE001 -- an in-flight handle cannot be released; log it
                 log.warning("releasing NIXL transfer handle: %s", e)
+
+    def _wait(self, xfer, num_bytes: int, posted: float) -> str:
+        """Sleep through most of the expected copy time in one go, then check every poll_sleep_s
+        until the READ leaves PROC. The copy threads need the cores: a waiter that woke every few
+        tens of microseconds for the whole transfer took CPU from them on a 2-core host."""
+        agent = self.local.agent
+        deadline = posted + self.timeout_s
+        first_look = min(posted + self.copy_rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION, deadline)
+        time.sleep(max(0.0, first_look - time.monotonic()))
+        state = agent.check_xfer_state(xfer)
+        if state != "PROC":
+            if state == "DONE":
+                self.copy_rate.finished_within(num_bytes, time.monotonic() - posted)
+            return state
+        while state == "PROC":  # each check also drives UCX progress (no progress thread here)
+            if time.monotonic() > deadline:
+                raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
+            time.sleep(self.poll_sleep_s)
+            state = agent.check_xfer_state(xfer)
+        if state == "DONE":
+            self.copy_rate.observe(num_bytes, time.monotonic() - posted)
+        return state
 
     def _make_request(self, peer: _Peer, src: list[int], dst: list[int]):
         agent = self.local.agent
