@@ -10,12 +10,16 @@ Copy threads: on one host UCX reads with its `cma` transport, i.e. process_vm_re
 that posts the read, so one thread caps a handoff at one core's copy speed (~6 GB/s here, about
 half of a 2-thread memcpy). With num_threads=N > 0 (default 2 on hosts with >= 2 cores) the
 puller creates its UCX backend with NIXL's thread pool and a `split_batch_size` of 16, and keeps
-one descriptor per block (no merging), so NIXL splits every handoff of >= 16 blocks into N chunks read in parallel by
-N dedicated UCX workers (threads that sleep when idle). bench.kv_transfer on 2 cores with the
-second core free: 5.5-5.8 -> 7.5-8.0 GB/s at 2048-8192 tokens (nixl_vs_memcpy 0.50 -> 0.68 at
-2048, 0.59 -> 0.82 at 8192); with other processes keeping that core busy it lost ~15%
-(4.5 vs 5.3 GB/s). num_threads=0 restores the single posting thread. Two threads sharing one UCX
-worker do not scale: the worker serializes its copies.
+one descriptor per block (no merging), so NIXL splits every handoff of >= 16 blocks into N chunks
+read in parallel by N dedicated UCX workers (threads that sleep when idle). num_threads=0
+restores the single posting thread. Two threads sharing one UCX worker do not scale: the worker
+serializes its copies; 3 or 4 threads on 2 cores measured no faster than 2.
+
+Waiting: with the thread pool, transfer() returns while the copy threads are still reading, and
+the waiting thread polls. Polling every 20 us for the whole READ took a core's share from the two
+copy threads on a 2-core host (0.62x a 2-thread memcpy at 2048 tokens); the puller now sleeps
+through 85% of the READ's expected time (CopyRate, learnt per puller) and only then polls:
+0.90x in the same run (2026-11-23, 7.5 -> 10.8 GB/s).
 
 UCX reads its environment (UCX_TLS, UCX_NET_DEVICES, ...) when an agent is created, so set it
 before constructing a KvSource or NixlPuller.
@@ -206,7 +210,7 @@ class NixlPuller(KvPuller):
     selected by index; "coalesced": one descriptor per contiguous run, built per handoff; equal
     speed in bench/kv_transfer.py, prepped builds nothing per handoff), num_threads (parallel copy
     threads, see the module docstring; 0 = one request on one thread), timeout_s for one transfer,
-    poll_sleep_s between state checks, progress_thread (off: the waiting thread drives UCX itself,
+    poll_sleep_s between state checks once the planned first look found the READ running, progress_thread (off: the waiting thread drives UCX itself,
     which measured ~2x faster on a 2-core host than a competing progress thread).
 
     Leases: NIXL reads memory, not leases. A lease this puller released, or whose expiry time has

@@ -3,7 +3,7 @@ import torch
 
 from pdmesh.v1 import kv_transfer_pb2
 
-from kvtransfer.grpc_transport import parse_pull_chunk
+from kvtransfer.grpc_transport import parse_pull_chunk, pipelined_chunk_bytes
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
 from kvtransfer.leases import Lease
@@ -69,3 +69,13 @@ def test_encoded_chunk_is_a_valid_pull_kv_response(offset, length):
     data = bytes(range(256)) * (length // 256) + bytes(length % 256)
     msg = kv_transfer_pb2.PullKvResponse.FromString(encode_pull_chunk_header(offset, length) + data)
     assert (msg.offset, msg.data) == (offset, data)
+
+
+@pytest.mark.parametrize("num_bytes, chunk_bytes", [
+    (4_718_592, 589_824),     # 128 tokens of the real model: 8 messages, not 2
+    (1_179_648, 512 << 10),   # small pulls: never below the floor (per-message costs)
+    (75_497_472, 4 << 20),    # 2048 tokens: capped at 4 MiB
+    (0, 512 << 10),
+])
+def test_pipelined_chunk_bytes(num_bytes, chunk_bytes):
+    assert pipelined_chunk_bytes(num_bytes) == chunk_bytes
