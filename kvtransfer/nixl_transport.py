@@ -132,6 +132,14 @@ def split_runs(runs: list[tuple[int, int, int]], max_blocks: int) -> list[tuple[
     return pieces
 
 
+def coalesced_runs(src: list[int], dst: list[int], for_copy_threads: bool) -> list[tuple[int, int, int]]:
+    """Descriptors of the "coalesced" mode: contiguous runs, and for the copy threads cut into at
+    least SPLIT_MIN_DESCRIPTORS pieces when there are that many blocks (NIXL splits only such
+    requests; cut into num_threads pieces, a contiguous handoff stayed on one thread)."""
+    runs = contiguous_runs(src, dst)
+    return split_runs(runs, max(1, len(src) // SPLIT_MIN_DESCRIPTORS)) if for_copy_threads else runs
+
+
 class CopyRate:
     """A puller's recent READ speed, to plan when to look at a transfer again. The plan should err
     short: an early look costs a few polls, a late one adds latency. A READ still running at the
@@ -322,7 +330,7 @@ class NixlPuller(KvPuller):
         """One READ request for all blocks; blocks this worker thread until DONE/ERR/timeout."""
         agent = self.local.agent
         try:
-            xfer = self._make_request(peer, src, dst)
+            xfer, on_copy_threads = self._make_request(peer, src, dst)
         except Exception as e:  # noqa: BLE001 -- a stale peer fails here; caller re-handshakes
             log.warning("NIXL request to %s failed: %s", peer.agent_name, e)
             return "ERR"
@@ -333,7 +341,7 @@ class NixlPuller(KvPuller):
             if state == "DONE":  # copied while posting (one copy thread)
                 self.copy_rate.observe(num_bytes, time.monotonic() - posted)
             elif state == "PROC":
-                state = self._wait(xfer, num_bytes, posted)
+                state = self._wait(xfer, num_bytes, posted, on_copy_threads)
             return state
         except KvTransferError:
             raise
@@ -346,17 +354,19 @@ class NixlPuller(KvPuller):
             except Exception as e:  # noqa: BLE001 -- an in-flight handle cannot be released; log it
                 log.warning("releasing NIXL transfer handle: %s", e)
 
-    def _wait(self, xfer, num_bytes: int, posted: float) -> str:
-        """Sleep through most of the expected copy time in one go, then check every poll_sleep_s
-        until the READ leaves PROC. The copy threads need the cores: a waiter that woke every few
-        tens of microseconds for the whole transfer took CPU from them on a 2-core host."""
+    def _wait(self, xfer, num_bytes: int, posted: float, on_copy_threads: bool) -> str:
+        """Check every poll_sleep_s until the READ leaves PROC. A READ on the copy threads moves
+        without us: sleep through most of its expected time first, because they need the cores (a
+        waiter that woke every few tens of microseconds took CPU from them on a 2-core host). Any
+        other READ moves only while we check (UCX progress, e.g. over TCP): no sleep there."""
         agent = self.local.agent
         deadline = posted + self.timeout_s
-        first_look = min(posted + self.copy_rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION, deadline)
-        time.sleep(max(0.0, first_look - time.monotonic()))
+        if on_copy_threads:
+            time.sleep(max(0.0, min(posted + self.copy_rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION, deadline)
+                           - time.monotonic()))
         state = agent.check_xfer_state(xfer)
         if state != "PROC":
-            if state == "DONE":
+            if state == "DONE" and on_copy_threads:
                 self.copy_rate.finished_within(num_bytes, time.monotonic() - posted)
             return state
         while state == "PROC":  # each check also drives UCX progress (no progress thread here)
@@ -364,26 +374,26 @@ class NixlPuller(KvPuller):
                 raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
             time.sleep(self.poll_sleep_s)
             state = agent.check_xfer_state(xfer)
-        if state == "DONE":
+        if state == "DONE" and on_copy_threads:
             self.copy_rate.observe(num_bytes, time.monotonic() - posted)
         return state
 
-    def _make_request(self, peer: _Peer, src: list[int], dst: list[int]):
+    def _make_request(self, peer: _Peer, src: list[int], dst: list[int]) -> tuple[object, bool]:
+        """The READ request, and whether NIXL will split it across the copy threads (it does when
+        it has >= SPLIT_MIN_DESCRIPTORS descriptors and the backend has a thread pool)."""
         agent = self.local.agent
-        split = self.local.num_threads > 0  # keep >= 1 descriptor per copy thread (no merging)
+        split = self.local.num_threads > 0  # keep >= SPLIT_MIN_DESCRIPTORS descriptors (no merging)
         if self.descriptor_mode == "prepped":
             local_ids, remote_ids = np.asarray(dst, dtype=np.int32), np.asarray(src, dtype=np.int32)
-            if split:
-                return agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids,
-                                               skip_desc_merge=True)
-            return agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids)
+            xfer = agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids,
+                                           **({"skip_desc_merge": True} if split else {}))
+            return xfer, split and len(src) >= SPLIT_MIN_DESCRIPTORS
         block_bytes = self.layout.block_bytes
-        runs = contiguous_runs(src, dst)
-        if split:
-            runs = split_runs(runs, -(-len(src) // self.local.num_threads))
+        runs = coalesced_runs(src, dst, split)
         local = np.array([(self.local.base_address + d * block_bytes, n * block_bytes, self.local.device_id)
                           for _, d, n in runs], dtype=np.uint64)
         remote = np.array([(peer.base_address + s * block_bytes, n * block_bytes, peer.device_id)
                            for s, _, n in runs], dtype=np.uint64)
-        return agent.initialize_xfer("READ", agent.get_xfer_descs(local, self.local.memory_type),
+        xfer = agent.initialize_xfer("READ", agent.get_xfer_descs(local, self.local.memory_type),
                                      agent.get_xfer_descs(remote, peer.memory_type), peer.agent_name)
+        return xfer, split and len(runs) >= SPLIT_MIN_DESCRIPTORS
