@@ -137,7 +137,9 @@ def coalesced_runs(src: list[int], dst: list[int], for_copy_threads: bool) -> li
     least SPLIT_MIN_DESCRIPTORS pieces when there are that many blocks (NIXL splits only such
     requests; cut into num_threads pieces, a contiguous handoff stayed on one thread)."""
     runs = contiguous_runs(src, dst)
-    return split_runs(runs, max(1, len(src) // SPLIT_MIN_DESCRIPTORS)) if for_copy_threads else runs
+    if not for_copy_threads or len(src) < SPLIT_MIN_DESCRIPTORS:
+        return runs
+    return split_runs(runs, len(src) // SPLIT_MIN_DESCRIPTORS)
 
 
 class CopyRate:
