@@ -27,10 +27,12 @@ from kvtransfer.layout import KvLayout
 
 _PULL_METHOD = "/pdmesh.v1.KvTransferService/PullKv"
 # A pull's first chunk crosses alone (the holder copies and encodes it, gRPC sends it whole, the
-# puller joins it) before holder and puller overlap, so a pull of few large messages runs mostly
-# serial: 128 tokens (4.5 MiB) in 2 messages of <= 4 MiB took 5.6 ms, in 9 of 512 KiB 4.6 ms.
-PIPELINE_MESSAGES = 8
-PIPELINE_CHUNK_BYTES = (512 << 10, 4 << 20)  # per-message costs dominate below, nothing gained above
+# puller joins it) before holder and puller overlap, so few large messages run mostly serial and
+# many small ones pay per-message costs. Interleaved on this host (2026-11-23), ms per pull for
+# chunks of 0.5/1/2/4 MiB: 128 tokens 4.9/4.3/4.4/5.0, 512 tokens 16.0/12.9/11.7/13.7,
+# 2048 tokens 56/49/44/45.
+PIPELINE_MESSAGES = 4
+PIPELINE_CHUNK_BYTES = (1 << 20, 2 << 20)
 
 
 def pipelined_chunk_bytes(num_bytes: int) -> int:

@@ -72,10 +72,10 @@ def test_encoded_chunk_is_a_valid_pull_kv_response(offset, length):
 
 
 @pytest.mark.parametrize("num_bytes, chunk_bytes", [
-    (4_718_592, 589_824),     # 128 tokens of the real model: 8 messages, not 2
-    (1_179_648, 512 << 10),   # small pulls: never below the floor (per-message costs)
-    (75_497_472, 4 << 20),    # 2048 tokens: capped at 4 MiB
-    (0, 512 << 10),
+    (4_718_592, 1_179_648),   # 128 tokens of the real model: 4 messages, not 2 of up to 4 MiB
+    (2_359_296, 1 << 20),     # small pulls: never below 1 MiB (per-message costs)
+    (18_874_368, 2 << 20),    # 512 tokens and up: 2 MiB
+    (0, 1 << 20),
 ])
 def test_pipelined_chunk_bytes(num_bytes, chunk_bytes):
     assert pipelined_chunk_bytes(num_bytes) == chunk_bytes
