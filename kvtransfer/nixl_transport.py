@@ -19,7 +19,8 @@ Waiting: with the thread pool, transfer() returns while the copy threads are sti
 the waiting thread polls. Polling every 20 us for the whole READ took a core's share from the two
 copy threads on a 2-core host (0.62x a 2-thread memcpy at 2048 tokens); the puller now sleeps
 through 85% of the READ's expected time (CopyRate, learnt per puller) and only then polls:
-0.90x in the same run (2026-11-23, 7.5 -> 10.8 GB/s).
+0.90x in the same run (2026-11-23, 7.5 -> 10.8 GB/s). Only READs split across the copy threads
+wait that way: any other READ moves only while its waiter drives UCX progress (e.g. over TCP).
 
 UCX reads its environment (UCX_TLS, UCX_NET_DEVICES, ...) when an agent is created, so set it
 before constructing a KvSource or NixlPuller.
@@ -322,10 +323,8 @@ class NixlPuller(KvPuller):
         num_bytes = len(src) * self.layout.block_bytes
         try:
             posted = time.monotonic()
-            state = agent.transfer(xfer)
-            if state == "DONE":  # copied while posting (one copy thread)
-                self.copy_rate.observe(num_bytes, time.monotonic() - posted)
-            elif state == "PROC":
+            state = agent.transfer(xfer)  # DONE already when one thread copied while posting
+            if state == "PROC":
                 state = self._wait(xfer, num_bytes, posted, on_copy_threads)
             return state
         except KvTransferError:
@@ -347,8 +346,8 @@ class NixlPuller(KvPuller):
         agent = self.local.agent
         deadline = posted + self.timeout_s
         if on_copy_threads:
-            time.sleep(max(0.0, min(posted + self.copy_rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION, deadline)
-                           - time.monotonic()))
+            first_look = min(posted + self.copy_rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION, deadline)
+            time.sleep(max(0.0, first_look - time.monotonic()))
         state = agent.check_xfer_state(xfer)
         if state != "PROC":
             if state == "DONE" and on_copy_threads:
