@@ -10,12 +10,17 @@ Copy threads: on one host UCX reads with its `cma` transport, i.e. process_vm_re
 that posts the read, so one thread caps a handoff at one core's copy speed (~6 GB/s here, about
 half of a 2-thread memcpy). With num_threads=N > 0 (default 2 on hosts with >= 2 cores) the
 puller creates its UCX backend with NIXL's thread pool and a `split_batch_size` of 16, and keeps
-one descriptor per block (no merging), so NIXL splits every handoff of >= 16 blocks into N chunks read in parallel by
-N dedicated UCX workers (threads that sleep when idle). bench.kv_transfer on 2 cores with the
-second core free: 5.5-5.8 -> 7.5-8.0 GB/s at 2048-8192 tokens (nixl_vs_memcpy 0.50 -> 0.68 at
-2048, 0.59 -> 0.82 at 8192); with other processes keeping that core busy it lost ~15%
-(4.5 vs 5.3 GB/s). num_threads=0 restores the single posting thread. Two threads sharing one UCX
-worker do not scale: the worker serializes its copies.
+one descriptor per block (no merging), so NIXL splits every handoff of >= 16 blocks into N chunks
+read in parallel by N dedicated UCX workers (threads that sleep when idle). num_threads=0
+restores the single posting thread. Two threads sharing one UCX worker do not scale: the worker
+serializes its copies; 3 or 4 threads on 2 cores measured no faster than 2.
+
+Waiting: with the thread pool, transfer() returns while the copy threads are still reading, and
+the waiting thread polls. Polling every 20 us for the whole READ took a core's share from the two
+copy threads on a 2-core host (0.62x a 2-thread memcpy at 2048 tokens); the puller now sleeps
+through 85% of the READ's expected time (CopyRate, learnt per puller and size) and only then polls:
+0.90x in the same run (2026-11-23, 7.5 -> 10.8 GB/s). Only READs split across the copy threads
+wait that way: any other READ moves only while its waiter drives UCX progress (e.g. over TCP).
 
 UCX reads its environment (UCX_TLS, UCX_NET_DEVICES, ...) when an agent is created, so set it
 before constructing a KvSource or NixlPuller.
@@ -28,7 +33,7 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +60,8 @@ DEFAULT_PROGRESS_DELAY_US = 100
 # Parallel copy threads of a puller (see the module docstring); 0 = the posting thread copies.
 DEFAULT_NUM_THREADS = 2 if (os.cpu_count() or 1) >= 2 else 0
 SPLIT_MIN_DESCRIPTORS = 16  # smaller handoffs stay on one copy thread
+# First look at a posted READ after this fraction of its expected copy time (see NixlPuller._wait).
+EARLY_LOOK_FRACTION = 0.85
 _construct_lock = threading.Lock()
 
 
@@ -117,13 +124,30 @@ def contiguous_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]
     return runs
 
 
-def split_runs(runs: list[tuple[int, int, int]], max_blocks: int) -> list[tuple[int, int, int]]:
-    """The same runs cut into pieces of at most max_blocks blocks."""
-    pieces = []
-    for s, d, n in runs:
-        for offset in range(0, n, max_blocks):
-            pieces.append((s + offset, d + offset, min(max_blocks, n - offset)))
-    return pieces
+class CopyRate:
+    """A puller's recent READ speed, to plan when to look at a transfer again. The plan should err
+    short: an early look costs a few polls, a late one adds latency. A READ still running at the
+    first look gives its exact time (a faster one raises the rate at once, a slower one pulls it
+    down gradually); one already done may have finished long before, so the rate goes up a step.
+    Races between concurrent pulls are benign (a float either way)."""
+
+    def __init__(self, decay: float = 0.8, step_up: float = 2.0) -> None:
+        self.bytes_per_s = 0.0
+        self.decay = decay
+        self.step_up = step_up
+
+    def expected_s(self, num_bytes: int) -> float:
+        """Seconds a READ of num_bytes should take; 0 before the first observation."""
+        return num_bytes / self.bytes_per_s if self.bytes_per_s > 0 else 0.0
+
+    def observe(self, num_bytes: int, seconds: float) -> None:
+        """A READ of num_bytes took `seconds` (seen finishing, to within a poll)."""
+        rate = num_bytes / max(seconds, 1e-9)
+        self.bytes_per_s = rate if rate > self.bytes_per_s else self.decay * self.bytes_per_s + (1 - self.decay) * rate
+
+    def finished_within(self, num_bytes: int, seconds: float) -> None:
+        """A READ of num_bytes was already done when first looked at, `seconds` after posting."""
+        self.bytes_per_s = max(self.bytes_per_s * self.step_up, num_bytes / max(seconds, 1e-9))
 
 
 class NixlAgent:
@@ -174,12 +198,14 @@ class _Peer:
 
 
 class NixlPuller(KvPuller):
-    """KvPuller over NIXL READ. Options: descriptor_mode ("prepped": one descriptor per block,
-    selected by index; "coalesced": one descriptor per contiguous run, built per handoff; equal
-    speed in bench/kv_transfer.py, prepped builds nothing per handoff), num_threads (parallel copy
-    threads, see the module docstring; 0 = one request on one thread), timeout_s for one transfer,
-    poll_sleep_s between state checks, progress_thread (off: the waiting thread drives UCX itself,
-    which measured ~2x faster on a 2-core host than a competing progress thread).
+    """KvPuller over NIXL READ. Options: descriptor_mode ("prepped", the default: one descriptor
+    per block, selected by index from lists prepared once; "coalesced": one descriptor per
+    contiguous run, built per handoff, and since NIXL merges contiguous descriptors a contiguous
+    handoff is one descriptor on one copy thread: 0.49x memcpy vs 0.82x at 2048 tokens),
+    num_threads (parallel copy threads, see the module docstring; 0 = one request on one thread),
+    timeout_s for one transfer, poll_sleep_s between state checks once the planned first look found
+    the READ running, progress_thread (off: the waiting thread drives UCX itself, which measured
+    ~2x faster on a 2-core host than a competing progress thread).
 
     Leases: NIXL reads memory, not leases. A lease this puller released, or whose expiry time has
     passed, is refused with KvLeaseNotFound before reading; a lease that ends *during* the read
@@ -199,6 +225,7 @@ class NixlPuller(KvPuller):
         self.descriptor_mode = descriptor_mode
         self.timeout_s = timeout_s
         self.poll_sleep_s = poll_sleep_s
+        self._copy_rates: defaultdict[int, CopyRate] = defaultdict(CopyRate)  # see _copy_rate
         self.local = NixlAgent(pool, agent_name or f"pdmesh-puller-{uuid.uuid4().hex[:12]}", thread_safe=True,
                                progress_thread=progress_thread, num_threads=num_threads)
         self._local_dlist = self.local.agent.prep_xfer_dlist(
@@ -289,18 +316,16 @@ class NixlPuller(KvPuller):
         """One READ request for all blocks; blocks this worker thread until DONE/ERR/timeout."""
         agent = self.local.agent
         try:
-            xfer = self._make_request(peer, src, dst)
+            xfer, on_copy_threads = self._make_request(peer, src, dst)
         except Exception as e:  # noqa: BLE001 -- a stale peer fails here; caller re-handshakes
             log.warning("NIXL request to %s failed: %s", peer.agent_name, e)
             return "ERR"
+        num_bytes = len(src) * self.layout.block_bytes
         try:
-            state = agent.transfer(xfer)
-            deadline = time.monotonic() + self.timeout_s
-            while state == "PROC":  # each check also drives UCX progress (no progress thread here)
-                if time.monotonic() > deadline:
-                    raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
-                time.sleep(self.poll_sleep_s)
-                state = agent.check_xfer_state(xfer)
+            posted = time.monotonic()
+            state = agent.transfer(xfer)  # DONE already when one thread copied while posting
+            if state == "PROC":
+                state = self._wait(xfer, num_bytes, posted, on_copy_threads)
             return state
         except KvTransferError:
             raise
@@ -313,22 +338,55 @@ class NixlPuller(KvPuller):
             except Exception as e:  # noqa: BLE001 -- an in-flight handle cannot be released; log it
                 log.warning("releasing NIXL transfer handle: %s", e)
 
-    def _make_request(self, peer: _Peer, src: list[int], dst: list[int]):
+    def _copy_rate(self, num_bytes: int) -> CopyRate:
+        """The rate learnt from READs of this size within 2x: per-READ costs make small READs
+        slower per byte (7.0 GB/s at 18 MiB, 9.8 at 288 MiB here), so one rate for all sizes
+        would plan each size from the others."""
+        return self._copy_rates[num_bytes.bit_length()]
+
+    def _wait(self, xfer, num_bytes: int, posted: float, on_copy_threads: bool) -> str:
+        """Check every poll_sleep_s until the READ leaves PROC. A READ on the copy threads moves
+        without us: sleep through most of its expected time first, because they need the cores (a
+        waiter that woke every few tens of microseconds took CPU from them on a 2-core host). Any
+        other READ moves only while we check (UCX progress, e.g. over TCP): no sleep there."""
         agent = self.local.agent
-        split = self.local.num_threads > 0  # keep >= 1 descriptor per copy thread (no merging)
+        deadline = posted + self.timeout_s
+        if on_copy_threads:
+            first_look = min(posted + self._copy_rate(num_bytes).expected_s(num_bytes) * EARLY_LOOK_FRACTION,
+                             deadline)
+            time.sleep(max(0.0, first_look - time.monotonic()))
+        state = agent.check_xfer_state(xfer)
+        if state != "PROC":
+            if state == "DONE" and on_copy_threads:
+                self._copy_rate(num_bytes).finished_within(num_bytes, time.monotonic() - posted)
+            return state
+        while state == "PROC":  # each check also drives UCX progress (no progress thread here)
+            if time.monotonic() > deadline:
+                raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
+            time.sleep(self.poll_sleep_s)
+            state = agent.check_xfer_state(xfer)
+        if state == "DONE" and on_copy_threads:
+            self._copy_rate(num_bytes).observe(num_bytes, time.monotonic() - posted)
+        return state
+
+    def _make_request(self, peer: _Peer, src: list[int], dst: list[int]) -> tuple[object, bool]:
+        """The READ request, and whether NIXL will split it across the copy threads (it does when
+        it has >= SPLIT_MIN_DESCRIPTORS descriptors and the backend has a thread pool)."""
+        agent = self.local.agent
+        split = self.local.num_threads > 0
         if self.descriptor_mode == "prepped":
             local_ids, remote_ids = np.asarray(dst, dtype=np.int32), np.asarray(src, dtype=np.int32)
-            if split:
-                return agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids,
-                                               skip_desc_merge=True)
-            return agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids)
+            xfer = agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids,
+                                           **({"skip_desc_merge": True} if split else {}))  # keep one per block
+            return xfer, split and len(src) >= SPLIT_MIN_DESCRIPTORS
+        # NIXL merges contiguous descriptors here (only prepped lists can skip that), so a
+        # contiguous handoff is one descriptor: below the split threshold, on one thread.
         block_bytes = self.layout.block_bytes
         runs = contiguous_runs(src, dst)
-        if split:
-            runs = split_runs(runs, -(-len(src) // self.local.num_threads))
         local = np.array([(self.local.base_address + d * block_bytes, n * block_bytes, self.local.device_id)
                           for _, d, n in runs], dtype=np.uint64)
         remote = np.array([(peer.base_address + s * block_bytes, n * block_bytes, peer.device_id)
                            for s, _, n in runs], dtype=np.uint64)
-        return agent.initialize_xfer("READ", agent.get_xfer_descs(local, self.local.memory_type),
+        xfer = agent.initialize_xfer("READ", agent.get_xfer_descs(local, self.local.memory_type),
                                      agent.get_xfer_descs(remote, peer.memory_type), peer.agent_name)
+        return xfer, split and len(runs) >= SPLIT_MIN_DESCRIPTORS

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import time
 
+import grpc
 import pytest
 import torch
 
@@ -192,3 +193,33 @@ def test_nixl_stale_peer_is_re_handshaken_once(holder, holder_data):
 
     result = asyncio.run(pull_with_stale_peer())
     assert result.retries == 1 and torch.equal(pool[DST], holder_data[SRC])
+
+
+def test_prefill_server_serves_pull_kv_pre_encoded_and_still_rejects_undecodable(holder_data):
+    """The binding a prefill worker serves, on the server every service is built with: bytes arrive
+    exact through the pre-encoded PullKv, and the server's interceptor still guards that method."""
+    from kvtransfer.source import KvSource
+    from services.common.server import start_server
+    from services.prefill.main import kv_transfer_binding
+
+    async def scenario():
+        source = KvSource(holder_data.clone(), LAYOUT, "prefill-test", "", enable_nixl=False)
+        running = await start_server(lambda port: [kv_transfer_binding(source)], "127.0.0.1", 0)
+        source.advertise_address = f"127.0.0.1:{running.port}"
+        pool = _local_pool()
+        try:
+            handle = source.lend("req", SRC, len(SRC) * 16)
+            await _pull("grpc", handle, DST, pool)
+            async with grpc.aio.insecure_channel(source.advertise_address) as channel:
+                call = channel.unary_stream("/pdmesh.v1.KvTransferService/PullKv")(b"\xff\xff\xff")
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    async for _ in call:
+                        pass
+        finally:
+            await running.server.stop(0)
+            await source.close()
+        return pool, handle, error.value
+
+    pool, handle, error = asyncio.run(scenario())
+    assert torch.equal(pool[DST], holder_data[SRC])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "PullKvRequest" in error.details()

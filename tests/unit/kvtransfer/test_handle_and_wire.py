@@ -3,7 +3,7 @@ import torch
 
 from pdmesh.v1 import kv_transfer_pb2
 
-from kvtransfer.grpc_transport import parse_pull_chunk
+from kvtransfer.grpc_transport import parse_pull_chunk, pipelined_chunk_bytes
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
 from kvtransfer.leases import Lease
@@ -86,3 +86,13 @@ def test_encoded_chunk_is_a_valid_pull_kv_response(offset, length):
     data = bytes(range(256)) * (length // 256) + bytes(length % 256)
     msg = kv_transfer_pb2.PullKvResponse.FromString(encode_pull_chunk_header(offset, length) + data)
     assert (msg.offset, msg.data) == (offset, data)
+
+
+@pytest.mark.parametrize("num_bytes, chunk_bytes", [
+    (4_718_592, 1_179_648),   # 128 tokens of the real model: 4 messages, not 2 of up to 4 MiB
+    (2_359_296, 1 << 20),     # small pulls: never below 1 MiB (per-message costs)
+    (18_874_368, 2 << 20),    # 512 tokens and up: 2 MiB
+    (0, 1 << 20),
+])
+def test_pipelined_chunk_bytes(num_bytes, chunk_bytes):
+    assert pipelined_chunk_bytes(num_bytes) == chunk_bytes
