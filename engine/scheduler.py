@@ -12,6 +12,11 @@ One step is one mixed batch under max_num_batched_tokens:
   2. running sequences, most urgent first (a decoding one needs 1 token, one mid-prompt takes
      the next chunk);
   3. waiting sequences are admitted while there is budget, a slot and KV room.
+While a sequence more urgent than some running one still has prompt tokens to compute, the
+step carries only sequences as urgent as it (`urgent_floor`): a live prompt runs without the
+batch decodes beside it, so its first token comes as fast as on an idle worker; the batch
+sequences lose that one step. A step made only of less urgent sequences may be abandoned
+mid-way when a more urgent request arrives (`interruptible_by`; the engine runs it again).
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and
@@ -19,6 +24,7 @@ it is recomputed later (its full blocks usually survive in the prefix cache).
 """
 
 from collections import deque
+from itertools import chain
 from typing import NamedTuple
 
 from engine.block_manager import BlockManager
@@ -64,9 +70,25 @@ class Scheduler:
         """Picks the next step's batch; admits and preempts as a side effect."""
         batch = ScheduledBatch([], [])
         self._admit_urgent()
-        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
-        self._admit_waiting(batch, budget)
+        floor = self.urgent_floor()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens, floor)
+        self._admit_waiting(batch, budget, floor)
         return batch
+
+    def urgent_floor(self) -> int | None:
+        """The least urgent rank the next step may carry: the rank of the most urgent sequence
+        with prompt tokens to compute when some running sequence is less urgent than it, else
+        None (no limit)."""
+        prompts = [s.priority for s in chain(self.running, self.waiting) if s.num_uncomputed_tokens > 1]
+        if not prompts or not self.running or min(prompts) >= self.running[-1].priority:
+            return None
+        return min(prompts)
+
+    @staticmethod
+    def interruptible_by(batch: ScheduledBatch, priority: int) -> bool:
+        """Whether a request of rank `priority` arriving now may abandon this step: only when
+        every sequence in it is less urgent (a live step is never cut for anyone)."""
+        return bool(batch.seqs) and priority < min(s.priority for s in batch.seqs)
 
     def free_blocks_for(self, num_blocks: int, priority: int) -> bool:
         """Preempts running sequences less urgent than `priority` until num_blocks blocks are
@@ -88,18 +110,19 @@ class Scheduler:
             self.waiting.remove(seq)
             _insert(self.running, seq)
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, floor: int | None) -> int:
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or (floor is not None and seq.priority > floor):
                 break
             if seq in self.running and self._make_room(seq):  # else seq itself was preempted
                 budget -= self._take(batch, seq, budget)
         return budget
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, floor: int | None) -> None:
         blocked = False
         for seq in list(self.waiting):
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs or \
+                    (floor is not None and seq.priority > floor):
                 return
             # First come first served within a class, except that sequences already holding
             # their blocks (imports) may pass a blocked one: they free blocks by finishing.

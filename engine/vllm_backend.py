@@ -155,7 +155,8 @@ class VllmEngine:
     def has_unfinished(self) -> bool:
         return bool(self._unfinished) or bool(self._pending)
 
-    def step(self) -> list[TokenOutput]:
+    def step(self, arrival=None) -> list[TokenOutput]:
+        # `arrival` (see LLMEngine.step) is ignored: a vLLM step is not cut short.
         outputs, self._pending = self._pending, []
         if self._unfinished:
             for out in self.vllm.step():

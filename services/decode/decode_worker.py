@@ -99,13 +99,13 @@ class DecodeWorker:
             await self._release(job.handle)
         await self._runner.call(lambda engine: engine.add_imported(
             job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos,
-            job.priority))
+            job.priority), announce=job.priority)
         return info
 
     async def _reserve(self, job: DecodeJob) -> list[int]:
         while True:
             dst = await self._runner.call(lambda engine: engine.reserve_for_import(
-                job.request_id, len(job.prompt), job.priority))
+                job.request_id, len(job.prompt), job.priority), announce=job.priority)
             if dst is not None:
                 return dst
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -148,7 +148,7 @@ class DecodeWorker:
     async def _add_local(self, job: DecodeJob) -> None:
         await self._runner.call(lambda engine: engine.add_request(
             job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos,
-            priority=job.priority, resume_token_ids=job.resume_token_ids))
+            priority=job.priority, resume_token_ids=job.resume_token_ids), announce=job.priority)
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
                       local_prompt_len: int):
