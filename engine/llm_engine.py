@@ -54,6 +54,7 @@ class LoadSnapshot(NamedTuple):
     kv_blocks_used: int
     kv_blocks_total: int
     queued_prefill_tokens: int  # prompt tokens admitted or queued but not computed yet
+    max_running: int = 0  # sequences run at once at most (max_num_seqs)
 
 
 @dataclass
@@ -309,7 +310,7 @@ class LLMEngine:
                      for s in chain(self.scheduler.waiting, self.scheduler.running))
         bm = self.block_manager
         return LoadSnapshot(len(self.scheduler.waiting), len(self.scheduler.running),
-                            bm.num_used_blocks, bm.num_total_blocks, queued)
+                            bm.num_used_blocks, bm.num_total_blocks, queued, self.config.scheduler.max_num_seqs)
 
     def drain_kv_events(self) -> list[KvEvent]:
         """Prefix-cache events since the last drain, oldest first (see BlockManager)."""

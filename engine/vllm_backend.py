@@ -197,7 +197,8 @@ class VllmEngine:
         block = self.vllm_block_size
         used = sum(-(-(len(r.prompt) + r.num_generated) // block) for r in self._unfinished.values())
         return LoadSnapshot(len(waiting), len(self._unfinished) - len(waiting), min(used, self.vllm_num_blocks),
-                            self.vllm_num_blocks, sum(len(r.prompt) for r in waiting))
+                            self.vllm_num_blocks, sum(len(r.prompt) for r in waiting),
+                            self.config.scheduler.max_num_seqs)
 
     def drain_kv_events(self) -> list[KvEvent]:
         return self.prefix.drain()

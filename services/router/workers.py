@@ -41,6 +41,7 @@ class WorkerEndpoint:
 
     inflight: int = 0
     inflight_tokens: int = 0
+    finished_since_report: int = 0
 
     def __post_init__(self) -> None:
         self.prefill_stub = prefill_pb2_grpc.PrefillServiceStub(self.channel)
@@ -52,7 +53,8 @@ class WorkerEndpoint:
         return self.worker_id or self.address
 
     def view(self) -> WorkerView:
-        load = self.load._replace(router_inflight=self.inflight, router_inflight_tokens=self.inflight_tokens)
+        load = self.load._replace(router_inflight=self.inflight, router_inflight_tokens=self.inflight_tokens,
+                                  router_finished=self.finished_since_report)
         return WorkerView(self.key, self.address, self.role, self.healthy, load)
 
 
@@ -163,6 +165,7 @@ class WorkerRegistry:
         finally:
             endpoint.inflight -= 1
             endpoint.inflight_tokens -= prompt_tokens
+            endpoint.finished_since_report += 1
             self._notify()
 
     def has_healthy(self, role: str) -> bool:
@@ -200,7 +203,8 @@ class WorkerRegistry:
         if kind == "load_report":
             r = update.load_report
             endpoint.load = LoadView(r.waiting_sequences, r.running_sequences, r.kv_blocks_used, r.kv_blocks_total,
-                                     r.queued_prefill_tokens)
+                                     r.queued_prefill_tokens, max_running=r.max_running_sequences)
+            endpoint.finished_since_report = 0
         elif kind == "kv_events":
             for event in update.kv_events.events:
                 which = event.WhichOneof("event")

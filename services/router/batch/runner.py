@@ -28,7 +28,7 @@ Generate = Callable[[router_pb2.GenerateRequest], AsyncIterator[router_pb2.Gener
 
 class BatchRunner:
     def __init__(self, store: AsyncBatchStore, generate: Generate, code_of: Callable[[BaseException], int],
-                 job_concurrency: int = 8, max_attempts: int = 8, max_backoff_s: float = 10.0,
+                 job_concurrency: int = 32, max_attempts: int = 8, max_backoff_s: float = 10.0,
                  pools_up: Callable[[], bool] = lambda: True):
         """`code_of(exc)` is the gRPC status code number an item's error is stored with."""
         if job_concurrency <= 0 or max_attempts <= 0:
