@@ -22,6 +22,9 @@ phase A with a live request in flight is reported too). Headlines:
   interactive_ttft_p99_ratio = TTFT p99 in B / TTFT p99 in A          (target <= 1.2)
   batch_share_of_leftover    = batch tokens/s in B / leftover capacity (target >= 0.8)
 Batch tokens are credited when an item's result is stored, inside the phase's window.
+Where the TTFT goes (means, from the final message's PhaseTimings): the router's admission
+queue, the decode worker's wait before the first step that computed the prompt (the step in
+flight, a slot), and the rest (the prefill step itself, placement, gRPC and the client).
 """
 
 import argparse
@@ -75,11 +78,14 @@ async def _interactive(stub, setup: Setup, t0: float, record: list, seed: int) -
         request = router_pb2.GenerateRequest(text=_text(10_000 + i, setup.interactive_words), ignore_eos=True,
                                              max_tokens=setup.interactive_tokens, tenant_id="live",
                                              sampling=common_pb2.SamplingParams(temperature=0.0))
-        ttft = None
+        ttft, timings = None, common_pb2.PhaseTimings()
         async for message in stub.Generate(request, timeout=300):
             if ttft is None and message.token_ids:
                 ttft = time.perf_counter() - sent
-        record.append({"sent": sent, "ttft_s": ttft, "done": time.perf_counter()})
+            if message.HasField("timings"):
+                timings = message.timings
+        record.append({"sent": sent, "ttft_s": ttft, "done": time.perf_counter(),
+                       "router_queue_ms": timings.queue_ms, "worker_wait_ms": timings.decode_queue_ms})
     await asyncio.gather(*(one(i, o) for i, o in enumerate(offsets)))
 
 
@@ -194,6 +200,7 @@ def summarize(raw: dict) -> dict:
     interactive_tokens_per_s = sum(len(p["interactive"]) for p in phases["A"]) * raw["interactive_tokens"] / seconds["A"]
     leftover = capacity - interactive_tokens_per_s
     batch_b = tokens["B"] / seconds["B"]
+    records = {k: [r for p in phases[k] for r in p["interactive"] if r["ttft_s"] is not None] for k in "AB"}
     return {
         "interactive_ttft_p99_ratio": _pct(ttft["B"], 99) / _pct(ttft["A"], 99),
         "batch_share_of_leftover": batch_b / leftover if leftover > 0 else float("nan"),
@@ -204,7 +211,17 @@ def summarize(raw: dict) -> dict:
         "interactive_busy_fraction": busy, "capacity_tokens_per_s": capacity,
         "interactive_tokens_per_s": interactive_tokens_per_s,
         "leftover_capacity_tokens_per_s": leftover, "batch_tokens_per_s_with_interactive": batch_b,
+        "ttft_breakdown_ms": {"alone": _breakdown(records["A"]), "with_batch": _breakdown(records["B"])},
     }
+
+
+def _breakdown(records: list[dict]) -> dict:
+    """Mean TTFT split into router queue, decode worker wait and the rest (prefill step, relay)."""
+    mean = lambda key: statistics.fmean(r[key] for r in records)  # noqa: E731
+    ttft = statistics.fmean(r["ttft_s"] * 1000 for r in records)
+    router, worker = mean("router_queue_ms"), mean("worker_wait_ms")
+    return {"ttft": ttft, "router_queue": router, "decode_worker_wait": worker,
+            "prefill_step_and_relay": ttft - router - worker}
 
 
 def print_table(r: dict) -> None:
@@ -212,6 +229,11 @@ def print_table(r: dict) -> None:
     for label, key in (("interactive TTFT p50 (ms)", "ttft_p50_ms"), ("interactive TTFT p99 (ms)", "ttft_p99_ms")):
         alone, mixed = r[f"{key}_alone"], r[f"{key}_with_batch"]
         print(f"{label:<34}{alone:>18.0f}{mixed:>18.0f}{mixed / alone:>8.2f}")
+    parts = r["ttft_breakdown_ms"]
+    for label, key in (("  mean TTFT (ms)", "ttft"), ("    router admission queue", "router_queue"),
+                       ("    decode worker: wait for a step", "decode_worker_wait"),
+                       ("    prefill step, placement, relay", "prefill_step_and_relay")):
+        print(f"{label:<34}{parts['alone'][key]:>18.0f}{parts['with_batch'][key]:>18.0f}")
     print(f"\nmesh capacity (saturated)         {r['capacity_tokens_per_s']:8.1f} tokens/s")
     print(f"interactive traffic (A)           {r['interactive_tokens_per_s']:8.1f} tokens/s "
           f"(a live request in flight {r['interactive_busy_fraction']:.0%} of the time)")

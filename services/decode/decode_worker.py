@@ -62,6 +62,7 @@ class DecodeWorker:
         self._pullers = pullers  # transport name -> KvPuller, in preference order
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
+        arrived = time.perf_counter()
         outputs = self._runner.open_stream(job.request_id)
         try:
             if job.handle is not None and self._pullers:
@@ -73,7 +74,7 @@ class DecodeWorker:
                 await self._add_local(job)
             first = [] if local else [job.first_token_id]
             local_len = len(job.prompt) + len(job.resume_token_ids) if local else 0
-            async for event in self._stream(outputs, first, transfer, local_len):
+            async for event in self._stream(outputs, first, transfer, local_len, arrived):
                 yield event
         except BaseException:
             self._runner.post(lambda engine: engine.abort(job.request_id))
@@ -151,10 +152,12 @@ class DecodeWorker:
             priority=job.priority, resume_token_ids=job.resume_token_ids), announce=job.priority)
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
-                      local_prompt_len: int):
+                      local_prompt_len: int, arrived: float):
         """Relays engine outputs. A pulled prompt's first token goes out at once; with local
-        prefill, the first output says how much of the prompt was cached."""
+        prefill, the first output says how much of the prompt was cached and how long the
+        request waited since it `arrived` (for the engine thread to take it, then for a step)."""
         start, first_at, generated = time.perf_counter(), None, 0
+        waited_ms = 0.0 if first else (start - arrived) * 1000
         if first:
             yield DecodeEvent(first, None, transfer)
             transfer, first_at, generated = TransferInfo(), start, 1
@@ -163,10 +166,10 @@ class DecodeWorker:
             if isinstance(out, EngineFailure):
                 raise out
             if out.queue_ms:
-                tracing.record_span("decode.queue", start, start + out.queue_ms / 1000)
+                tracing.record_span("decode.queue", start - waited_ms / 1000, start + out.queue_ms / 1000)  # from arrival
             if transfer is None:
                 transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
-                                        cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
+                                        cached_tokens=out.num_cached_tokens, queue_ms=waited_ms + out.queue_ms)
             elif out.queue_ms:
                 transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []
