@@ -198,6 +198,11 @@ class BatchStore:
         rows = rows[:limit]
         return [_job(r[:-1]) for r in rows], (rows[-1][-1] if more else None)
 
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by status, every tenant (for /metrics; any thread)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
     def unfinished_jobs(self) -> list[Job]:
         """QUEUED and RUNNING jobs, oldest first (what the runner resumes on start)."""
         with self._lock:

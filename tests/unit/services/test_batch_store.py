@@ -7,6 +7,7 @@ import pytest
 
 from pdmesh.v1 import common_pb2, router_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common import metrics
 from services.router.batch.runner import BatchRunner
 from services.router.batch.store import (CANCELLED, COMPLETED, QUEUED, RUNNING, AsyncBatchStore, BatchStore,
                                          ItemResult, decode_cursor, encode_cursor)
@@ -153,7 +154,11 @@ def test_runner_waits_out_refusals_records_failures_and_completes(tmp_path):
         await runner.close()
         store.close()
         return final, results
+    counted = lambda: (metrics.BATCH_ITEMS.labels("ok")._value.get(), metrics.BATCH_ITEMS.labels("failed")._value.get(),  # noqa: E731
+                       metrics.BATCH_TOKENS.labels("completion")._value.get())
+    before = counted()
     final, results = asyncio.run(scenario())
+    assert [a - b for a, b in zip(counted(), before)] == [3, 1, 6]  # /metrics: items by outcome, tokens
     assert (final.completed_items, final.failed_items) == (3, 1)
     assert results["c0"].token_ids == (7, 8) and results["c0"].text == "<7><8>" and results["c0"].completion_tokens == 2
     assert results["c2"].error_code == 3 and "too long" in results["c2"].error_message
