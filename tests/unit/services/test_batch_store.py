@@ -6,8 +6,8 @@ import sqlite3
 import pytest
 
 from pdmesh.v1 import common_pb2, router_pb2
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common import metrics
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.router.batch.runner import BatchRunner
 from services.router.batch.store import (CANCELLED, COMPLETED, QUEUED, RUNNING, AsyncBatchStore, BatchStore,
                                          ItemResult, decode_cursor, encode_cursor)
@@ -192,3 +192,35 @@ def test_runner_does_not_fail_items_while_the_pools_are_down(tmp_path):
         return final
     final = asyncio.run(scenario())
     assert (final.completed_items, final.failed_items) == (1, 0) and len(calls) == 6, "5 refusals while down, not failed after 2"
+
+
+def test_a_repeated_idempotency_key_returns_the_first_job(store):
+    first = store.create_job("acme", _items(2), {"k": "v"}, idempotency_key="upload-7")
+    again = store.create_job("acme", _items(2), {"k": "v"}, idempotency_key="upload-7")
+    assert again.job_id == first.job_id and again.total_items == 2
+    other_tenant = store.create_job("globex", _items(2), {"k": "v"}, idempotency_key="upload-7")
+    unkeyed = [store.create_job("acme", _items(2), {}).job_id for _ in range(2)]
+    assert other_tenant.job_id != first.job_id and unkeyed[0] != unkeyed[1]
+    assert len(store.list_jobs("acme", 10)[0]) == 3
+    assert len(store.pending_items(first.job_id)) == 2, "no items stored twice"
+    with pytest.raises(InvalidArgument, match="upload-7.*other items"):
+        store.create_job("acme", _items(3), {"k": "v"}, idempotency_key="upload-7")
+    with pytest.raises(InvalidArgument, match="other items or metadata"):
+        store.create_job("acme", _items(2), {"k": "w"}, idempotency_key="upload-7")
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    from services.router.batch import store as store_module
+    path = str(tmp_path / "old.sqlite3")
+    db = sqlite3.connect(path)
+    db.executescript(store_module._MIGRATIONS[1] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO jobs (job_id, tenant_id, status, total_items, metadata, created_ms) "
+               "VALUES ('batch_old', 'acme', 'queued', 0, '{}', 1)")
+    db.commit()
+    db.close()
+    s = BatchStore(path)
+    assert s.job("batch_old").tenant_id == "acme"
+    keyed = s.create_job("acme", _items(1), {}, idempotency_key="k")
+    assert s.create_job("acme", _items(1), {}, idempotency_key="k").job_id == keyed.job_id
+    s.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
