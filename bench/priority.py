@@ -22,7 +22,8 @@ phase A with a live request in flight is reported too). Headlines:
   interactive_ttft_p99_ratio = TTFT p99 in B / TTFT p99 in A          (target <= 1.2)
   batch_share_of_leftover    = batch tokens/s in B / leftover capacity (target >= 0.8)
 Batch tokens are credited when an item's result is stored, inside the phase's window.
-Where the TTFT goes (means, from the final message's PhaseTimings): the router's admission
+Where the TTFT goes (means, from the final message's PhaseTimings; every request's [TTFT, worker
+wait] is in the JSON as ttft_samples_ms): the router's admission
 queue, the decode worker's wait before the first step that computed the prompt (the step in
 flight, a slot), and the rest (the prefill step itself, placement, gRPC and the client).
 """
@@ -212,6 +213,8 @@ def summarize(raw: dict) -> dict:
         "interactive_tokens_per_s": interactive_tokens_per_s,
         "leftover_capacity_tokens_per_s": leftover, "batch_tokens_per_s_with_interactive": batch_b,
         "ttft_breakdown_ms": {"alone": _breakdown(records["A"]), "with_batch": _breakdown(records["B"])},
+        "ttft_samples_ms": {arm: sorted([round(r["ttft_s"] * 1000, 1), round(r["worker_wait_ms"], 1)]
+                                        for r in records[k]) for arm, k in (("alone", "A"), ("with_batch", "B"))},
     }
 
 

@@ -15,8 +15,11 @@ One step is one mixed batch under max_num_batched_tokens:
 While a sequence more urgent than some running one still has prompt tokens to compute, the
 step carries only sequences as urgent as it (`urgent_floor`): a live prompt runs without the
 batch decodes beside it, so its first token comes as fast as on an idle worker; the batch
-sequences lose that one step. A step made only of less urgent sequences may be abandoned
-mid-way when a more urgent request arrives (`interruptible_by`; the engine runs it again).
+sequences lose that one step. A step that carries less urgent work and no prompt of the
+arrival's class may be abandoned mid-way when a more urgent request arrives
+(`interruptible_by`; the engine runs it again): the arrival's prompt runs next instead of
+after it. A step carrying such a prompt always completes, so a stream of arrivals cannot stall
+the engine: each cut is followed by a step that completes.
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and
@@ -79,16 +82,19 @@ class Scheduler:
         """The least urgent rank the next step may carry: the rank of the most urgent sequence
         with prompt tokens to compute when some running sequence is less urgent than it, else
         None (no limit)."""
-        prompts = [s.priority for s in chain(self.running, self.waiting) if s.num_uncomputed_tokens > 1]
+        prompts = [s.priority for s in chain(self.running, self.waiting) if _computes_prompt(s)]
         if not prompts or not self.running or min(prompts) >= self.running[-1].priority:
             return None
         return min(prompts)
 
     @staticmethod
     def interruptible_by(batch: ScheduledBatch, priority: int) -> bool:
-        """Whether a request of rank `priority` arriving now may abandon this step: only when
-        every sequence in it is less urgent (a live step is never cut for anyone)."""
-        return bool(batch.seqs) and priority < min(s.priority for s in batch.seqs)
+        """Whether a request of rank `priority` arriving now may abandon this step (asked before
+        the step advances anything): when it carries work less urgent than the arrival and no
+        sequence at least as urgent is computing prompt tokens. (Decodes as urgent as the
+        arrival lose the step too: they run again with the arrival's prompt.)"""
+        return any(s.priority > priority for s in batch.seqs) and not any(
+            s.priority <= priority and (n > 1 or _computes_prompt(s)) for s, n in zip(batch.seqs, batch.query_lens))
 
     def free_blocks_for(self, num_blocks: int, priority: int) -> bool:
         """Preempts running sequences less urgent than `priority` until num_blocks blocks are
@@ -182,6 +188,11 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         _insert(self.waiting, seq, ahead_of_equals=True)
+
+
+def _computes_prompt(seq: Sequence) -> bool:
+    """Whether seq's next step computes prompt tokens (or recomputes several), not one decode."""
+    return seq.num_computed_tokens < seq.num_prompt_tokens or seq.num_uncomputed_tokens > 1
 
 
 def _insert(queue, seq: Sequence, ahead_of_equals: bool = False) -> None:

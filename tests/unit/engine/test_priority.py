@@ -112,16 +112,28 @@ def test_a_chunked_interactive_prompt_keeps_batch_out_until_its_last_chunk():
     assert steps == [[("live", 8)], [("live", 8)], [("live", 4)], [("live", 1), ("batch", 1)]]
 
 
+def _in_step(kind: str, i: int) -> tuple[Sequence, int]:
+    """A sequence as a step would carry it: "<class> prompt" (8 prompt tokens to compute) or
+    "<class> decode" (one token), and its query length."""
+    klass, phase = kind.split()
+    seq = _seq(f"{klass}{i}", 8, {"batch": PRIORITY_BATCH, "live": PRIORITY_INTERACTIVE}[klass])
+    if phase == "decode":
+        seq.num_computed_tokens = 8
+        seq.token_ids.append(7)
+    return seq, seq.num_uncomputed_tokens
+
+
 @pytest.mark.parametrize("step, arrival, cut", [
-    (["batch", "batch"], PRIORITY_INTERACTIVE, True),     # a live arrival cuts a batch-only step
-    (["live", "batch"], PRIORITY_INTERACTIVE, False),     # never a step carrying a live sequence
-    (["batch", "batch"], PRIORITY_BATCH, False),          # batch never cuts batch
-    ([], PRIORITY_INTERACTIVE, False),                    # nothing to cut
+    (["batch decode", "batch prompt"], PRIORITY_INTERACTIVE, True),  # a live arrival cuts batch work
+    (["live decode", "batch decode"], PRIORITY_INTERACTIVE, True),   # ... beside live decodes too
+    (["live prompt", "batch decode"], PRIORITY_INTERACTIVE, False),  # a step with a live prompt completes
+    (["live decode", "live decode"], PRIORITY_INTERACTIVE, False),   # nothing less urgent to postpone
+    (["batch decode", "batch decode"], PRIORITY_BATCH, False),       # batch never cuts batch
+    ([], PRIORITY_INTERACTIVE, False),
 ])
 def test_which_steps_an_arrival_may_interrupt(step, arrival, cut):
-    priority = {"batch": PRIORITY_BATCH, "live": PRIORITY_INTERACTIVE}
-    batch = ScheduledBatch([_seq(f"{kind}{i}", 4, priority[kind]) for i, kind in enumerate(step)], [1] * len(step))
-    assert Scheduler.interruptible_by(batch, arrival) is cut
+    seqs, query_lens = zip(*(_in_step(kind, i) for i, kind in enumerate(step))) if step else ((), ())
+    assert Scheduler.interruptible_by(ScheduledBatch(list(seqs), list(query_lens)), arrival) is cut
 
 
 def test_interactive_never_preempted_for_batch():
@@ -232,9 +244,16 @@ def test_an_interrupted_batch_step_advances_nothing_and_output_stays_exact(tiny_
         assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, 12), rid
 
 
-def test_a_step_carrying_an_interactive_sequence_is_never_cut(tiny_model, tiny_config):
+def test_a_step_with_a_live_prompt_completes_and_a_cut_live_decode_stays_exact(tiny_model, tiny_config):
     engine = _engine(tiny_model, tiny_config)
-    engine.add_request("batch", _prompt(9, 1), GREEDY, 6, ignore_eos=True, priority=PRIORITY_BATCH)
-    engine.add_request("live", _prompt(9, 2), GREEDY, 6, ignore_eos=True)
-    outputs = engine.step(_ArrivalAfter(0))
-    assert {o.request_id for o in outputs} == {"batch", "live"} and engine.stats.interrupted_steps == 0
+    prompts = {"batch": _prompt(9, 1), "live": _prompt(9, 2)}
+    engine.add_request("batch", prompts["batch"], GREEDY, 6, ignore_eos=True, priority=PRIORITY_BATCH)
+    engine.add_request("live", prompts["live"], GREEDY, 6, ignore_eos=True)
+    tokens = {}
+    for out in engine.step(_ArrivalAfter(0)):  # both prompts: the live one must not be cut
+        tokens[out.request_id] = [out.token_id]
+    assert set(tokens) == {"batch", "live"} and engine.stats.interrupted_steps == 0
+    assert engine.step(_ArrivalAfter(0)) == [] and engine.stats.interrupted_steps == 1  # decodes: cut
+    _run(engine, tokens)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, 6), rid
