@@ -98,14 +98,15 @@ class DecodeWorker:
             raise
         finally:
             await self._release(job.handle)
+        # Not announced: the first token is out already; cutting a step would only hurry the second.
         await self._runner.call(lambda engine: engine.add_imported(
             job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos,
-            job.priority), announce=job.priority)
+            job.priority))
         return info
 
     async def _reserve(self, job: DecodeJob) -> list[int]:
         while True:
-            dst = await self._runner.call(lambda engine: engine.reserve_for_import(
+            dst = await self._runner.call(lambda engine: engine.reserve_for_import(  # the first token waits on it
                 job.request_id, len(job.prompt), job.priority), announce=job.priority)
             if dst is not None:
                 return dst
