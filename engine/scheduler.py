@@ -19,7 +19,9 @@ sequences lose that one step. A step that carries less urgent work and no prompt
 arrival's class may be abandoned mid-way when a more urgent request arrives
 (`interruptible_by`; the engine runs it again): the arrival's prompt runs next instead of
 after it. A step carrying such a prompt always completes, so a stream of arrivals cannot stall
-the engine: each cut is followed by a step that completes.
+the engine: each cut is followed by a step that completes. While a more urgent sequence runs,
+less urgent prompts share max_prompt_tokens_beside_urgent tokens a step (chunked), so the live
+decode steps stay short.
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and
@@ -51,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._beside_urgent_left = 0  # less urgent prompt tokens the step being built may still take
 
     def add(self, seq: Sequence) -> None:
         """Queues seq (it may already hold blocks, e.g. an imported prompt)."""
@@ -74,6 +77,7 @@ class Scheduler:
         batch = ScheduledBatch([], [])
         self._admit_urgent()
         floor = self.urgent_floor()
+        self._beside_urgent_left = self.config.max_prompt_tokens_beside_urgent
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens, floor)
         self._admit_waiting(batch, budget, floor)
         return batch
@@ -139,11 +143,14 @@ class Scheduler:
             _insert(self.running, seq)
             budget -= self._take(batch, seq, budget)
 
-    @staticmethod
-    def _take(batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+    def _take(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
         take = min(seq.num_uncomputed_tokens, budget)
-        batch.seqs.append(seq)
-        batch.query_lens.append(take)
+        if _computes_prompt(seq) and self.running[0].priority < seq.priority:  # running[0]: most urgent
+            take = min(take, self._beside_urgent_left)
+            self._beside_urgent_left -= take
+        if take:
+            batch.seqs.append(seq)
+            batch.query_lens.append(take)
         return take
 
     def finish(self, seq: Sequence) -> None:

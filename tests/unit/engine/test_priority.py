@@ -257,3 +257,29 @@ def test_a_step_with_a_live_prompt_completes_and_a_cut_live_decode_stays_exact(t
     _run(engine, tokens)
     for rid, prompt in prompts.items():
         assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, 6), rid
+
+
+def test_batch_prompts_are_chunked_small_while_a_live_sequence_decodes():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+                                  max_prompt_tokens_beside_urgent=16), BlockManager(64, BS))
+    s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
+    _advance(s.schedule())  # live decodes from now on
+    s.add(_seq("batch0", 20, PRIORITY_BATCH))
+    s.add(_seq("batch1", 10, PRIORITY_BATCH))
+    steps = []
+    for _ in range(4):
+        batch = s.schedule()
+        steps.append([(q.request_id, n) for q, n in zip(batch.seqs, batch.query_lens)])
+        _advance(batch)
+    assert steps == [[("live", 1), ("batch0", 16)],                  # 16 prompt tokens beside it
+                     [("live", 1), ("batch0", 4), ("batch1", 10)],
+                     [("live", 1), ("batch0", 1), ("batch1", 1)],
+                     [("live", 1), ("batch0", 1), ("batch1", 1)]]
+
+
+def test_without_a_live_sequence_batch_prompts_are_not_held_back():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+                                  max_prompt_tokens_beside_urgent=16), BlockManager(64, BS))
+    s.add(_seq("batch0", 20, PRIORITY_BATCH))
+    s.add(_seq("batch1", 10, PRIORITY_BATCH))
+    assert s.schedule().query_lens == [20, 10]
