@@ -10,7 +10,7 @@ take logits only at each sequence's last new token where its prompt/decode is fu
 sample -> append tokens, register newly full blocks in the prefix cache, retire finished ones.
 Invariant: after a step, every unfinished sequence's blocks cover its computed tokens, and the
 cache holds the K/V of exactly its first num_computed_tokens tokens. An interrupted step (a more
-urgent request was announced while a step of less urgent sequences ran) advances nothing: it
+urgent request was announced while a step carrying less urgent work ran) advances nothing: it
 only wrote K/V past computed tokens, which the step that computes them overwrites.
 """
 

@@ -4,8 +4,9 @@ Invariant: only the engine thread touches the engine. Asyncio code sends it comm
 that run between two steps, and receives each request's token outputs on its own asyncio.Queue.
 The loop: run pending commands; if any request is unfinished, step once and hand the outputs
 to their queues; otherwise sleep until a command arrives. A command announced with a priority
-rank (`call(fn, announce=rank)`) may cut short a step in flight that carries only less urgent
-sequences (LLMEngine.step's `arrival`), so a live request never waits for a batch step.
+rank (`call(fn, announce=rank)`) may cut short a step in flight that carries less urgent work
+and no prompt of that rank (LLMEngine.step's `arrival`), so a live request never waits for a
+batch step.
 """
 
 import asyncio
