@@ -59,9 +59,9 @@ def test_an_announced_interactive_request_interrupts_the_batch_step_in_flight(ti
             batch_tokens = asyncio.create_task(_tokens(batch))
             for i in range(3):
                 await asyncio.sleep(LAYER_S * 3.5)  # mid-way through a batch step
-                rid = f"live{i}"
+                rid, prompt = f"live{i}", _prompt(7, 10 + i)
                 live = runner.open_stream(rid)
-                await runner.call(lambda e, rid=rid, prompt=_prompt(7, 10 + i): e.add_request(
+                await runner.call(lambda e, rid=rid, prompt=prompt: e.add_request(
                     rid, prompt, greedy, 2, ignore_eos=True), announce=PRIORITY_INTERACTIVE)
                 await _tokens(live)
             return await batch_tokens
