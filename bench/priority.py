@@ -14,6 +14,11 @@ headroom rule), three kinds of phase in one run:
      them; every token received inside the slot counts.
 Slots run A B C C B A (twice in a full run), so drift on this shared machine hits every arm
 alike. Batch items have varied lengths so completions do not come in waves.
+Every slot has its own prompts (same word counts and lengths, other words): the first version
+replayed slot k of A's prompts in slot k of B, so the later of the two found them in the prefix
+cache, and B (running right after A) won that more often than A (a batch backlog churns the
+cache before the second A); the two C slots and the two B jobs likewise shared prompts. A
+prompt of 30 words caches 2 of its ~3 blocks, ~35 ms of a ~140 ms TTFT on this host.
 Interactive TTFT is measured by the client from the scheduled send time. Capacity is counted in
 generated tokens per second: the capacity interactive traffic leaves idle is the mesh's capacity
 (phase C) minus the interactive tokens/s of phase A (continuous batching lets batch sequences
@@ -22,6 +27,12 @@ phase A with a live request in flight is reported too). Headlines:
   interactive_ttft_p99_ratio = TTFT p99 in B / TTFT p99 in A          (target <= 1.2)
   batch_share_of_leftover    = batch tokens/s in B / leftover capacity (target >= 0.8)
 Batch tokens are credited when an item's result is stored, inside the phase's window.
+The whole interactive request (12 tokens) is reported too: its decode steps are shared with the
+batch sequences, so it takes longer beside the backlog even when its first token does not.
+Where the TTFT goes (means, from the final message's PhaseTimings; every request's [TTFT, worker
+wait] is in the JSON as ttft_samples_ms): the router's admission
+queue, the decode worker's wait before the first step that computed the prompt (the step in
+flight, a slot), and the rest (the prefill step itself, placement, gRPC and the client).
 """
 
 import argparse
@@ -46,6 +57,11 @@ _WORDS = ("time person year way day thing man world life hand part child eye wom
 
 
 
+def _seed(slot: int, n: int) -> int:
+    """The text seed of prompt n of a slot: no two slots share a prompt (see the docstring)."""
+    return 100_000 * (slot + 1) + n
+
+
 def _text(seed: int, words: int) -> str:
     rng = random.Random(seed)
     return f"Note {seed}: " + " ".join(rng.choice(_WORDS) for _ in range(words))
@@ -62,7 +78,7 @@ class Setup:
         self.batch_items = 300
 
 
-async def _interactive(stub, setup: Setup, t0: float, record: list, seed: int) -> None:
+async def _interactive(stub, setup: Setup, t0: float, record: list, seed: int, slot: int) -> None:
     rng = random.Random(seed)
     offsets, at = [], rng.expovariate(setup.rate)
     while at < setup.phase_s:
@@ -72,22 +88,26 @@ async def _interactive(stub, setup: Setup, t0: float, record: list, seed: int) -
     async def one(i: int, offset: float) -> None:
         await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
         sent = t0 + offset
-        request = router_pb2.GenerateRequest(text=_text(10_000 + i, setup.interactive_words), ignore_eos=True,
+        request = router_pb2.GenerateRequest(text=_text(_seed(slot, i), setup.interactive_words), ignore_eos=True,
                                              max_tokens=setup.interactive_tokens, tenant_id="live",
                                              sampling=common_pb2.SamplingParams(temperature=0.0))
-        ttft = None
+        ttft, final = None, router_pb2.GenerateResponse()
         async for message in stub.Generate(request, timeout=300):
             if ttft is None and message.token_ids:
                 ttft = time.perf_counter() - sent
-        record.append({"sent": sent, "ttft_s": ttft, "done": time.perf_counter()})
+            if message.HasField("timings"):
+                final = message
+        record.append({"sent": sent, "ttft_s": ttft, "done": time.perf_counter(),
+                       "router_queue_ms": final.timings.queue_ms, "worker_wait_ms": final.timings.decode_queue_ms,
+                       "cached_tokens": final.usage.cached_prompt_tokens})
     await asyncio.gather(*(one(i, o) for i, o in enumerate(offsets)))
 
 
 class BatchLoad:
     """A saturating batch job, its results timestamped as they are stored."""
 
-    def __init__(self, stub, setup: Setup, tag: str):
-        self.stub, self.setup, self.tag = stub, setup, tag
+    def __init__(self, stub, setup: Setup, tag: str, slot: int):
+        self.stub, self.setup, self.tag, self.slot = stub, setup, tag, slot
         self.done: list[tuple[float, int]] = []  # (perf_counter when received, completion tokens)
         self.job_id = ""
 
@@ -95,7 +115,7 @@ class BatchLoad:
         s = self.setup
         rng = random.Random(self.tag)
         items = [batch_pb2.BatchItem(custom_id=f"{self.tag}-{i}", request=router_pb2.GenerateRequest(
-            text=_text(i, s.batch_words), max_tokens=rng.randint(*s.batch_tokens), ignore_eos=True,
+            text=_text(_seed(self.slot, 10_000 + i), s.batch_words), max_tokens=rng.randint(*s.batch_tokens), ignore_eos=True,
             sampling=common_pb2.SamplingParams(temperature=0.0))) for i in range(s.batch_items)]
         job = await self.stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(tenant_id="offline", items=items),
                                              timeout=120)
@@ -136,7 +156,7 @@ async def _run(address: str, setup: Setup) -> dict:
             what = {"A": "interactive alone", "B": "interactive + batch backlog",
                     "C": f"capacity: {setup.capacity_streams} closed-loop streams"}[kind]
             _progress(f"phase {i + 1}/{len(setup.slots)} {kind}: {what}")
-            load = BatchLoad(batch, setup, f"{kind}{i}") if kind == "B" else None
+            load = BatchLoad(batch, setup, f"{kind}{i}", slot=i) if kind == "B" else None
             if load:  # the backlog is running (first results in) before the slot's clock starts
                 await load.start()
                 ramp_end = time.perf_counter() + 10.0
@@ -145,9 +165,9 @@ async def _run(address: str, setup: Setup) -> dict:
             phase["start"] = time.perf_counter()
             if kind == "C":
                 await _saturate(router, setup, phase["start"], phase["batch"], tag=i)
-            else:  # slot k of A and slot k of B share one schedule (A B B A: seeds 1 1 2 2)
+            else:  # slot k of A and slot k of B share arrival times (A B B A: seeds 1 1 2 2), not prompts
                 seed = 1 + sum(1 for p in raw["phases"][:-1] if p["kind"] == kind)
-                await _interactive(router, setup, phase["start"], phase["interactive"], seed=seed)
+                await _interactive(router, setup, phase["start"], phase["interactive"], seed=seed, slot=i)
             phase["end"] = phase["start"] + setup.phase_s
             if load:
                 await load.stop()
@@ -166,7 +186,7 @@ async def _saturate(router, setup: Setup, start: float, record: list, tag: int) 
         while time.perf_counter() < end:
             n += 1
             request = router_pb2.GenerateRequest(
-                text=_text(50_000 + 1000 * k + n, setup.batch_words), max_tokens=rng.randint(*setup.batch_tokens),
+                text=_text(_seed(tag, 20_000 + 1000 * k + n), setup.batch_words), max_tokens=rng.randint(*setup.batch_tokens),
                 ignore_eos=True, tenant_id="capacity", sampling=common_pb2.SamplingParams(temperature=0.0))
             call = router.Generate(request, timeout=300)
             async for message in call:
@@ -194,6 +214,7 @@ def summarize(raw: dict) -> dict:
     interactive_tokens_per_s = sum(len(p["interactive"]) for p in phases["A"]) * raw["interactive_tokens"] / seconds["A"]
     leftover = capacity - interactive_tokens_per_s
     batch_b = tokens["B"] / seconds["B"]
+    records = {k: [r for p in phases[k] for r in p["interactive"] if r["ttft_s"] is not None] for k in "AB"}
     return {
         "interactive_ttft_p99_ratio": _pct(ttft["B"], 99) / _pct(ttft["A"], 99),
         "batch_share_of_leftover": batch_b / leftover if leftover > 0 else float("nan"),
@@ -204,14 +225,39 @@ def summarize(raw: dict) -> dict:
         "interactive_busy_fraction": busy, "capacity_tokens_per_s": capacity,
         "interactive_tokens_per_s": interactive_tokens_per_s,
         "leftover_capacity_tokens_per_s": leftover, "batch_tokens_per_s_with_interactive": batch_b,
+        "request_p50_ms_alone": statistics.median(_e2e_ms(records["A"])),
+        "request_p50_ms_with_batch": statistics.median(_e2e_ms(records["B"])),
+        "ttft_breakdown_ms": {"alone": _breakdown(records["A"]), "with_batch": _breakdown(records["B"])},
+        "ttft_samples_ms": {arm: sorted([round(r["ttft_s"] * 1000, 1), round(r["worker_wait_ms"], 1)]
+                                        for r in records[k]) for arm, k in (("alone", "A"), ("with_batch", "B"))},
     }
+
+
+def _e2e_ms(records: list[dict]) -> list[float]:
+    return [(r["done"] - r["sent"]) * 1000 for r in records]
+
+
+def _breakdown(records: list[dict]) -> dict:
+    """Mean TTFT split into router queue, decode worker wait and the rest (prefill step, relay)."""
+    mean = lambda key: statistics.fmean(r[key] for r in records)  # noqa: E731
+    ttft = statistics.fmean(r["ttft_s"] * 1000 for r in records)
+    router, worker = mean("router_queue_ms"), mean("worker_wait_ms")
+    return {"ttft": ttft, "router_queue": router, "decode_worker_wait": worker,
+            "prefill_step_and_relay": ttft - router - worker, "cached_prompt_tokens": mean("cached_tokens")}
 
 
 def print_table(r: dict) -> None:
     print(f"\n{'':<34}{'interactive alone':>18}{'+ batch backlog':>18}{'ratio':>8}")
-    for label, key in (("interactive TTFT p50 (ms)", "ttft_p50_ms"), ("interactive TTFT p99 (ms)", "ttft_p99_ms")):
+    for label, key in (("interactive TTFT p50 (ms)", "ttft_p50_ms"), ("interactive TTFT p99 (ms)", "ttft_p99_ms"),
+                       ("interactive request p50 (ms)", "request_p50_ms")):
         alone, mixed = r[f"{key}_alone"], r[f"{key}_with_batch"]
         print(f"{label:<34}{alone:>18.0f}{mixed:>18.0f}{mixed / alone:>8.2f}")
+    parts = r["ttft_breakdown_ms"]
+    for label, key in (("  mean TTFT (ms)", "ttft"), ("    router admission queue", "router_queue"),
+                       ("    decode worker: wait for a step", "decode_worker_wait"),
+                       ("    prefill step, placement, relay", "prefill_step_and_relay"),
+                       ("  prompt tokens from prefix cache", "cached_prompt_tokens")):
+        print(f"{label:<34}{parts['alone'][key]:>18.0f}{parts['with_batch'][key]:>18.0f}")
     print(f"\nmesh capacity (saturated)         {r['capacity_tokens_per_s']:8.1f} tokens/s")
     print(f"interactive traffic (A)           {r['interactive_tokens_per_s']:8.1f} tokens/s "
           f"(a live request in flight {r['interactive_busy_fraction']:.0%} of the time)")

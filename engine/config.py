@@ -78,10 +78,15 @@ class SchedulerConfig:
     max_model_len: int = 4096
     # Prompt tokens computed in one step at most (longer prompts are chunked).
     max_num_batched_tokens: int = 2048
+    # Prompt tokens of less urgent sequences (batch) one step may carry while a more urgent one
+    # (live) is running: its decode steps stay short, batch prompts are chunked meanwhile.
+    max_prompt_tokens_beside_urgent: int = 16
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_model_len, self.max_num_batched_tokens) <= 0:
             raise ValueError("scheduler limits must be positive")
+        if self.max_prompt_tokens_beside_urgent < 0:
+            raise ValueError("max_prompt_tokens_beside_urgent must be >= 0")
 
 
 @dataclass(frozen=True)

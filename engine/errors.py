@@ -18,3 +18,8 @@ class CapacityError(EngineError):
 
 class UnknownRequestError(EngineError, LookupError):
     """No request (or no reservation / kept KV) with this id exists (any more)."""
+
+
+class StepInterrupted(EngineError):
+    """Raised by the model between two layers when the step in flight is to be abandoned (a more
+    urgent request arrived); the engine catches it and nothing of the step advances."""

@@ -9,10 +9,13 @@ already finished) -> schedule one mixed batch -> run the model on the batch's ne
 take logits only at each sequence's last new token where its prompt/decode is fully computed ->
 sample -> append tokens, register newly full blocks in the prefix cache, retire finished ones.
 Invariant: after a step, every unfinished sequence's blocks cover its computed tokens, and the
-cache holds the K/V of exactly its first num_computed_tokens tokens.
+cache holds the K/V of exactly its first num_computed_tokens tokens. An interrupted step (a more
+urgent request was announced while a step carrying less urgent work ran) advances nothing: it
+only wrote K/V past computed tokens, which the step that computes them overwrites.
 """
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 from itertools import chain
@@ -24,7 +27,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.block_manager import BlockManager, KvEvent
 from engine.config import EngineConfig
-from engine.errors import CapacityError, InvalidRequestError, UnknownRequestError
+from engine.errors import CapacityError, InvalidRequestError, StepInterrupted, UnknownRequestError
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PRIORITY_INTERACTIVE, Sequence
@@ -51,6 +54,7 @@ class LoadSnapshot(NamedTuple):
     kv_blocks_used: int
     kv_blocks_total: int
     queued_prefill_tokens: int  # prompt tokens admitted or queued but not computed yet
+    max_running: int = 0  # sequences run at once at most (max_num_seqs)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class EngineStats:
     prompt_tokens_cached: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    interrupted_steps: int = 0  # abandoned for a more urgent arrival (counted in steps too)
 
 
 class LLMEngine:
@@ -206,24 +211,41 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
     @torch.inference_mode()
-    def step(self) -> list[TokenOutput]:
+    def step(self, arrival: Callable[[], int | None] | None = None) -> list[TokenOutput]:
         """Runs one scheduler step; returns this step's outputs (at most one per request, plus
-        the outputs decided since the last step)."""
+        the outputs decided since the last step). `arrival()` (asked between layers, from this
+        thread) is the rank of the most urgent request announced but not added yet, or None: a
+        step that request may interrupt (Scheduler.interruptible_by) is abandoned, and the
+        caller adds the request before the next step."""
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        if batch.seqs:
-            sampled = self._run_model(batch)
-            outputs += self._advance(batch, sampled)
         self.stats.steps += 1
+        if batch.seqs:
+            try:
+                sampled = self._run_model(batch, self._interrupt(batch, arrival))
+            except StepInterrupted:
+                self.stats.interrupted_steps += 1
+                return outputs
+            outputs += self._advance(batch, sampled)
         return outputs
 
-    def _run_model(self, batch: ScheduledBatch) -> list[int | None]:
+    def _interrupt(self, batch: ScheduledBatch, arrival) -> Callable[[], bool] | None:
+        if arrival is None:
+            return None
+
+        def arrived() -> bool:
+            rank = arrival()
+            return rank is not None and self.scheduler.interruptible_by(batch, rank)
+        return arrived
+
+    def _run_model(self, batch: ScheduledBatch, interrupt: Callable[[], bool] | None = None) -> list[int | None]:
         """Forward pass over the batch's new tokens; a sampled token for each sequence whose
-        tokens are all computed after this step, None for one still mid-prompt."""
+        tokens are all computed after this step, None for one still mid-prompt. Raises
+        StepInterrupted when `interrupt()` says so between two layers or before the LM head."""
         seqs, query_lens = batch.seqs, batch.query_lens
         context_lens = [s.num_computed_tokens + n for s, n in zip(seqs, query_lens)]
         input_ids = [t for s, c, n in zip(seqs, context_lens, query_lens) for t in s.token_ids[c - n:c]]
@@ -231,7 +253,9 @@ class LLMEngine:
                                        self.config.cache.block_size)
         device = self.config.device
         hidden = self.model.forward(torch.tensor(input_ids, dtype=torch.long, device=device),
-                                    meta.positions().to(device), self.kv_cache, meta)
+                                    meta.positions().to(device), self.kv_cache, meta, interrupt)
+        if interrupt is not None and interrupt():
+            raise StepInterrupted("a more urgent request arrived")
         done = [i for i, (s, c) in enumerate(zip(seqs, context_lens)) if c == s.num_tokens]
         tokens: list[int | None] = [None] * len(seqs)
         if done:
@@ -286,7 +310,7 @@ class LLMEngine:
                      for s in chain(self.scheduler.waiting, self.scheduler.running))
         bm = self.block_manager
         return LoadSnapshot(len(self.scheduler.waiting), len(self.scheduler.running),
-                            bm.num_used_blocks, bm.num_total_blocks, queued)
+                            bm.num_used_blocks, bm.num_total_blocks, queued, self.config.scheduler.max_num_seqs)
 
     def drain_kv_events(self) -> list[KvEvent]:
         """Prefix-cache events since the last drain, oldest first (see BlockManager)."""

@@ -14,6 +14,7 @@ RMSNorm -> GeGLU MLP (tanh gelu) -> RMSNorm -> residual; final RMSNorm; LM head 
 embeddings. Norm weights are stored pre-offset (x * w, not x * (1 + w)); see engine/weights.py.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
+from engine.errors import StepInterrupted
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -158,11 +160,15 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = self.embed_tokens.detach().to(self.lm_head_dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] of the new tokens after the final norm; writes their K/V."""
+                meta: AttentionMetadata, interrupt: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of the new tokens after the final norm; writes their K/V.
+        `interrupt()` is asked before each layer: True raises StepInterrupted (the K/V written so
+        far lies past every sequence's computed tokens; it is overwritten when they are computed)."""
         plan = self._plan(positions, meta, block_size=kv_cache.shape[3])
         x = self._embed(input_ids)
         for layer in self.layers:
+            if interrupt is not None and interrupt():
+                raise StepInterrupted("a more urgent request arrived")
             x = layer(x, kv_cache, meta, plan)
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
 

@@ -12,6 +12,16 @@ One step is one mixed batch under max_num_batched_tokens:
   2. running sequences, most urgent first (a decoding one needs 1 token, one mid-prompt takes
      the next chunk);
   3. waiting sequences are admitted while there is budget, a slot and KV room.
+While a sequence more urgent than some running one still has prompt tokens to compute, the
+step carries only sequences as urgent as it (`urgent_floor`): a live prompt runs without the
+batch decodes beside it, so its first token comes as fast as on an idle worker; the batch
+sequences lose that one step. A step that carries less urgent work and no prompt of the
+arrival's class may be abandoned mid-way when a more urgent request arrives
+(`interruptible_by`; the engine runs it again): the arrival's prompt runs next instead of
+after it. A step carrying such a prompt always completes, so a stream of arrivals cannot stall
+the engine: each cut is followed by a step that completes. While a more urgent sequence runs,
+less urgent prompts share max_prompt_tokens_beside_urgent tokens a step (chunked), so the live
+decode steps stay short.
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and
@@ -19,6 +29,7 @@ it is recomputed later (its full blocks usually survive in the prefix cache).
 """
 
 from collections import deque
+from itertools import chain
 from typing import NamedTuple
 
 from engine.block_manager import BlockManager
@@ -42,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._beside_urgent_left = 0  # less urgent prompt tokens the step being built may still take
 
     def add(self, seq: Sequence) -> None:
         """Queues seq (it may already hold blocks, e.g. an imported prompt)."""
@@ -64,9 +76,29 @@ class Scheduler:
         """Picks the next step's batch; admits and preempts as a side effect."""
         batch = ScheduledBatch([], [])
         self._admit_urgent()
-        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
-        self._admit_waiting(batch, budget)
+        floor = self.urgent_floor()
+        self._beside_urgent_left = self.config.max_prompt_tokens_beside_urgent
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens, floor)
+        self._admit_waiting(batch, budget, floor)
         return batch
+
+    def urgent_floor(self) -> int | None:
+        """The least urgent rank the next step may carry: the rank of the most urgent sequence
+        with prompt tokens to compute when some running sequence is less urgent than it, else
+        None (no limit)."""
+        prompts = [s.priority for s in chain(self.running, self.waiting) if _computes_prompt(s)]
+        if not prompts or not self.running or min(prompts) >= self.running[-1].priority:
+            return None
+        return min(prompts)
+
+    @staticmethod
+    def interruptible_by(batch: ScheduledBatch, priority: int) -> bool:
+        """Whether a request of rank `priority` arriving now may abandon this step (asked before
+        the step advances anything): when it carries work less urgent than the arrival and no
+        sequence at least as urgent is computing prompt tokens. (Decodes as urgent as the
+        arrival lose the step too: they run again with the arrival's prompt.)"""
+        return any(s.priority > priority for s in batch.seqs) and not any(
+            s.priority <= priority and (n > 1 or _computes_prompt(s)) for s, n in zip(batch.seqs, batch.query_lens))
 
     def free_blocks_for(self, num_blocks: int, priority: int) -> bool:
         """Preempts running sequences less urgent than `priority` until num_blocks blocks are
@@ -88,18 +120,19 @@ class Scheduler:
             self.waiting.remove(seq)
             _insert(self.running, seq)
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, floor: int | None) -> int:
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or (floor is not None and seq.priority > floor):
                 break
             if seq in self.running and self._make_room(seq):  # else seq itself was preempted
                 budget -= self._take(batch, seq, budget)
         return budget
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, floor: int | None) -> None:
         blocked = False
         for seq in list(self.waiting):
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs or \
+                    (floor is not None and seq.priority > floor):
                 return
             # First come first served within a class, except that sequences already holding
             # their blocks (imports) may pass a blocked one: they free blocks by finishing.
@@ -110,11 +143,14 @@ class Scheduler:
             _insert(self.running, seq)
             budget -= self._take(batch, seq, budget)
 
-    @staticmethod
-    def _take(batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+    def _take(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
         take = min(seq.num_uncomputed_tokens, budget)
-        batch.seqs.append(seq)
-        batch.query_lens.append(take)
+        if _computes_prompt(seq) and self.running[0].priority < seq.priority:  # running[0]: most urgent
+            take = min(take, self._beside_urgent_left)
+            self._beside_urgent_left -= take
+        if take:
+            batch.seqs.append(seq)
+            batch.query_lens.append(take)
         return take
 
     def finish(self, seq: Sequence) -> None:
@@ -159,6 +195,11 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         _insert(self.waiting, seq, ahead_of_equals=True)
+
+
+def _computes_prompt(seq: Sequence) -> bool:
+    """Whether seq's next step computes prompt tokens (or recomputes several), not one decode."""
+    return seq.num_computed_tokens < seq.num_prompt_tokens or seq.num_uncomputed_tokens > 1
 
 
 def _insert(queue, seq: Sequence, ahead_of_equals: bool = False) -> None:

@@ -252,7 +252,8 @@ class VllmEngine:
     def has_unfinished(self) -> bool:
         return bool(self._unfinished) or bool(self._pending)
 
-    def step(self) -> list[TokenOutput]:
+    def step(self, arrival=None) -> list[TokenOutput]:
+        # `arrival` (see LLMEngine.step) is ignored: a vLLM step is not cut short.
         outputs, self._pending = self._pending, []
         if self._unfinished:
             for out in self.vllm.step():
@@ -293,7 +294,8 @@ class VllmEngine:
         block = self.vllm_block_size
         used = sum(-(-(len(r.prompt) + r.num_generated) // block) for r in self._unfinished.values())
         return LoadSnapshot(len(waiting), len(self._unfinished) - len(waiting), min(used, self.vllm_num_blocks),
-                            self.vllm_num_blocks, sum(len(r.prompt) for r in waiting))
+                            self.vllm_num_blocks, sum(len(r.prompt) for r in waiting),
+                            self.config.scheduler.max_num_seqs)
 
     def drain_kv_events(self) -> list[KvEvent]:
         return self.prefix.drain()

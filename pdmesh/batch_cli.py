@@ -150,8 +150,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
             if args.action == "submit":
                 items = read_items(args.target)
                 metadata = {"source": os.path.basename(args.target)}
-                job = stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(tenant_id=tenant, items=items,
-                                                                          metadata=metadata), timeout=120).job
+                job = stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(
+                    tenant_id=tenant, items=items, metadata=metadata, idempotency_key=args.idempotency_key),
+                    timeout=120).job
                 print(f"submitted {job.job_id} ({job.total_items} requests)", file=sys.stderr)
                 if args.wait or args.out:
                     return _follow(stub, tenant, job, args.out, args.quiet)
@@ -211,5 +212,7 @@ def add_batch_parser(sub, default_router: str) -> None:
     batch.add_argument("--out", default="", help="submit/results: write the results here (JSONL, input order)")
     batch.add_argument("--limit", type=int, default=50, help="list: jobs to show")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--idempotency-key", default="",
+                       help="submit: running the same submit again (same key, file and tenant) returns the first job")
     batch.add_argument("--router", default=default_router)
     batch.set_defaults(func=cmd_batch)

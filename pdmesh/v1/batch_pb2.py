@@ -26,7 +26,7 @@ from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 from pdmesh.v1 import router_pb2 as pdmesh_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdmesh/v1/batch.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\x1a\x16pdmesh/v1/router.proto\"K\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.pdmesh.v1.GenerateRequest\"\xec\x02\n\x08\x42\x61tchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.pdmesh.v1.BatchJobStatus\x12\x13\n\x0btotal_items\x18\x04 \x01(\r\x12\x17\n\x0f\x63ompleted_items\x18\x05 \x01(\r\x12\x14\n\x0c\x66\x61iled_items\x18\x06 \x01(\r\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\t \x01(\x03\x12\x15\n\rended_unix_ms\x18\n \x01(\x03\x12\x33\n\x08metadata\x18\x0b \x03(\x0b\x32!.pdmesh.v1.BatchJob.MetadataEntry\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xec\x01\n\x0b\x42\x61tchResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x12\n\nitem_index\x18\x02 \x01(\r\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x19\n\x11\x63ompleted_unix_ms\x18\t \x01(\x03\"\xc2\x01\n\x15\x43reateBatchJobRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.pdmesh.v1.BatchItem\x12@\n\x08metadata\x18\x03 \x03(\x0b\x32..pdmesh.v1.CreateBatchJobRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x16\x43reateBatchJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.BatchJob\"7\n\x12GetBatchJobRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"7\n\x13GetBatchJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.BatchJob\"P\n\x14ListBatchJobsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x15ListBatchJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.pdmesh.v1.BatchJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x15\x43\x61ncelBatchJobRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\":\n\x16\x43\x61ncelBatchJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.BatchJob\"c\n\x17ListBatchResultsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\\\n\x18ListBatchResultsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.pdmesh.v1.BatchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"R\n\x19StreamBatchResultsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x1aStreamBatchResultsResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.pdmesh.v1.BatchResult\x12\x14\n\x0cresume_token\x18\x02 \x01(\t*\xca\x01\n\x0e\x42\x61tchJobStatus\x12 \n\x1c\x42\x41TCH_JOB_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TCH_JOB_STATUS_QUEUED\x10\x01\x12\x1c\n\x18\x42\x41TCH_JOB_STATUS_RUNNING\x10\x02\x12\x1e\n\x1a\x42\x41TCH_JOB_STATUS_COMPLETED\x10\x03\x12\x1e\n\x1a\x42\x41TCH_JOB_STATUS_CANCELLED\x10\x04\x12\x1b\n\x17\x42\x41TCH_JOB_STATUS_FAILED\x10\x05\x32\xa0\x04\n\x0c\x42\x61tchService\x12U\n\x0e\x43reateBatchJob\x12 .pdmesh.v1.CreateBatchJobRequest\x1a!.pdmesh.v1.CreateBatchJobResponse\x12L\n\x0bGetBatchJob\x12\x1d.pdmesh.v1.GetBatchJobRequest\x1a\x1e.pdmesh.v1.GetBatchJobResponse\x12R\n\rListBatchJobs\x12\x1f.pdmesh.v1.ListBatchJobsRequest\x1a .pdmesh.v1.ListBatchJobsResponse\x12U\n\x0e\x43\x61ncelBatchJob\x12 .pdmesh.v1.CancelBatchJobRequest\x1a!.pdmesh.v1.CancelBatchJobResponse\x12[\n\x10ListBatchResults\x12\".pdmesh.v1.ListBatchResultsRequest\x1a#.pdmesh.v1.ListBatchResultsResponse\x12\x63\n\x12StreamBatchResults\x12$.pdmesh.v1.StreamBatchResultsRequest\x1a%.pdmesh.v1.StreamBatchResultsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdmesh/v1/batch.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\x1a\x16pdmesh/v1/router.proto\"K\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.pdmesh.v1.GenerateRequest\"\xec\x02\n\x08\x42\x61tchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.pdmesh.v1.BatchJobStatus\x12\x13\n\x0btotal_items\x18\x04 \x01(\r\x12\x17\n\x0f\x63ompleted_items\x18\x05 \x01(\r\x12\x14\n\x0c\x66\x61iled_items\x18\x06 \x01(\r\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\t \x01(\x03\x12\x15\n\rended_unix_ms\x18\n \x01(\x03\x12\x33\n\x08metadata\x18\x0b \x03(\x0b\x32!.pdmesh.v1.BatchJob.MetadataEntry\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xec\x01\n\x0b\x42\x61tchResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x12\n\nitem_index\x18\x02 \x01(\r\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x19\n\x11\x63ompleted_unix_ms\x18\t \x01(\x03\"\xdb\x01\n\x15\x43reateBatchJobRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.pdmesh.v1.BatchItem\x12@\n\x08metadata\x18\x03 \x03(\x0b\x32..pdmesh.v1.CreateBatchJobRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x16\x43reateBatchJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.BatchJob\"7\n\x12GetBatchJobRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"7\n\x13GetBatchJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.BatchJob\"P\n\x14ListBatchJobsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x15ListBatchJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.pdmesh.v1.BatchJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x15\x43\x61ncelBatchJobRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\":\n\x16\x43\x61ncelBatchJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.BatchJob\"c\n\x17ListBatchResultsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\\\n\x18ListBatchResultsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.pdmesh.v1.BatchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"R\n\x19StreamBatchResultsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x1aStreamBatchResultsResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.pdmesh.v1.BatchResult\x12\x14\n\x0cresume_token\x18\x02 \x01(\t*\xca\x01\n\x0e\x42\x61tchJobStatus\x12 \n\x1c\x42\x41TCH_JOB_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TCH_JOB_STATUS_QUEUED\x10\x01\x12\x1c\n\x18\x42\x41TCH_JOB_STATUS_RUNNING\x10\x02\x12\x1e\n\x1a\x42\x41TCH_JOB_STATUS_COMPLETED\x10\x03\x12\x1e\n\x1a\x42\x41TCH_JOB_STATUS_CANCELLED\x10\x04\x12\x1b\n\x17\x42\x41TCH_JOB_STATUS_FAILED\x10\x05\x32\xa0\x04\n\x0c\x42\x61tchService\x12U\n\x0e\x43reateBatchJob\x12 .pdmesh.v1.CreateBatchJobRequest\x1a!.pdmesh.v1.CreateBatchJobResponse\x12L\n\x0bGetBatchJob\x12\x1d.pdmesh.v1.GetBatchJobRequest\x1a\x1e.pdmesh.v1.GetBatchJobResponse\x12R\n\rListBatchJobs\x12\x1f.pdmesh.v1.ListBatchJobsRequest\x1a .pdmesh.v1.ListBatchJobsResponse\x12U\n\x0e\x43\x61ncelBatchJob\x12 .pdmesh.v1.CancelBatchJobRequest\x1a!.pdmesh.v1.CancelBatchJobResponse\x12[\n\x10ListBatchResults\x12\".pdmesh.v1.ListBatchResultsRequest\x1a#.pdmesh.v1.ListBatchResultsResponse\x12\x63\n\x12StreamBatchResults\x12$.pdmesh.v1.StreamBatchResultsRequest\x1a%.pdmesh.v1.StreamBatchResultsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHJOB_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CREATEBATCHJOBREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_CREATEBATCHJOBREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_BATCHJOBSTATUS']._serialized_start=1797
-  _globals['_BATCHJOBSTATUS']._serialized_end=1999
+  _globals['_BATCHJOBSTATUS']._serialized_start=1822
+  _globals['_BATCHJOBSTATUS']._serialized_end=2024
   _globals['_BATCHITEM']._serialized_start=84
   _globals['_BATCHITEM']._serialized_end=159
   _globals['_BATCHJOB']._serialized_start=162
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHRESULT']._serialized_start=529
   _globals['_BATCHRESULT']._serialized_end=765
   _globals['_CREATEBATCHJOBREQUEST']._serialized_start=768
-  _globals['_CREATEBATCHJOBREQUEST']._serialized_end=962
+  _globals['_CREATEBATCHJOBREQUEST']._serialized_end=987
   _globals['_CREATEBATCHJOBREQUEST_METADATAENTRY']._serialized_start=479
   _globals['_CREATEBATCHJOBREQUEST_METADATAENTRY']._serialized_end=526
-  _globals['_CREATEBATCHJOBRESPONSE']._serialized_start=964
-  _globals['_CREATEBATCHJOBRESPONSE']._serialized_end=1022
-  _globals['_GETBATCHJOBREQUEST']._serialized_start=1024
-  _globals['_GETBATCHJOBREQUEST']._serialized_end=1079
-  _globals['_GETBATCHJOBRESPONSE']._serialized_start=1081
-  _globals['_GETBATCHJOBRESPONSE']._serialized_end=1136
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1138
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1218
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1220
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=1303
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=1305
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=1363
-  _globals['_CANCELBATCHJOBRESPONSE']._serialized_start=1365
-  _globals['_CANCELBATCHJOBRESPONSE']._serialized_end=1423
-  _globals['_LISTBATCHRESULTSREQUEST']._serialized_start=1425
-  _globals['_LISTBATCHRESULTSREQUEST']._serialized_end=1524
-  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_start=1526
-  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_end=1618
-  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_start=1620
-  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_end=1702
-  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_start=1704
-  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_end=1794
-  _globals['_BATCHSERVICE']._serialized_start=2002
-  _globals['_BATCHSERVICE']._serialized_end=2546
+  _globals['_CREATEBATCHJOBRESPONSE']._serialized_start=989
+  _globals['_CREATEBATCHJOBRESPONSE']._serialized_end=1047
+  _globals['_GETBATCHJOBREQUEST']._serialized_start=1049
+  _globals['_GETBATCHJOBREQUEST']._serialized_end=1104
+  _globals['_GETBATCHJOBRESPONSE']._serialized_start=1106
+  _globals['_GETBATCHJOBRESPONSE']._serialized_end=1161
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1163
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1243
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1245
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=1328
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=1330
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=1388
+  _globals['_CANCELBATCHJOBRESPONSE']._serialized_start=1390
+  _globals['_CANCELBATCHJOBRESPONSE']._serialized_end=1448
+  _globals['_LISTBATCHRESULTSREQUEST']._serialized_start=1450
+  _globals['_LISTBATCHRESULTSREQUEST']._serialized_end=1549
+  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_start=1551
+  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_end=1643
+  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_start=1645
+  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_end=1727
+  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_start=1729
+  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_end=1819
+  _globals['_BATCHSERVICE']._serialized_start=2027
+  _globals['_BATCHSERVICE']._serialized_end=2571
 # @@protoc_insertion_point(module_scope)

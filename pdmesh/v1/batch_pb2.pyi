@@ -90,7 +90,7 @@ class BatchResult(_message.Message):
     def __init__(self, custom_id: _Optional[str] = ..., item_index: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., completed_unix_ms: _Optional[int] = ...) -> None: ...
 
 class CreateBatchJobRequest(_message.Message):
-    __slots__ = ("tenant_id", "items", "metadata")
+    __slots__ = ("tenant_id", "items", "metadata", "idempotency_key")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,10 +101,12 @@ class CreateBatchJobRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     items: _containers.RepeatedCompositeFieldContainer[BatchItem]
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, tenant_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, tenant_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CreateBatchJobResponse(_message.Message):
     __slots__ = ("job",)

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/common.proto\x12\tpdmesh.v1\"t\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa7\x01\n\x0cPhaseTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cplacement_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\"\xbb\x01\n\x08KvLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cwire_version\x18\x08 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\"\xfb\x01\n\x08KvHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KvLayout\x12\x17\n\x0f\x62lock_checksums\x18\x07 \x03(\x06\x12\x1d\n\x15lease_expires_unix_ms\x18\x08 \x01(\x03\x12\x12\n\ntransports\x18\t \x03(\t\x12\x18\n\x10\x65ngine_kv_params\x18\n \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r*i\n\rPriorityClass\x12\x1e\n\x1aPRIORITY_CLASS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPRIORITY_CLASS_INTERACTIVE\x10\x01\x12\x18\n\x14PRIORITY_CLASS_BATCH\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/common.proto\x12\tpdmesh.v1\"t\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xc0\x01\n\x0cPhaseTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cplacement_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x08 \x01(\x01\"\xbb\x01\n\x08KvLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cwire_version\x18\x08 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\"\xfb\x01\n\x08KvHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KvLayout\x12\x17\n\x0f\x62lock_checksums\x18\x07 \x03(\x06\x12\x1d\n\x15lease_expires_unix_ms\x18\x08 \x01(\x03\x12\x12\n\ntransports\x18\t \x03(\t\x12\x18\n\x10\x65ngine_kv_params\x18\n \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r*i\n\rPriorityClass\x12\x1e\n\x1aPRIORITY_CLASS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPRIORITY_CLASS_INTERACTIVE\x10\x01\x12\x18\n\x14PRIORITY_CLASS_BATCH\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITYCLASS']._serialized_start=883
-  _globals['_PRIORITYCLASS']._serialized_end=988
-  _globals['_FINISHREASON']._serialized_start=990
-  _globals['_FINISHREASON']._serialized_end=1110
+  _globals['_PRIORITYCLASS']._serialized_start=908
+  _globals['_PRIORITYCLASS']._serialized_end=1013
+  _globals['_FINISHREASON']._serialized_start=1015
+  _globals['_FINISHREASON']._serialized_end=1135
   _globals['_SAMPLINGPARAMS']._serialized_start=37
   _globals['_SAMPLINGPARAMS']._serialized_end=153
   _globals['_USAGE']._serialized_start=155
   _globals['_USAGE']._serialized_end=242
   _globals['_PHASETIMINGS']._serialized_start=245
-  _globals['_PHASETIMINGS']._serialized_end=412
-  _globals['_KVLAYOUT']._serialized_start=415
-  _globals['_KVLAYOUT']._serialized_end=602
-  _globals['_KVHANDLE']._serialized_start=605
-  _globals['_KVHANDLE']._serialized_end=856
-  _globals['_TOKENIDS']._serialized_start=858
-  _globals['_TOKENIDS']._serialized_end=881
+  _globals['_PHASETIMINGS']._serialized_end=437
+  _globals['_KVLAYOUT']._serialized_start=440
+  _globals['_KVLAYOUT']._serialized_end=627
+  _globals['_KVHANDLE']._serialized_start=630
+  _globals['_KVHANDLE']._serialized_end=881
+  _globals['_TOKENIDS']._serialized_start=883
+  _globals['_TOKENIDS']._serialized_end=906
 # @@protoc_insertion_point(module_scope)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdmesh/v1/worker_state.proto\x12\tpdmesh.v1\"5\n\x12StreamStateRequest\x12\x1f\n\x17load_report_interval_ms\x18\x01 \x01(\r\"\xb3\x01\n\x13StreamStateResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12,\n\tkv_events\x18\x03 \x01(\x0b\x32\x17.pdmesh.v1.KvEventBatchH\x00\x12,\n\x0bload_report\x18\x04 \x01(\x0b\x32\x15.pdmesh.v1.LoadReportH\x00\x42\x08\n\x06update\"2\n\x0cKvEventBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.pdmesh.v1.KvEvent\"\x9a\x01\n\x07KvEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.BlocksRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.pdmesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"8\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x12\n\nblock_size\x18\x02 \x01(\r\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\"\x12\n\x10\x41llBlocksCleared\"\x97\x02\n\nLoadReport\x12\x19\n\x11waiting_sequences\x18\x01 \x01(\r\x12\x19\n\x11running_sequences\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x06 \x01(\x03\x12$\n\x1cprompt_tokens_computed_total\x18\x07 \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x08 \x01(\x04\x12\"\n\x1aprompt_tokens_cached_total\x18\t \x01(\x04*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\x64\n\x12WorkerStateService\x12N\n\x0bStreamState\x12\x1d.pdmesh.v1.StreamStateRequest\x1a\x1e.pdmesh.v1.StreamStateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdmesh/v1/worker_state.proto\x12\tpdmesh.v1\"5\n\x12StreamStateRequest\x12\x1f\n\x17load_report_interval_ms\x18\x01 \x01(\r\"\xb3\x01\n\x13StreamStateResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12,\n\tkv_events\x18\x03 \x01(\x0b\x32\x17.pdmesh.v1.KvEventBatchH\x00\x12,\n\x0bload_report\x18\x04 \x01(\x0b\x32\x15.pdmesh.v1.LoadReportH\x00\x42\x08\n\x06update\"2\n\x0cKvEventBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.pdmesh.v1.KvEvent\"\x9a\x01\n\x07KvEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.pdmesh.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.BlocksRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.pdmesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"8\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x12\n\nblock_size\x18\x02 \x01(\r\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\"\x12\n\x10\x41llBlocksCleared\"\xb6\x02\n\nLoadReport\x12\x19\n\x11waiting_sequences\x18\x01 \x01(\r\x12\x19\n\x11running_sequences\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x06 \x01(\x03\x12$\n\x1cprompt_tokens_computed_total\x18\x07 \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x08 \x01(\x04\x12\"\n\x1aprompt_tokens_cached_total\x18\t \x01(\x04\x12\x1d\n\x15max_running_sequences\x18\n \x01(\r*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\x64\n\x12WorkerStateService\x12N\n\x0bStreamState\x12\x1d.pdmesh.v1.StreamStateRequest\x1a\x1e.pdmesh.v1.StreamStateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.worker_state_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=888
-  _globals['_WORKERROLE']._serialized_end=978
+  _globals['_WORKERROLE']._serialized_start=919
+  _globals['_WORKERROLE']._serialized_end=1009
   _globals['_STREAMSTATEREQUEST']._serialized_start=43
   _globals['_STREAMSTATEREQUEST']._serialized_end=96
   _globals['_STREAMSTATERESPONSE']._serialized_start=99
@@ -48,7 +48,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALLBLOCKSCLEARED']._serialized_start=586
   _globals['_ALLBLOCKSCLEARED']._serialized_end=604
   _globals['_LOADREPORT']._serialized_start=607
-  _globals['_LOADREPORT']._serialized_end=886
-  _globals['_WORKERSTATESERVICE']._serialized_start=980
-  _globals['_WORKERSTATESERVICE']._serialized_end=1080
+  _globals['_LOADREPORT']._serialized_end=917
+  _globals['_WORKERSTATESERVICE']._serialized_start=1011
+  _globals['_WORKERSTATESERVICE']._serialized_end=1111
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class AllBlocksCleared(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("waiting_sequences", "running_sequences", "kv_blocks_used", "kv_blocks_total", "queued_prefill_tokens", "timestamp_unix_ms", "prompt_tokens_computed_total", "generated_tokens_total", "prompt_tokens_cached_total")
+    __slots__ = ("waiting_sequences", "running_sequences", "kv_blocks_used", "kv_blocks_total", "queued_prefill_tokens", "timestamp_unix_ms", "prompt_tokens_computed_total", "generated_tokens_total", "prompt_tokens_cached_total", "max_running_sequences")
     WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class LoadReport(_message.Message):
     PROMPT_TOKENS_COMPUTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_CACHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     waiting_sequences: int
     running_sequences: int
     kv_blocks_used: int
@@ -88,4 +89,5 @@ class LoadReport(_message.Message):
     prompt_tokens_computed_total: int
     generated_tokens_total: int
     prompt_tokens_cached_total: int
-    def __init__(self, waiting_sequences: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., prompt_tokens_computed_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., prompt_tokens_cached_total: _Optional[int] = ...) -> None: ...
+    max_running_sequences: int
+    def __init__(self, waiting_sequences: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., prompt_tokens_computed_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., prompt_tokens_cached_total: _Optional[int] = ..., max_running_sequences: _Optional[int] = ...) -> None: ...

@@ -3,7 +3,10 @@
 Invariant: only the engine thread touches the engine. Asyncio code sends it commands (`call`)
 that run between two steps, and receives each request's token outputs on its own asyncio.Queue.
 The loop: run pending commands; if any request is unfinished, step once and hand the outputs
-to their queues; otherwise sleep until a command arrives.
+to their queues; otherwise sleep until a command arrives. A command announced with a priority
+rank (`call(fn, announce=rank)`) may cut short a step in flight that carries less urgent work
+and no prompt of that rank (LLMEngine.step's `arrival`), so a live request never waits for a
+batch step.
 """
 
 import asyncio
@@ -26,6 +29,7 @@ class EngineRunner:
         self._outputs: dict[str, asyncio.Queue] = {}
         self._on_step = on_step
         self._stopped = False
+        self._announced: int | None = None  # most urgent rank announced since the last command round
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -36,9 +40,17 @@ class EngineRunner:
         self._commands.put(None)
         self._thread.join(timeout=10)
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Runs fn(engine) on the engine thread between steps; returns or raises what it did."""
+    async def call(self, fn: Callable[[Any], Any], announce: int | None = None) -> Any:
+        """Runs fn(engine) on the engine thread between steps; returns or raises what it did.
+        `announce`: the priority rank of the request fn adds; a step of less urgent sequences
+        in flight stops early so fn runs sooner."""
         future = self._loop.create_future()
+        if announce is not None:
+            # Set before the command is queued: the engine thread clears it before it takes
+            # commands, so an announcement is never lost (at worst it outlives its command by
+            # one step, which then cannot be cut for a request it already carries).
+            current = self._announced
+            self._announced = announce if current is None else min(current, announce)
         self._commands.put((fn, future))
         return await future
 
@@ -66,7 +78,11 @@ class EngineRunner:
                 elif self._on_step is not None:
                     self._on_step(self.engine)  # idle: publish what the commands changed (e.g. a release)
 
+    def _arrival(self) -> int | None:
+        return self._announced
+
     def _run_commands(self, block: bool) -> bool:
+        self._announced = None
         try:
             item = self._commands.get(block=block)
         except queue.Empty:
@@ -89,7 +105,7 @@ class EngineRunner:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(self._arrival)
         except Exception as exc:
             # A failed step poisons every request in flight: fail them loudly instead of hanging.
             log.exception("engine step failed; failing all open streams")

@@ -38,6 +38,9 @@ KV_SECONDS = Histogram("pdmesh_kv_transfer_seconds", "KV pull duration (handshak
                        buckets=_LATENCY_BUCKETS)
 KV_FAILURES = Counter("pdmesh_kv_transfer_failures", "KV pulls that failed, by transport and reason",
                       ["transport", "reason"])
+BATCH_ITEMS = Counter("pdmesh_batch_items", "Batch job items with a stored result, by outcome (ok, failed)",
+                      ["outcome"])
+BATCH_TOKENS = Counter("pdmesh_batch_tokens", "Tokens of stored batch results (prompt, completion)", ["kind"])
 
 
 def start_metrics_server(port: int | None, host: str = "0.0.0.0") -> int | None:
@@ -93,6 +96,41 @@ class LeaseCollector:
                                   labels=["service", "worker_id"])
         gauge.add_metric(self._labels, len(self._leases))
         yield gauge
+
+
+class RouterCollector:
+    """pdmesh_router_requests (admission: requests queued / running, by priority) and
+    pdmesh_batch_jobs (batch jobs by status, from the store), read at scrape time from the
+    router attached last (one router per process; nothing before one is attached)."""
+
+    def __init__(self):
+        self._admission, self._job_counts = None, None
+
+    def attach_admission(self, admission) -> None:
+        """services.router.admission.Admission: queued_by_class(priority), inflight_by_class."""
+        self._admission = admission
+
+    def attach_batch_store(self, job_counts) -> None:
+        """`job_counts()`: batch job status -> number of jobs (any thread)."""
+        self._job_counts = job_counts
+
+    def collect(self):
+        if self._admission is not None:
+            gauge = GaugeMetricFamily("pdmesh_router_requests", "Requests in the router's admission, by priority "
+                                      "class and state (queued, running)", labels=["priority", "state"])
+            for priority, running in self._admission.inflight_by_class.items():
+                gauge.add_metric([priority, "queued"], self._admission.queued_by_class(priority))
+                gauge.add_metric([priority, "running"], running)
+            yield gauge
+        if self._job_counts is not None:
+            gauge = GaugeMetricFamily("pdmesh_batch_jobs", "Batch jobs in the store, by status", labels=["status"])
+            for status, count in sorted(self._job_counts().items()):
+                gauge.add_metric([status], count)
+            yield gauge
+
+
+ROUTER = RouterCollector()
+REGISTRY.register(ROUTER)
 
 
 def register_leases(worker_id: str, leases) -> None:

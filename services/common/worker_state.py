@@ -26,13 +26,14 @@ class WorkerSnapshot(NamedTuple):
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0
     generated_tokens: int = 0
+    max_running: int = 0
 
 
 def snapshot_of(engine) -> WorkerSnapshot:
     load, stats = engine.load(), engine.stats
     return WorkerSnapshot(load.waiting, load.running, load.kv_blocks_used, load.kv_blocks_total,
                           load.queued_prefill_tokens, stats.prompt_tokens_computed, stats.prompt_tokens_cached,
-                          stats.generated_tokens)
+                          stats.generated_tokens, load.max_running)
 
 
 class WorkerStateHub:
@@ -113,7 +114,8 @@ class WorkerStateServicer(ws_grpc.WorkerStateServiceServicer):
             waiting_sequences=s.waiting, running_sequences=s.running, kv_blocks_used=s.kv_blocks_used,
             kv_blocks_total=s.kv_blocks_total, queued_prefill_tokens=s.queued_prefill_tokens,
             timestamp_unix_ms=int(time.time() * 1000), prompt_tokens_computed_total=s.prompt_tokens_computed,
-            generated_tokens_total=s.generated_tokens, prompt_tokens_cached_total=s.prompt_tokens_cached))
+            generated_tokens_total=s.generated_tokens, prompt_tokens_cached_total=s.prompt_tokens_cached,
+            max_running_sequences=s.max_running))
 
     def _event(self, event) -> ws_pb2.KvEvent:
         if event.kind == "stored":

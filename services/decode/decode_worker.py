@@ -66,6 +66,7 @@ class DecodeWorker:
         self._engine_transport = engine_transport  # KV the engine pulls itself ("vllm-nixl"), "" = none
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[DecodeEvent]:
+        arrived = time.perf_counter()
         outputs = self._runner.open_stream(job.request_id)
         try:
             route = self._route(job.handle)
@@ -77,7 +78,7 @@ class DecodeWorker:
             first = [] if transfer is None else [job.first_token_id]
             local_len = len(job.prompt) + len(job.resume_token_ids) if transfer is None else 0
             engine_transport = self._engine_transport if route == "engine" else ""
-            async for event in self._stream(outputs, first, transfer, local_len, engine_transport):
+            async for event in self._stream(outputs, first, transfer, local_len, arrived, engine_transport):
                 yield event
         except BaseException:
             self._runner.post(lambda engine: engine.abort(job.request_id))
@@ -110,6 +111,7 @@ class DecodeWorker:
             raise
         finally:
             await self._release(job.handle)
+        # Not announced: the first token is out already; cutting a step would only hurry the second.
         await self._runner.call(lambda engine: engine.add_imported(
             job.request_id, job.prompt, job.first_token_id, job.sampling, job.max_tokens, job.ignore_eos,
             job.priority))
@@ -117,8 +119,8 @@ class DecodeWorker:
 
     async def _reserve(self, job: DecodeJob) -> list[int]:
         while True:
-            dst = await self._runner.call(lambda engine: engine.reserve_for_import(
-                job.request_id, len(job.prompt), job.priority))
+            dst = await self._runner.call(lambda engine: engine.reserve_for_import(  # the first token waits on it
+                job.request_id, len(job.prompt), job.priority), announce=job.priority)
             if dst is not None:
                 return dst
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -166,16 +168,18 @@ class DecodeWorker:
     async def _add_local(self, job: DecodeJob) -> None:
         await self._runner.call(lambda engine: engine.add_request(
             job.request_id, job.prompt, job.sampling, job.max_tokens, ignore_eos=job.ignore_eos,
-            priority=job.priority, resume_token_ids=job.resume_token_ids))
+            priority=job.priority, resume_token_ids=job.resume_token_ids), announce=job.priority)
 
     async def _stream(self, outputs: asyncio.Queue, first: list[int], transfer: TransferInfo | None,
-                      local_prompt_len: int, engine_transport: str = ""):
+                      local_prompt_len: int, arrived: float, engine_transport: str = ""):
         """Relays engine outputs. A pulled prompt's first token goes out at once; with local
-        prefill, the first output says how much of the prompt was cached. With KV the engine
-        pulls itself (engine_transport), vLLM does not say per request how much it computed (the
-        worker's counters do): the first event names the transport, its span covers pull and
-        first token."""
+        prefill, the first output says how much of the prompt was cached and how long the
+        request waited since it `arrived` (for the engine thread to take it, then for a step).
+        With KV the engine pulls itself (engine_transport), vLLM does not say per request how much
+        it computed (the worker's counters do): the first event names the transport, its span
+        covers pull and first token."""
         start, first_at, generated = time.perf_counter(), None, 0
+        waited_ms = 0.0 if first else (start - arrived) * 1000
         if first:
             yield DecodeEvent(first, None, transfer)
             transfer, first_at, generated = TransferInfo(), start, 1
@@ -184,12 +188,12 @@ class DecodeWorker:
             if isinstance(out, EngineFailure):
                 raise out
             if out.queue_ms:
-                tracing.record_span("decode.queue", start, start + out.queue_ms / 1000)
+                tracing.record_span("decode.queue", start - waited_ms / 1000, start + out.queue_ms / 1000)  # from arrival
             if transfer is None and engine_transport:
-                transfer = TransferInfo(engine_transport, queue_ms=out.queue_ms)
+                transfer = TransferInfo(engine_transport, queue_ms=waited_ms + out.queue_ms)
             elif transfer is None:
                 transfer = TransferInfo(local_prefill_tokens=local_prompt_len - out.num_cached_tokens,
-                                        cached_tokens=out.num_cached_tokens, queue_ms=out.queue_ms)
+                                        cached_tokens=out.num_cached_tokens, queue_ms=waited_ms + out.queue_ms)
             elif out.queue_ms:
                 transfer = transfer._replace(queue_ms=out.queue_ms)
             tokens = [out.token_id] if out.token_id is not None else []

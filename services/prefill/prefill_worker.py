@@ -57,7 +57,7 @@ class PrefillWorker:
         outputs = self._runner.open_stream(request_id)
         try:
             await self._runner.call(lambda engine: engine.add_request(
-                request_id, prompt, sampling, max_tokens=1, keep_kv=True, priority=priority))
+                request_id, prompt, sampling, max_tokens=1, keep_kv=True, priority=priority), announce=priority)
             out = await outputs.get()
             if isinstance(out, EngineFailure):
                 raise out

@@ -50,7 +50,7 @@ class RouterConfig:
     batch_headroom: HeadroomRule = field(default_factory=HeadroomRule)
     tenants: TenantPolicy = field(default_factory=TenantPolicy)
     batch_db: str = DEFAULT_BATCH_DB  # SQLite file of the BatchService's jobs and results
-    batch_job_concurrency: int = 8  # items of one job in flight at once
+    batch_job_concurrency: int = 32  # items of one job in flight at once (running or queued)
     batch_max_items: int = 50_000  # items per job
 
     def __post_init__(self) -> None:

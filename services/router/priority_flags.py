@@ -16,14 +16,16 @@ def add_priority_flags(p: argparse.ArgumentParser) -> None:
                    help=f"SQLite file holding batch jobs and results (default {DEFAULT_BATCH_DB})")
     g.add_argument("--batch-max-inflight", type=int, default=int(env("PDMESH_BATCH_MAX_INFLIGHT", "0")) or None,
                    help="batch requests take a slot only while fewer requests than this run (default max-inflight/2)")
-    g.add_argument("--batch-job-concurrency", type=int, default=int(env("PDMESH_BATCH_JOB_CONCURRENCY", "8")),
-                   help="items of one batch job in flight at once")
+    g.add_argument("--batch-job-concurrency", type=int, default=int(env("PDMESH_BATCH_JOB_CONCURRENCY", "32")),
+                   help="items of one batch job in flight at once (running or queued at admission, so a "
+                        "freed slot is refilled at once)")
     g.add_argument("--batch-max-kv-utilization", type=float,
                    default=float(env("PDMESH_BATCH_MAX_KV_UTILIZATION", "0.8")),
                    help="headroom: a decode worker's KV blocks used/total must be below this")
     g.add_argument("--batch-max-running-per-worker", type=int,
-                   default=int(env("PDMESH_BATCH_MAX_RUNNING_PER_WORKER", "8")),
-                   help="headroom: a decode worker must run fewer sequences than this")
+                   default=int(env("PDMESH_BATCH_MAX_RUNNING_PER_WORKER", "0")),
+                   help="headroom: a decode worker must run fewer sequences than this "
+                        "(default 0: its own max-num-seqs, from its load reports)")
     g.add_argument("--batch-max-prefill-queue-tokens", type=int,
                    default=int(env("PDMESH_BATCH_MAX_PREFILL_QUEUE_TOKENS", "1024")),
                    help="headroom: some prefill worker must have at most this many prompt tokens queued")

@@ -225,6 +225,8 @@ class _Relay:
         if message.stats.kv_transport:
             self.transport = message.stats.kv_transport
             self.timings.kv_transfer_ms = message.stats.kv_transfer_ms
+        if message.stats.queue_ms and not self.sent:
+            self.timings.decode_queue_ms = message.stats.queue_ms
         self.cached = self.cached or message.stats.cached_tokens
         now = self._ms()
         tokens = list(message.token_ids)

@@ -41,6 +41,7 @@ class WorkerEndpoint:
 
     inflight: int = 0
     inflight_tokens: int = 0
+    finished_since_report: int = 0
 
     def __post_init__(self) -> None:
         self.prefill_stub = prefill_pb2_grpc.PrefillServiceStub(self.channel)
@@ -54,7 +55,7 @@ class WorkerEndpoint:
     def view(self) -> WorkerView:
         r = self.load  # (spelled out, not _replace(): this runs per worker per request)
         load = LoadView(r.waiting, r.running, r.kv_blocks_used, r.kv_blocks_total, r.queued_prefill_tokens,
-                        self.inflight, self.inflight_tokens)
+                        self.inflight, self.inflight_tokens, r.max_running, self.finished_since_report)
         return WorkerView(self.key, self.address, self.role, self.healthy, load)
 
 
@@ -165,6 +166,7 @@ class WorkerRegistry:
         finally:
             endpoint.inflight -= 1
             endpoint.inflight_tokens -= prompt_tokens
+            endpoint.finished_since_report += 1
             self._notify()
 
     def has_healthy(self, role: str) -> bool:
@@ -202,7 +204,8 @@ class WorkerRegistry:
         if kind == "load_report":
             r = update.load_report
             endpoint.load = LoadView(r.waiting_sequences, r.running_sequences, r.kv_blocks_used, r.kv_blocks_total,
-                                     r.queued_prefill_tokens)
+                                     r.queued_prefill_tokens, max_running=r.max_running_sequences)
+            endpoint.finished_since_report = 0
         elif kind == "kv_events":
             for event in update.kv_events.events:
                 which = event.WhichOneof("event")

@@ -172,6 +172,22 @@ def test_another_tenant_cannot_see_the_job(mesh):
     assert wait_ended(mesh, "owner", job.job_id).completed_items == 1, "the owner's job was not touched"
 
 
+def test_a_retried_create_with_an_idempotency_key_returns_the_same_job(mesh):
+    items = [item(f"k{i}", [2, 40 + i, 41], 2) for i in range(3)]
+    request = batch_pb2.CreateBatchJobRequest(tenant_id="retry", items=items, idempotency_key="nightly-2026-11-23")
+    first = mesh.batch.CreateBatchJob(request, timeout=30).job
+    again = mesh.batch.CreateBatchJob(request, timeout=30).job  # as a client whose answer got lost would
+    assert again.job_id == first.job_id
+    assert wait_ended(mesh, "retry", first.job_id).completed_items == 3
+    assert mesh.batch.CreateBatchJob(request, timeout=30).job.job_id == first.job_id  # also once it ended
+    assert len(mesh.batch.ListBatchJobs(batch_pb2.ListBatchJobsRequest(tenant_id="retry"), timeout=10).jobs) == 1
+    assert len(all_results(mesh, "retry", first.job_id)) == 3, "every item ran once"
+    request.items.append(item("extra", [2, 3], 2))
+    with pytest.raises(grpc.RpcError) as err:
+        mesh.batch.CreateBatchJob(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and first.job_id in err.value.details()
+
+
 def test_list_jobs_pages_newest_first(mesh):
     ids = [create(mesh, "lister", [item("only", [2, 11], 1)]).job_id for _ in range(3)]
     first = mesh.batch.ListBatchJobs(batch_pb2.ListBatchJobsRequest(tenant_id="lister", page_size=2), timeout=10)

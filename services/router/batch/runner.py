@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from pdmesh.v1 import common_pb2, router_pb2
+from services.common import metrics
 from services.common.errors import ResourceExhausted, Unavailable
 from services.router.batch.store import AsyncBatchStore, ItemResult, Job, PendingItem
 
@@ -28,7 +29,7 @@ Generate = Callable[[router_pb2.GenerateRequest], AsyncIterator[router_pb2.Gener
 
 class BatchRunner:
     def __init__(self, store: AsyncBatchStore, generate: Generate, code_of: Callable[[BaseException], int],
-                 job_concurrency: int = 8, max_attempts: int = 8, max_backoff_s: float = 10.0,
+                 job_concurrency: int = 32, max_attempts: int = 8, max_backoff_s: float = 10.0,
                  pools_up: Callable[[], bool] = lambda: True):
         """`code_of(exc)` is the gRPC status code number an item's error is stored with."""
         if job_concurrency <= 0 or max_attempts <= 0:
@@ -84,7 +85,9 @@ class BatchRunner:
 
             async def feed() -> None:
                 for item in items:  # the workers share one iterator: each item is taken once
-                    await self._store.put_result(job_id, await self._run_item(job, item))
+                    result = await self._run_item(job, item)
+                    if await self._store.put_result(job_id, result):
+                        _count(result)
                     self._signal(job_id)
             async with asyncio.TaskGroup() as group:  # one feed failing stops the others
                 for _ in range(self.job_concurrency):
@@ -143,3 +146,10 @@ class BatchRunner:
     def _failed(self, item: PendingItem, exc: BaseException) -> ItemResult:
         return ItemResult(item.custom_id, item.item_index, error_code=self._code_of(exc),
                           error_message=str(exc) or type(exc).__name__)
+
+
+def _count(result: ItemResult) -> None:
+    """A stored result, in the batch metrics."""
+    metrics.BATCH_ITEMS.labels("ok" if result.error_code == 0 else "failed").inc()
+    metrics.BATCH_TOKENS.labels("prompt").inc(result.prompt_tokens)
+    metrics.BATCH_TOKENS.labels("completion").inc(result.completion_tokens)

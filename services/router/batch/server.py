@@ -13,6 +13,7 @@ from services.router.batch.store import (CANCELLED, COMPLETED, ENDED, FAILED, QU
                                          ItemResult, Job, decode_cursor, encode_cursor)
 
 MAX_CUSTOM_ID_CHARS = 512
+MAX_IDEMPOTENCY_KEY_CHARS = 256
 STREAM_RECHECK_S = 5.0  # a stream re-reads the store at least this often (the runner also wakes it)
 _STATUS = {QUEUED: batch_pb2.BATCH_JOB_STATUS_QUEUED, RUNNING: batch_pb2.BATCH_JOB_STATUS_RUNNING,
            COMPLETED: batch_pb2.BATCH_JOB_STATUS_COMPLETED, CANCELLED: batch_pb2.BATCH_JOB_STATUS_CANCELLED,
@@ -47,9 +48,12 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     @_mapped
     async def CreateBatchJob(self, request, context):
         store = self._ready()
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+            raise InvalidArgument(f"idempotency_key is {len(request.idempotency_key)} characters; "
+                                  f"at most {MAX_IDEMPOTENCY_KEY_CHARS}")
         items = await self._checked_items(request)
-        job = await store.create_job(request.tenant_id, items, dict(request.metadata))
-        self._runner.submit(job.job_id)
+        job = await store.create_job(request.tenant_id, items, dict(request.metadata), request.idempotency_key)
+        self._runner.submit(job.job_id)  # a repeated create: already submitted (an ended job stays ended)
         return batch_pb2.CreateBatchJobResponse(job=job_to_proto(job))
 
     async def _checked_items(self, request: batch_pb2.CreateBatchJobRequest) -> list[tuple[str, bytes]]:

@@ -3,6 +3,9 @@
 Contract:
 - create_job() stores the job and all its items in one transaction; once it returns, nothing of
   the job can be lost (a crash after that leaves it QUEUED or RUNNING, and the runner resumes it).
+  With an idempotency key, a create that repeats a key of the same tenant returns the job the
+  first one stored (same items and metadata, else InvalidArgument): a retried create never
+  makes a second job.
 - A result is keyed by (job, custom_id): put_result() stores the first one and ignores any later
   one, so an item re-run after a crash can never show a second result. It also ignores results of
   a job that is no longer RUNNING (cancelled meanwhile).
@@ -17,6 +20,7 @@ import asyncio
 import base64
 import concurrent.futures
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -30,7 +34,7 @@ from typing import NamedTuple
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: jobs, items, results; 2: jobs.idempotency_key and request_digest
 QUEUED, RUNNING, COMPLETED, CANCELLED, FAILED = "queued", "running", "completed", "cancelled", "failed"
 ENDED = (COMPLETED, CANCELLED, FAILED)
 
@@ -76,6 +80,14 @@ CREATE TABLE results (
 );
 CREATE INDEX results_by_job ON results (job_id, seq);
 """
+_MIGRATIONS = {  # version -> statements that take the previous version to it
+    1: _SCHEMA,
+    2: """
+ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+ALTER TABLE jobs ADD COLUMN request_digest TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+""",
+}
 
 
 class Job(NamedTuple):
@@ -149,27 +161,47 @@ class BatchStore:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version != 0:
-            raise RuntimeError(f"{self.path}: batch store schema version {version}, this router knows "
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: batch store schema version {version}, this router knows up to "
                                f"{SCHEMA_VERSION}; use a matching router or another --batch-db")
-        with self._transaction() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        with self._transaction() as db:  # an older file is upgraded in place, all steps or none
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # --- jobs ------------------------------------------------------------------------------------
 
-    def create_job(self, tenant_id: str, items: list[tuple[str, bytes]], metadata: dict[str, str]) -> Job:
-        """Stores a QUEUED job; items are (custom_id, serialized request), custom_ids unique."""
-        job_id = f"batch_{uuid.uuid4().hex[:20]}"
+    def create_job(self, tenant_id: str, items: list[tuple[str, bytes]], metadata: dict[str, str],
+                   idempotency_key: str = "") -> Job:
+        """Stores a QUEUED job; items are (custom_id, serialized request), custom_ids unique. A
+        tenant's repeated idempotency_key returns its first job (InvalidArgument if the items or
+        metadata differ)."""
+        job_id, digest = f"batch_{uuid.uuid4().hex[:20]}", _digest(items, metadata)
         with self._transaction() as db:
-            db.execute("INSERT INTO jobs (job_id, tenant_id, status, total_items, metadata, created_ms) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (job_id, tenant_id, QUEUED, len(items), json.dumps(metadata),
-                                                     now_ms()))
-            db.executemany("INSERT INTO items (job_id, item_index, custom_id, request) VALUES (?, ?, ?, ?)",
-                           [(job_id, i, custom_id, request) for i, (custom_id, request) in enumerate(items)])
+            earlier = idempotency_key and self._keyed_job(db, tenant_id, idempotency_key, digest)
+            if earlier:
+                job_id = earlier
+            else:
+                db.execute("INSERT INTO jobs (job_id, tenant_id, status, total_items, metadata, created_ms, "
+                           "idempotency_key, request_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (job_id, tenant_id, QUEUED, len(items), json.dumps(metadata), now_ms(),
+                            idempotency_key or None, digest))
+                db.executemany("INSERT INTO items (job_id, item_index, custom_id, request) VALUES (?, ?, ?, ?)",
+                               [(job_id, i, custom_id, request) for i, (custom_id, request) in enumerate(items)])
         return self.job(job_id)
+
+    @staticmethod
+    def _keyed_job(db, tenant_id: str, key: str, digest: str) -> str:
+        """The id of the tenant's job created with `key` ("" if none); InvalidArgument when that
+        job was made from other items or metadata."""
+        row = db.execute("SELECT job_id, request_digest FROM jobs WHERE tenant_id = ? AND idempotency_key = ?",
+                         (tenant_id, key)).fetchone()
+        if row is not None and row[1] != digest:
+            raise InvalidArgument(f"idempotency_key {key!r} was used for batch job {row[0]} with other items "
+                                  "or metadata; use a new key for a new job")
+        return row[0] if row is not None else ""
 
     def job(self, job_id: str) -> Job:
         with self._lock:
@@ -197,6 +229,11 @@ class BatchStore:
         more = len(rows) > limit
         rows = rows[:limit]
         return [_job(r[:-1]) for r in rows], (rows[-1][-1] if more else None)
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by status, every tenant (for /metrics; any thread)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
 
     def unfinished_jobs(self) -> list[Job]:
         """QUEUED and RUNNING jobs, oldest first (what the runner resumes on start)."""
@@ -271,6 +308,15 @@ class BatchStore:
 
 _JOB_COLUMNS = ("job_id, tenant_id, status, total_items, completed_items, failed_items, metadata, error, "
                 "created_ms, started_ms, ended_ms")
+
+
+def _digest(items: list[tuple[str, bytes]], metadata: dict[str, str]) -> str:
+    """What a job was made from, to tell a retried create from another job under the same key."""
+    h = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
+    for custom_id, request in items:
+        h.update(len(custom_id.encode()).to_bytes(4, "big") + custom_id.encode())
+        h.update(len(request).to_bytes(4, "big") + request)
+    return h.hexdigest()
 
 
 def _job(row) -> Job:

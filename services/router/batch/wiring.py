@@ -5,6 +5,7 @@ import logging
 import pathlib
 
 from pdmesh.v1 import batch_pb2, batch_pb2_grpc
+from services.common import metrics
 from services.common.errors import status_for
 from services.router.admission import Admission
 from services.router.batch.runner import BatchRunner
@@ -22,6 +23,7 @@ def build_admission(config: RouterConfig, registry: WorkerRegistry) -> Admission
                           headroom=lambda: config.batch_headroom.has_room(registry.views()),
                           limiter=TenantLimiter(config.tenants))
     registry.add_listener(admission.capacity_changed)  # waiting batch requests re-check on every load change
+    metrics.ROUTER.attach_admission(admission)
     return admission
 
 
@@ -40,6 +42,8 @@ class BatchService:
             self.runner = BatchRunner(self.store, lambda request: router_servicer.generate(request),
                                       lambda exc: status_for(exc).value[0], config.batch_job_concurrency,
                                       pools_up=lambda: registry.has_healthy("decode"))
+        if self.store is not None:
+            metrics.ROUTER.attach_batch_store(self.store.store.job_counts)
         self.servicer = BatchServicer(self.store, self.runner, router_servicer.validate, config.batch_max_items,
                                       reason)
 

@@ -9,8 +9,9 @@ from engine.hashing import block_hashes
 
 
 class LoadView(NamedTuple):
-    """The worker's last load report, plus what this router sent it since (reports lag by up to
-    one interval, and a burst placed in between must not all land on one worker)."""
+    """The worker's last load report, plus what this router sent it and saw finish since
+    (reports lag by up to one interval: a burst placed in between must not all land on one
+    worker, and a slot freed in between should be seen at once)."""
 
     waiting: int = 0
     running: int = 0
@@ -19,10 +20,15 @@ class LoadView(NamedTuple):
     queued_prefill_tokens: int = 0
     router_inflight: int = 0  # this router's requests on the worker right now
     router_inflight_tokens: int = 0  # their prompt tokens (prefill pool)
+    max_running: int = 0  # sequences the worker runs at once at most (0: not reported)
+    router_finished: int = 0  # this router's requests on the worker that ended since the report
 
     @property
     def queue_depth(self) -> int:
-        reported = self.waiting + self.running  # (no max() call: this runs per worker per request)
+        """Sequences on the worker now: the report minus what ended since, never less than what
+        this router has there (it knows its own exactly). (No max() call: this runs per worker per
+        request.)"""
+        reported = self.waiting + self.running - self.router_finished
         return reported if reported >= self.router_inflight else self.router_inflight
 
     @property

@@ -10,7 +10,7 @@ from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Sequence
 
 BS = 4
@@ -70,8 +70,70 @@ def test_a_running_batch_sequence_gives_its_slot_to_interactive():
     s.schedule()
     s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
     batch = s.schedule()
-    assert [q.request_id for q in batch.seqs] == ["live", "batch0"]
+    assert [q.request_id for q in batch.seqs] == ["live"]  # its prompt runs alone (see below)
+    assert [q.request_id for q in s.running] == ["live", "batch0"]
     assert [q.request_id for q in s.waiting] == ["batch1"] and s.num_preemptions == 1
+
+
+def _advance(batch):
+    for seq, n in zip(batch.seqs, batch.query_lens):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(7)
+
+
+def test_an_interactive_prompt_runs_alone_then_decodes_beside_batch():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64), BlockManager(64, BS))
+    for i in range(2):
+        s.add(_seq(f"batch{i}", 6, PRIORITY_BATCH))
+    _advance(s.schedule())  # both batch prompts, then they decode
+    s.add(_seq("live", 10, PRIORITY_INTERACTIVE))
+    s.add(_seq("batch2", 6, PRIORITY_BATCH))
+    assert s.urgent_floor() == PRIORITY_INTERACTIVE
+    first = s.schedule()
+    assert [q.request_id for q in first.seqs] == ["live"] and first.query_lens == [10]
+    _advance(first)
+    assert s.urgent_floor() is None  # live decodes now: batch shares the step again
+    second = s.schedule()
+    assert [q.request_id for q in second.seqs] == ["live", "batch0", "batch1", "batch2"]
+    assert second.query_lens == [1, 1, 1, 6] and s.num_preemptions == 0
+
+
+def test_a_chunked_interactive_prompt_keeps_batch_out_until_its_last_chunk():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=8), BlockManager(64, BS))
+    s.add(_seq("batch", 4, PRIORITY_BATCH))
+    _advance(s.schedule())
+    s.add(_seq("live", 20, PRIORITY_INTERACTIVE))
+    steps = []
+    for _ in range(4):
+        batch = s.schedule()
+        steps.append([(q.request_id, n) for q, n in zip(batch.seqs, batch.query_lens)])
+        _advance(batch)
+    assert steps == [[("live", 8)], [("live", 8)], [("live", 4)], [("live", 1), ("batch", 1)]]
+
+
+def _in_step(kind: str, i: int) -> tuple[Sequence, int]:
+    """A sequence as a step would carry it: "<class> prompt" (8 prompt tokens to compute) or
+    "<class> decode" (one token), and its query length."""
+    klass, phase = kind.split()
+    seq = _seq(f"{klass}{i}", 8, {"batch": PRIORITY_BATCH, "live": PRIORITY_INTERACTIVE}[klass])
+    if phase == "decode":
+        seq.num_computed_tokens = 8
+        seq.token_ids.append(7)
+    return seq, seq.num_uncomputed_tokens
+
+
+@pytest.mark.parametrize("step, arrival, cut", [
+    (["batch decode", "batch prompt"], PRIORITY_INTERACTIVE, True),  # a live arrival cuts batch work
+    (["live decode", "batch decode"], PRIORITY_INTERACTIVE, True),   # ... beside live decodes too
+    (["live prompt", "batch decode"], PRIORITY_INTERACTIVE, False),  # a step with a live prompt completes
+    (["live decode", "live decode"], PRIORITY_INTERACTIVE, False),   # nothing less urgent to postpone
+    (["batch decode", "batch decode"], PRIORITY_BATCH, False),       # batch never cuts batch
+    ([], PRIORITY_INTERACTIVE, False),
+])
+def test_which_steps_an_arrival_may_interrupt(step, arrival, cut):
+    seqs, query_lens = zip(*(_in_step(kind, i) for i, kind in enumerate(step))) if step else ((), ())
+    assert Scheduler.interruptible_by(ScheduledBatch(list(seqs), list(query_lens)), arrival) is cut
 
 
 def test_interactive_never_preempted_for_batch():
@@ -149,3 +211,75 @@ def test_aborting_a_swapped_out_request_frees_its_host_copy(tiny_model, tiny_con
     assert engine.scheduler.swap.num_used_blocks == 0
     _run(engine, {})
     assert engine.block_manager.num_used_blocks == 0
+
+
+class _ArrivalAfter:
+    """An arrival probe announcing an interactive request at its n-th question (0: at once)."""
+
+    def __init__(self, n):
+        self.n, self.asked = n, 0
+
+    def __call__(self):
+        self.asked += 1
+        return PRIORITY_INTERACTIVE if self.asked > self.n else None
+
+
+def test_an_interrupted_batch_step_advances_nothing_and_output_stays_exact(tiny_model, tiny_config):
+    """Batch steps cut at every layer boundary (and before the LM head) are run again later;
+    the batch requests still produce exactly their uninterrupted tokens."""
+    prompts = {f"batch{i}": _prompt(9 + 5 * i, 30 + i) for i in range(2)}
+    engine = _engine(tiny_model, tiny_config)
+    tokens = {}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, GREEDY, 12, ignore_eos=True, priority=PRIORITY_BATCH)
+    layers = tiny_config.num_layers
+    for cut_at in [0, layers // 2, layers] * 3:  # before the first layer, mid-way, before the LM head
+        before = {rid: s.num_computed_tokens for rid, s in engine._unfinished.items()}
+        assert engine.step(_ArrivalAfter(cut_at)) == []
+        assert {rid: s.num_computed_tokens for rid, s in engine._unfinished.items()} == before
+        _step(engine, tokens)  # the same step, not cut
+    assert engine.stats.interrupted_steps == 9
+    _run(engine, tokens)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, 12), rid
+
+
+def test_a_step_with_a_live_prompt_completes_and_a_cut_live_decode_stays_exact(tiny_model, tiny_config):
+    engine = _engine(tiny_model, tiny_config)
+    prompts = {"batch": _prompt(9, 1), "live": _prompt(9, 2)}
+    engine.add_request("batch", prompts["batch"], GREEDY, 6, ignore_eos=True, priority=PRIORITY_BATCH)
+    engine.add_request("live", prompts["live"], GREEDY, 6, ignore_eos=True)
+    tokens = {}
+    for out in engine.step(_ArrivalAfter(0)):  # both prompts: the live one must not be cut
+        tokens[out.request_id] = [out.token_id]
+    assert set(tokens) == {"batch", "live"} and engine.stats.interrupted_steps == 0
+    assert engine.step(_ArrivalAfter(0)) == [] and engine.stats.interrupted_steps == 1  # decodes: cut
+    _run(engine, tokens)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, 6), rid
+
+
+def test_batch_prompts_are_chunked_small_while_a_live_sequence_decodes():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+                                  max_prompt_tokens_beside_urgent=16), BlockManager(64, BS))
+    s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
+    _advance(s.schedule())  # live decodes from now on
+    s.add(_seq("batch0", 20, PRIORITY_BATCH))
+    s.add(_seq("batch1", 10, PRIORITY_BATCH))
+    steps = []
+    for _ in range(4):
+        batch = s.schedule()
+        steps.append([(q.request_id, n) for q, n in zip(batch.seqs, batch.query_lens)])
+        _advance(batch)
+    assert steps == [[("live", 1), ("batch0", 16)],                  # 16 prompt tokens beside it
+                     [("live", 1), ("batch0", 4), ("batch1", 10)],
+                     [("live", 1), ("batch0", 1), ("batch1", 1)],
+                     [("live", 1), ("batch0", 1), ("batch1", 1)]]
+
+
+def test_without_a_live_sequence_batch_prompts_are_not_held_back():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+                                  max_prompt_tokens_beside_urgent=16), BlockManager(64, BS))
+    s.add(_seq("batch0", 20, PRIORITY_BATCH))
+    s.add(_seq("batch1", 10, PRIORITY_BATCH))
+    assert s.schedule().query_lens == [20, 10]

@@ -325,3 +325,22 @@ def _worker(role, waiting=0, running=0, used=0, total=100, queued_tokens=0, infl
 def test_headroom_rule_table(workers, room):
     assert HeadroomRule(max_kv_utilization=0.8, max_running_per_worker=8,
                         max_prefill_queue_tokens=1024).has_room(workers) is room
+
+
+def _reporting(running, max_running, inflight=0, finished=0):
+    return WorkerView("decode-x", "addr", "decode", True, LoadView(
+        0, running, 10, 100, router_inflight=inflight, max_running=max_running, router_finished=finished))
+
+
+@pytest.mark.parametrize("worker, room", [
+    (_reporting(running=15, max_running=16), True),                # the worker's own limit, not 8
+    (_reporting(running=16, max_running=16), False),
+    (_reporting(running=16, max_running=16, finished=1), True),    # a slot freed since the report
+    (_reporting(running=16, max_running=16, inflight=16, finished=3), False),  # ours are still there
+    (_reporting(running=8, max_running=0), False),                 # no limit reported: 8
+    (_reporting(running=7, max_running=0), True),
+], ids=["below-own-limit", "at-own-limit", "freed-since-report", "own-inflight-floor", "unreported-8",
+        "unreported-7"])
+def test_headroom_fills_the_workers_own_slots(worker, room):
+    assert HeadroomRule().has_room([worker]) is room
+    assert HeadroomRule(max_running_per_worker=4).has_room([worker]) is False  # an explicit cap wins

@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 
 from pdmesh.v1 import common_pb2, router_pb2
+from services.common import metrics
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.router.batch.runner import BatchRunner
 from services.router.batch.store import (CANCELLED, COMPLETED, QUEUED, RUNNING, AsyncBatchStore, BatchStore,
@@ -153,7 +154,11 @@ def test_runner_waits_out_refusals_records_failures_and_completes(tmp_path):
         await runner.close()
         store.close()
         return final, results
+    counted = lambda: (metrics.BATCH_ITEMS.labels("ok")._value.get(), metrics.BATCH_ITEMS.labels("failed")._value.get(),  # noqa: E731
+                       metrics.BATCH_TOKENS.labels("completion")._value.get())
+    before = counted()
     final, results = asyncio.run(scenario())
+    assert [a - b for a, b in zip(counted(), before)] == [3, 1, 6]  # /metrics: items by outcome, tokens
     assert (final.completed_items, final.failed_items) == (3, 1)
     assert results["c0"].token_ids == (7, 8) and results["c0"].text == "<7><8>" and results["c0"].completion_tokens == 2
     assert results["c2"].error_code == 3 and "too long" in results["c2"].error_message
@@ -187,3 +192,35 @@ def test_runner_does_not_fail_items_while_the_pools_are_down(tmp_path):
         return final
     final = asyncio.run(scenario())
     assert (final.completed_items, final.failed_items) == (1, 0) and len(calls) == 6, "5 refusals while down, not failed after 2"
+
+
+def test_a_repeated_idempotency_key_returns_the_first_job(store):
+    first = store.create_job("acme", _items(2), {"k": "v"}, idempotency_key="upload-7")
+    again = store.create_job("acme", _items(2), {"k": "v"}, idempotency_key="upload-7")
+    assert again.job_id == first.job_id and again.total_items == 2
+    other_tenant = store.create_job("globex", _items(2), {"k": "v"}, idempotency_key="upload-7")
+    unkeyed = [store.create_job("acme", _items(2), {}).job_id for _ in range(2)]
+    assert other_tenant.job_id != first.job_id and unkeyed[0] != unkeyed[1]
+    assert len(store.list_jobs("acme", 10)[0]) == 3
+    assert len(store.pending_items(first.job_id)) == 2, "no items stored twice"
+    with pytest.raises(InvalidArgument, match="upload-7.*other items"):
+        store.create_job("acme", _items(3), {"k": "v"}, idempotency_key="upload-7")
+    with pytest.raises(InvalidArgument, match="other items or metadata"):
+        store.create_job("acme", _items(2), {"k": "w"}, idempotency_key="upload-7")
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    from services.router.batch import store as store_module
+    path = str(tmp_path / "old.sqlite3")
+    db = sqlite3.connect(path)
+    db.executescript(store_module._MIGRATIONS[1] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO jobs (job_id, tenant_id, status, total_items, metadata, created_ms) "
+               "VALUES ('batch_old', 'acme', 'queued', 0, '{}', 1)")
+    db.commit()
+    db.close()
+    s = BatchStore(path)
+    assert s.job("batch_old").tenant_id == "acme"
+    keyed = s.create_job("acme", _items(1), {}, idempotency_key="k")
+    assert s.create_job("acme", _items(1), {}, idempotency_key="k").job_id == keyed.job_id
+    s.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION

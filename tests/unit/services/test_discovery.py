@@ -125,3 +125,22 @@ def test_flags_and_env_fill_the_discovery_fields(monkeypatch):
 def test_unknown_discovery_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: "):
         discovery_class("zookeeper")
+
+
+def test_a_slot_freed_since_the_last_load_report_counts_as_free_at_once():
+    async def scenario():
+        registry = WorkerRegistry([], ["10.0.0.1:1"])
+        endpoint = registry.endpoint("10.0.0.1:1")
+        report = lambda running: worker_state_pb2.StreamStateResponse(  # noqa: E731
+            worker_id="decode-0", role=worker_state_pb2.WORKER_ROLE_DECODE, load_report=worker_state_pb2.LoadReport(
+                running_sequences=running, kv_blocks_total=64, max_running_sequences=16))
+        registry._apply(endpoint, report(running=14))  # the worker says its id
+        with registry.track("decode-0", 0), registry.track("decode-0", 0):
+            registry._apply(endpoint, report(running=16))  # ours and 14 from elsewhere
+        load = registry.views()[0].load
+        assert (load.max_running, load.router_finished, load.queue_depth) == (16, 2, 14)
+        registry._apply(endpoint, report(running=14))  # the next report already counts them out
+        assert registry.views()[0].load.queue_depth == 14
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -55,3 +55,41 @@ def test_metrics_server_serves_on_a_free_port():
     assert 'pdmesh_requests_total{code="OK",method="Generate",service="router"}' in body
     assert "_created" not in body
     assert metrics.start_metrics_server(None) is None
+
+
+def test_router_collector_reports_admission_and_batch_jobs(tmp_path):
+    import asyncio
+
+    from services.router.admission import Admission
+    from services.router.batch.store import BatchStore
+
+    store = BatchStore(str(tmp_path / "batch.sqlite3"))
+    running_job = store.create_job("acme", [("a", b""), ("b", b"")], {}).job_id
+    store.create_job("acme", [("c", b"")], {})
+    store.mark_running(running_job)
+    collector = metrics.RouterCollector()
+    collector.attach_batch_store(store.job_counts)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    async def scenario():
+        admission = Admission(max_inflight=1, max_queued=8)
+        collector.attach_admission(admission)
+        async with admission.admit("interactive"):
+            waiting = asyncio.create_task(_admitted(admission, "batch"))
+            await asyncio.sleep(0.01)
+            text = generate_latest(registry).decode()
+        await waiting
+        return text
+
+    text = asyncio.run(scenario())
+    store.close()
+    assert 'pdmesh_router_requests{priority="interactive",state="running"} 1.0' in text
+    assert 'pdmesh_router_requests{priority="batch",state="queued"} 1.0' in text
+    assert 'pdmesh_router_requests{priority="batch",state="running"} 0.0' in text
+    assert 'pdmesh_batch_jobs{status="queued"} 1.0' in text and 'pdmesh_batch_jobs{status="running"} 1.0' in text
+
+
+async def _admitted(admission, priority):
+    async with admission.admit(priority):
+        pass

@@ -3,7 +3,8 @@
 - prefix_overlap: prefix_blocks / prompt_blocks — the share of the prompt's full blocks the
   worker already holds (0 for a prompt shorter than one block).
 - queue_depth: (max_q - q) / (max_q - min_q) over the candidates, q = max(waiting + running
-  sequences reported, this router's requests in flight there); 1 for everyone when all equal.
+  sequences reported minus this router's requests that ended since, this router's requests in
+  flight there); 1 for everyone when all equal.
 - kv_utilization: 1 - kv_blocks_used / kv_blocks_total (1 before the first load report).
 - queued_prefill_tokens: (max_t - t) / (max_t - min_t) over the candidates, t = max(queued
   prompt tokens reported, prompt tokens of this router's prefills in flight); 1 when all equal.
