@@ -20,6 +20,7 @@ of pull time on prompt tokens, latency + bytes / bandwidth.
 """
 
 import asyncio
+import itertools
 import os
 import random
 import statistics
@@ -42,7 +43,7 @@ async def _probe(stub, ids: list[int], max_tokens: int) -> dict:
         now = time.perf_counter()
         arrivals += [now] * len(message.token_ids)
         last = message
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if b > a]  # tokens sent together: one gap
+    gaps = [b - a for a, b in itertools.pairwise(arrivals) if b > a]  # tokens sent together: one gap
     return {"prompt_tokens": len(ids), "ttft_s": round(arrivals[0] - start, 4),
             "kv_pull_s": round(last.timings.kv_transfer_ms / 1000, 5), "decision": last.placement.decision,
             "token_gap_s": round(statistics.median(gaps), 5)}
