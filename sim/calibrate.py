@@ -212,7 +212,9 @@ def profile_of(prefill: list[dict], decode: list[dict], serving: dict, shared: d
             "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens, "attention": "padded",
             "host_cores": os.cpu_count(), "host_slowdown": host_slowdown(shared),
         },
-        "sources": SOURCES,
+        "sources": SOURCES if serving["transfer"] else SOURCES | {
+            "transfer_latency_s, transfer_bytes_per_s": "no pull fit came out of the serving probes: an assumed "
+                                                        "3 ms, and a plain copy's bandwidth (an upper bound)"},
     }
 
 
