@@ -4,10 +4,11 @@ how sim.serving turns mesh and bare-engine points into the profile's numbers (no
 import dataclasses
 
 import pytest
+import yaml
 
 from sim.calibrate import serving_coefficients
 from sim.cluster import Cluster
-from sim.costs import CostModel, load_costs
+from sim.costs import PROFILES_DIR, CostModel, load_costs
 from sim.serving import overheads, transfer_fit
 from sim.trace import Request
 
@@ -46,8 +47,13 @@ def test_overheads_must_be_positive():
         dataclasses.replace(BARE, decode_overhead=0.0)
 
 
-def test_gpu_profiles_keep_no_overhead():
+def test_gpu_profiles_keep_no_overhead_and_cpu_local_carries_its_measurement():
     assert load_costs("h100-llama3-8b").prefill_overhead == load_costs("a100-llama3-8b").decode_overhead == 1.0
+    spec = yaml.safe_load((PROFILES_DIR / "cpu-local.yaml").read_text())
+    serving, cpu = spec["measured"]["serving"], load_costs("cpu-local")
+    assert (cpu.prefill_overhead, cpu.decode_overhead) == (serving["prefill_overhead"], serving["decode_overhead"])
+    assert cpu.transfer_bytes_per_s == serving["transfer"]["transfer_bytes_per_s"]
+    assert "prefill_overhead, decode_overhead" in spec["sources"]
 
 
 def mesh_point(n, ttft, pull, gap, decision="remote_prefill"):
