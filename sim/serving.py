@@ -2,8 +2,8 @@
 
     python -m sim.calibrate --serving-only --out sim/profiles/cpu-local.yaml   # ~2 min
 
-Starts a real 1 prefill + 1 decode mesh (router, gRPC, the KV handoff, load reports, KV events),
-workers as the validation runs them (1 torch thread), and sends probe prompts of PROBE_TOKENS
+Starts a real mesh (router, gRPC, the KV handoff, load reports, KV events) of the validation's
+shape, 2 prefill + 2 decode workers of 1 torch thread each, and sends probe prompts of PROBE_TOKENS
 one at a time (fresh random tokens: nothing cached, every one prefilled remotely and pulled). For
 each it records the client's TTFT, the router's KV pull time and the gaps between later tokens.
 Then it stops the mesh and times the same prompt lengths on the bare engine (LLMEngine in this
@@ -15,7 +15,12 @@ process, same thread count): the prefill, and a decode step of one sequence of t
 TTFT minus the pull and the two router hops is what the simulator puts on compute for a lone
 remote prefill (sim/cluster.py), so the factor closes exactly the gap the simulator leaves. The
 per-length ratios and an affine fit (fixed + factor x bare) are kept with the points so a reader
-can see whether a fixed part would fit better. The pulls give the transfer model: least squares
+can see whether a fixed part would fit better.
+
+The mesh's shape matters on a shared host: on 2 cores, a lone 512-token probe took 1.00x the bare
+engine through a 1 prefill + 1 decode mesh but ~1.09-1.15x through the 2 + 2 validation mesh
+(its idle workers' load reports and gRPC threads share the cores), so the overhead is measured
+on the mesh the profile predicts (`shape`). The pulls give the transfer model: least squares
 of pull time on prompt tokens, latency + bytes / bandwidth.
 """
 
@@ -67,11 +72,12 @@ async def _probe_all(address: str, seed: int) -> list[dict]:
         return out
 
 
-def measure_mesh(threads: int, progress) -> list[dict]:
+def measure_mesh(threads: int, shape: tuple[int, int], progress) -> list[dict]:
     from pdmesh.launcher import MeshSpec, start_mesh
-    spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, profile="prefix_aware", num_blocks=512,
+    spec = MeshSpec(num_prefill=shape[0], num_decode=shape[1], router_port=0, profile="prefix_aware", num_blocks=512,
                     torch_threads=threads, max_model_len=4096)
-    progress(f"serving overhead: starting a 1 prefill + 1 decode mesh ({threads} torch thread(s) per worker)")
+    progress(f"serving overhead: starting a {shape[0]} prefill + {shape[1]} decode mesh ({threads} torch thread(s) "
+             f"per worker)")
     mesh = start_mesh(spec, progress=lambda m: None)
     try:
         probes = asyncio.run(_probe_all(mesh.router_address, seed=-2))
@@ -128,13 +134,14 @@ def transfer_fit(mesh: list[dict], kv_bytes_per_token: int) -> dict | None:
             "transfer_bytes_per_s": round(kv_bytes_per_token / float(per_token))}
 
 
-def measure(threads: int, rpc_s: float, kv_bytes_per_token: int, progress) -> dict:
+def measure(threads: int, rpc_s: float, kv_bytes_per_token: int, progress, shape: tuple[int, int] = (2, 2)) -> dict:
     """The serving section of a profile: raw points, factors, and the pull fit (or None)."""
-    mesh = measure_mesh(threads, progress)
+    mesh = measure_mesh(threads, shape, progress)
     bare = measure_bare(threads, progress)
     factors = overheads(mesh, bare, rpc_s)
     progress(f"serving overhead: prefill x{factors['prefill_overhead']} (by length "
              f"{factors['prefill_ratio_by_length']}), decode x{factors['decode_overhead']}")
     return {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_average_at_end": round(os.getloadavg()[0], 2), "mesh": mesh, "bare": bare,
+            "load_average_at_end": round(os.getloadavg()[0], 2), "mesh_shape": {"prefill": shape[0], "decode": shape[1]},
+            "mesh": mesh, "bare": bare,
             **factors, "transfer": transfer_fit(mesh, kv_bytes_per_token)}
