@@ -9,7 +9,7 @@ workers' thread count (the mesh benchmarks run one torch thread per worker):
   - prefill: wall time of a prompt of u new tokens after c tokens already in the prefix cache
     (max_tokens=1, so the time covers exactly the prefill and its first token);
   - decode: the median step time of B sequences of c context tokens each, once all of them decode;
-  - serving overhead and KV transfer (sim/serving.py): probes through a live 2 prefill + 2 decode
+  - serving overhead and KV transfer (sim/serving.py): probes through a live 1 prefill + 1 decode
     mesh against the bare engine, and the KV pulls those probes made (latency + bandwidth fit);
     bytes per token from the model shape.
 Then fits the affine models of sim/costs.py by least squares (a coefficient that would come out
@@ -38,7 +38,7 @@ SOURCES = {
     "prefill_*, decode_*": "least-squares fit to the points under measured (sim/calibrate.py)",
     "transfer_latency_s, transfer_bytes_per_s": "least-squares fit of the KV pulls the router timed for the "
                                                 "serving probes (measured.serving.mesh; sim/serving.py)",
-    "prefill_overhead, decode_overhead": "probes through a live 2 prefill + 2 decode mesh vs the bare engine, "
+    "prefill_overhead, decode_overhead": "probes through a live 1 prefill + 1 decode mesh vs the bare engine, "
                                          "timed back to back (measured.serving; sim/serving.py)",
     "kv_bytes_per_token": "engine/config.py ModelConfig.kv_bytes_per_token (float32 KV)",
     "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
@@ -183,7 +183,7 @@ def calibrate(grid: dict, threads: int) -> dict:
 
 def serving_measure(threads: int) -> dict:
     from sim.serving import measure
-    return measure(threads, RPC_S, ModelConfig().kv_bytes_per_token, progress, shape=(2, 2))  # the validation's
+    return measure(threads, RPC_S, ModelConfig().kv_bytes_per_token, progress)
 
 
 def serving_coefficients(serving: dict) -> dict:

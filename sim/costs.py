@@ -8,7 +8,7 @@
 Serving overhead: a worker inside the mesh (gRPC threads, load reports, KV events, lending with
 a checksum) computes more slowly than the bare engine the coefficients were fitted to. Every
 prefill time is multiplied by prefill_overhead and every decode step by decode_overhead (measured
-on a live mesh of the validation's shape by `sim.calibrate --serving-only`; 1.0 when a profile has no
+on a live 1 prefill + 1 decode mesh by `sim.calibrate --serving-only`; 1.0 when a profile has no
 measurement, as the GPU profiles, whose figures are published engine throughputs).
 
 The quadratic prefill term is attention: new token i attends to c + i earlier tokens, so u new

@@ -2,8 +2,8 @@
 
     python -m sim.calibrate --serving-only --out sim/profiles/cpu-local.yaml   # ~2 min
 
-Starts a real mesh (router, gRPC, the KV handoff, load reports, KV events) of the validation's
-shape, 2 prefill + 2 decode workers of 1 torch thread each, and sends probe prompts of PROBE_TOKENS
+Starts a real 1 prefill + 1 decode mesh (router, gRPC, the KV handoff, load reports, KV events),
+workers as the validation runs them (1 torch thread), and sends probe prompts of PROBE_TOKENS
 one at a time (fresh random tokens: nothing cached, every one prefilled remotely and pulled). For
 each it records the client's TTFT, the router's KV pull time and the gaps between later tokens.
 Then it stops the mesh and times the same prompt lengths on the bare engine (LLMEngine in this
@@ -17,10 +17,10 @@ remote prefill (sim/cluster.py), so the factor closes exactly the gap the simula
 per-length ratios and an affine fit (fixed + factor x bare) are kept with the points so a reader
 can see whether a fixed part would fit better.
 
-The mesh's shape matters on a shared host: on 2 cores, a lone 512-token probe took 1.00x the bare
-engine through a 1 prefill + 1 decode mesh but ~1.09-1.15x through the 2 + 2 validation mesh
-(its idle workers' load reports and gRPC threads share the cores), so the overhead is measured
-on the mesh the profile predicts (`shape`). The pulls give the transfer model: least squares
+The mesh's shape is a parameter (`shape`, 1 prefill + 1 decode by default). A 2 + 2 mesh was
+tested too, to see whether its idle workers (load reports, gRPC threads) slow the computing ones
+on two cores: no; a lone probe costs the bare engine's time there as well (cpu-local.yaml,
+measured.serving_2p2d_run). The pulls give the transfer model: least squares
 of pull time on prompt tokens, latency + bytes / bandwidth.
 """
 
@@ -134,7 +134,7 @@ def transfer_fit(mesh: list[dict], kv_bytes_per_token: int) -> dict | None:
             "transfer_bytes_per_s": round(kv_bytes_per_token / float(per_token))}
 
 
-def measure(threads: int, rpc_s: float, kv_bytes_per_token: int, progress, shape: tuple[int, int] = (2, 2)) -> dict:
+def measure(threads: int, rpc_s: float, kv_bytes_per_token: int, progress, shape: tuple[int, int] = (1, 1)) -> dict:
     """The serving section of a profile: raw points, factors, and the pull fit (or None)."""
     mesh = measure_mesh(threads, shape, progress)
     bare = measure_bare(threads, progress)
