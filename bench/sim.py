@@ -35,7 +35,7 @@ WORKERS = 64
 HEADLINE_RATE = 12.0  # x the trace's 3.4 req/s: ~41 req/s on 64 H100s (busy, not saturated)
 POLICIES = ("prefix_aware", "load_only", "round_robin", "random")
 QUICK = {"sweep_limit": 3000, "rates": (4, 8, 12, 16, 24), "splits": (12, 16, 20, 24, 32, 40),
-         "frontier_splits": (16, 24, 32), "slice": {"n": 30, "rates": (0.4, 0.8)}}
+         "frontier_splits": (16, 24, 32), "slice": {"n": 45, "rates": (0.4, 0.8)}}
 FULL = {"sweep_limit": None, "rates": (4, 8, 12, 16, 20, 24, 32), "splits": (8, 12, 16, 20, 24, 28, 32, 40, 48),
         "frontier_splits": (12, 16, 24, 32), "slice": {"n": 60, "rates": (0.4, 0.8)}}
 

@@ -1,14 +1,17 @@
 """Measures our engine on this machine and writes a cost profile for the simulator.
 
     python -m sim.calibrate --out sim/profiles/cpu-local.yaml [--quick] [--threads 1]
+    python -m sim.calibrate --serving-only      # just the serving overhead and KV pulls (~2 min)
+    python -m sim.calibrate --contention-only   # just the host slowdown (~2 min)
 
 What it times, on the real Gemma-3-270M through LLMEngine (the engine the workers run), with the
 workers' thread count (the mesh benchmarks run one torch thread per worker):
   - prefill: wall time of a prompt of u new tokens after c tokens already in the prefix cache
     (max_tokens=1, so the time covers exactly the prefill and its first token);
   - decode: the median step time of B sequences of c context tokens each, once all of them decode;
-  - KV transfer: bytes per token from the model shape, and a single-threaded copy of a
-    2,048-token KV run (72 MiB) as the bandwidth; per-transfer latency is an assumption (below).
+  - serving overhead and KV transfer (sim/serving.py): probes through a live 1 prefill + 1 decode
+    mesh against the bare engine, and the KV pulls those probes made (latency + bandwidth fit);
+    bytes per token from the model shape.
 Then fits the affine models of sim/costs.py by least squares (a coefficient that would come out
 negative is dropped and the rest refitted) and writes the YAML with the raw points and the fit.
 Run it on a quiet machine: other processes on the cores inflate every number.
@@ -33,9 +36,10 @@ QUICK = {"prefill": [(u, c) for c in (0, 1024) for u in (64, 512, 1536)],
          "decode": [(b, c) for b in (1, 8, 16) for c in (128, 1024)], "repeats": 1}
 SOURCES = {
     "prefill_*, decode_*": "least-squares fit to the points under measured (sim/calibrate.py)",
-    "transfer_bytes_per_s": "single-threaded copy of a 2,048-token KV run measured here",
-    "transfer_latency_s": "assumption: lend + NIXL handshake + checksum verify + release per handoff "
-                          "(bench.kv_transfer's 2,048-token handoff is ~20 ms on this host)",
+    "transfer_latency_s, transfer_bytes_per_s": "least-squares fit of the KV pulls the router timed for the "
+                                                "serving probes (measured.serving.mesh; sim/serving.py)",
+    "prefill_overhead, decode_overhead": "probes through a live 1 prefill + 1 decode mesh vs the bare engine, "
+                                         "timed back to back (measured.serving; sim/serving.py)",
     "kv_bytes_per_token": "engine/config.py ModelConfig.kv_bytes_per_token (float32 KV)",
     "kv_capacity_tokens": "a worker's default --num-blocks 1024 x 16 tokens (override per run)",
     "max_batch": "the workers' default max_num_seqs",
@@ -47,6 +51,7 @@ SOURCES = {
     "host_slowdown": "measured under contention: n engine processes (1 torch thread each) prefilling or "
                      "decoding at once; the mean of the prefill and decode slowdowns for each n",
 }
+RPC_S = 0.003
 CONTENTION_WORKERS = 4  # as many worker processes as the validation mesh runs on this host
 
 
@@ -170,15 +175,24 @@ def calibrate(grid: dict, threads: int) -> dict:
         s = min(bench.decode_step_s(b, c) for _ in range(grid["repeats"]))
         decode.append({"batch": b, "context_per_seq": c, "seconds": round(s, 5)})
         progress(f"decode B={b} context={c}: {s * 1000:.1f} ms/step")
-    bandwidth = copy_bytes_per_s()
-    progress(f"KV copy bandwidth: {bandwidth / 1e9:.2f} GB/s")
     max_batch = bench.max_num_seqs
     del bench  # its memory, before four more engines load
     shared = contention(CONTENTION_WORKERS, threads)
-    return profile_of(prefill, decode, bandwidth, shared, threads, max_batch)
+    return profile_of(prefill, decode, serving_measure(threads), shared, threads, max_batch)
 
 
-def profile_of(prefill: list[dict], decode: list[dict], bandwidth: float, shared: dict, threads: int,
+def serving_measure(threads: int) -> dict:
+    from sim.serving import measure
+    return measure(threads, RPC_S, ModelConfig().kv_bytes_per_token, progress)
+
+
+def serving_coefficients(serving: dict) -> dict:
+    """The profile's coefficients that the serving measurement gives (no transfer fit: keep the old)."""
+    return {"prefill_overhead": serving["prefill_overhead"], "decode_overhead": serving["decode_overhead"],
+            **(serving["transfer"] or {})}
+
+
+def profile_of(prefill: list[dict], decode: list[dict], serving: dict, shared: dict, threads: int,
                max_batch: int) -> dict:
     """The profile YAML's content: the measured points, the fit, and where each number comes from."""
     model = ModelConfig()
@@ -187,16 +201,20 @@ def profile_of(prefill: list[dict], decode: list[dict], bandwidth: float, shared
         "measured": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": threads,
                      "cpu_count": os.cpu_count(), "load_average_at_end": round(os.getloadavg()[0], 2),
                      "model": model.name, "prefill": prefill, "decode": decode,
-                     "kv_copy_bytes_per_s": round(bandwidth), "contention": shared},
+                     "contention": shared, "serving": serving},
         "coefficients": {
             **fit_coefficients(prefill, decode),
-            "transfer_latency_s": 0.01, "transfer_bytes_per_s": bandwidth,
+            # a plain copy's bandwidth is only an upper bound: used when no pull fit came out
+            "transfer_latency_s": 0.003, "transfer_bytes_per_s": copy_bytes_per_s(),
+            **serving_coefficients(serving),
             "kv_bytes_per_token": model.kv_bytes_per_token,
-            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": max_batch, "rpc_s": 0.003,
+            "kv_capacity_tokens": 1024 * BLOCK_SIZE, "max_batch": max_batch, "rpc_s": RPC_S,
             "prefill_chunk_tokens": SchedulerConfig().max_num_batched_tokens, "attention": "padded",
             "host_cores": os.cpu_count(), "host_slowdown": host_slowdown(shared),
         },
-        "sources": SOURCES,
+        "sources": SOURCES if serving["transfer"] else SOURCES | {
+            "transfer_latency_s, transfer_bytes_per_s": "no pull fit came out of the serving probes: an assumed "
+                                                        "3 ms, and a plain copy's bandwidth (an upper bound)"},
     }
 
 
@@ -276,8 +294,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refit", help="refit the points measured in this profile YAML (no measuring)")
     parser.add_argument("--contention-only", action="store_true",
                         help="measure only the host slowdown and write it into the --out profile")
+    parser.add_argument("--serving-only", action="store_true",
+                        help="measure only the serving overhead and KV pulls (~2 min) into the --out profile")
     args = parser.parse_args(argv)
-    if args.contention_only:
+    if args.serving_only:
+        with open(args.out) as f:
+            profile = yaml.safe_load(f)
+        profile["measured"]["serving"] = serving = serving_measure(args.threads)
+        profile["coefficients"] |= serving_coefficients(serving)
+        profile["sources"] |= {k: v for k, v in SOURCES.items() if "overhead" in k or
+                               ("transfer" in k and serving["transfer"])}
+        if serving["transfer"]:  # the pull fit replaces the hand-fitted transfer numbers and their notes
+            for key in ("transfer_latency_s", "transfer_bytes_per_s"):
+                profile["sources"].pop(key, None)
+    elif args.contention_only:
         with open(args.out) as f:
             profile = yaml.safe_load(f)
         profile["measured"]["contention"] = shared = contention(CONTENTION_WORKERS, args.threads)

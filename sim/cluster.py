@@ -189,7 +189,6 @@ class PrefillWorker:
 
     def _step(self) -> None:
         costs, budget, chunks = self.costs, self.costs.prefill_chunk_tokens, []
-        step_s = costs.prefill_base_s
         for seq in self.running:
             if budget <= 0:
                 break
@@ -202,7 +201,7 @@ class PrefillWorker:
         if not chunks:
             self.stepping = False
             return
-        step_s += costs.prefill_per_token_s * sum(n for _, n in chunks)
+        step_s = costs.prefill_fixed_s() + costs.prefill_tokens_s(sum(n for _, n in chunks))
         step_s += costs.attention_s([(n, seq[0].cached_tokens + seq[2]) for seq, n in chunks])
         self.stepping = True
         self._step_start = self.cluster.now
@@ -328,12 +327,12 @@ class DecodeWorker:
             # engine runs them as one forward pass, so the step's fixed cost (reading the weights,
             # the LM head) is paid once: the decode step's when sequences are running.
             mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
-            fixed_s = decode_s if batch else costs.prefill_base_s
-            step_s = fixed_s + costs.prefill_per_token_s * uncached + costs.attention_s(mixed)
+            fixed_s = decode_s if batch else costs.prefill_fixed_s()
+            step_s = fixed_s + costs.prefill_tokens_s(uncached) + costs.attention_s(mixed)
             self._schedule(1, step_s, 0.0, local)
         elif batch:
             steps = min(s[1] for s in self.running)
-            self._schedule(steps, decode_s, costs.decode_per_ctx_token_s * batch, None)
+            self._schedule(steps, decode_s, costs.decode_growth_s(batch), None)
         else:
             self._run = None
 

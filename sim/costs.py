@@ -5,6 +5,12 @@
     decode_step_s(batch B, context C) = decode_base_s + decode_per_seq_s * B + decode_per_ctx_token_s * C
     transfer_s(bytes) = transfer_latency_s + bytes / transfer_bytes_per_s
 
+Serving overhead: a worker inside the mesh (gRPC threads, load reports, KV events, lending with
+a checksum) computes more slowly than the bare engine the coefficients were fitted to. Every
+prefill time is multiplied by prefill_overhead and every decode step by decode_overhead (measured
+on a live 1 prefill + 1 decode mesh by `sim.calibrate --serving-only`; 1.0 when a profile has no
+measurement, as the GPU profiles, whose figures are published engine throughputs).
+
 The quadratic prefill term is attention: new token i attends to c + i earlier tokens, so u new
 tokens after c cached ones cost u * (c + u/2) token-pairs. C in decode is the batch's total
 context (the KV a step reads).
@@ -51,6 +57,8 @@ class CostModel:
     # while n of them compute at once (measured for n = 1 .. len; processor sharing beyond).
     host_cores: float = 0.0
     host_slowdown: tuple[float, ...] = (1.0,)
+    prefill_overhead: float = 1.0  # served / bare-engine prefill time
+    decode_overhead: float = 1.0  # served / bare-engine decode step time
 
     def __post_init__(self) -> None:
         if self.transfer_bytes_per_s <= 0 or self.kv_capacity_tokens <= 0 or self.max_batch <= 0:
@@ -59,6 +67,8 @@ class CostModel:
             raise ValueError(f"{self.name}: attention must be 'varlen' or 'padded', got {self.attention!r}")
         if min(self.prefill_per_token_s, self.decode_base_s) <= 0:
             raise ValueError(f"{self.name}: prefill_per_token_s and decode_base_s must be positive")
+        if min(self.prefill_overhead, self.decode_overhead) <= 0:
+            raise ValueError(f"{self.name}: serving overheads are positive factors (1.0 = none)")
         if self.host_cores:
             slowdown_curve(self.host_slowdown, self.host_cores)  # raises ValueError when malformed
 
@@ -67,18 +77,33 @@ class CostModel:
         return slowdown_curve(self.host_slowdown, self.host_cores)(computing) if self.host_cores else 1.0
 
     def prefill_s(self, uncached: int, cached: int = 0) -> float:
-        return self.prefill_base_s + self.prefill_per_token_s * uncached + \
-            self.prefill_per_token_ctx_s * uncached * (cached + uncached / 2)
+        """One prompt prefilled alone in one step."""
+        return self.prefill_fixed_s() + self.prefill_tokens_s(uncached) + self.attention_s([(uncached, cached)])
+
+    def prefill_fixed_s(self) -> float:
+        """The fixed cost of a prefill step (reading the weights once)."""
+        return self.prefill_overhead * self.prefill_base_s
+
+    def prefill_tokens_s(self, tokens: int) -> float:
+        """The per-token cost of `tokens` new prompt tokens in a step (attention aside)."""
+        return self.prefill_overhead * self.prefill_per_token_s * tokens
 
     def attention_s(self, chunks: list[tuple[int, int]]) -> float:
         """The attention term of one step over (new tokens, context before them) per sequence."""
         if self.attention == "padded" and len(chunks) > 1:
             longest = max(n for n, _ in chunks)
-            return self.prefill_per_token_ctx_s * len(chunks) * longest * (max(c for _, c in chunks) + longest / 2)
-        return self.prefill_per_token_ctx_s * sum(n * (c + n / 2) for n, c in chunks)
+            pairs = len(chunks) * longest * (max(c for _, c in chunks) + longest / 2)
+        else:
+            pairs = sum(n * (c + n / 2) for n, c in chunks)
+        return self.prefill_overhead * self.prefill_per_token_ctx_s * pairs
 
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
-        return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * context_tokens
+        return self.decode_overhead * (self.decode_base_s + self.decode_per_seq_s * batch
+                                       + self.decode_per_ctx_token_s * context_tokens)
+
+    def decode_growth_s(self, batch: int) -> float:
+        """How much longer each decode step of `batch` sequences gets than the one before it."""
+        return self.decode_overhead * self.decode_per_ctx_token_s * batch
 
     def transfer_s(self, num_tokens: int) -> float:
         return self.transfer_latency_s + num_tokens * self.kv_bytes_per_token / self.transfer_bytes_per_s

@@ -226,8 +226,9 @@ def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dic
 
 def validate(costs: CostModel, s: Slice, progress) -> dict:
     """Measures the phases on the real mesh and predicts them: `predicted` with the profile as
-    calibrated (host sharing included), `no_host_sharing` with a core per worker (what the
-    simulator assumed before), and `probe_scaled` with every compute time scaled by the slowdown
+    calibrated (host sharing and serving overhead included), `no_serving_overhead` with the bare
+    engine's times (what the simulator assumed before), `no_host_sharing` with a core per worker,
+    and `probe_scaled` with every compute time scaled by the slowdown
     of a probe prompt timed alone on the live mesh before the replay (how much slower this
     machine is now than when it was calibrated)."""
     phases, tokens = scaled_phases(s)
@@ -235,7 +236,9 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
     runs, probes = measure_mesh(s, phases, tokens, progress)
     offsets = [run["offset_s"] for run in runs]
     slowdown = min(probes) / costs.prefill_s(PROBE_TOKENS)
-    variants = {"predicted": costs, "no_host_sharing": dataclasses.replace(costs, host_cores=0.0),
+    variants = {"predicted": costs,
+                "no_serving_overhead": dataclasses.replace(costs, prefill_overhead=1.0, decode_overhead=1.0),
+                "no_host_sharing": dataclasses.replace(costs, host_cores=0.0),
                 "probe_scaled": slowed(costs, slowdown)}
     by_variant = {name: predict(c, phases, offsets, s.seed) for name, c in variants.items()}
     reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, costs)
@@ -247,23 +250,27 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
         "output_tokens_mean": round(sum(r.output_tokens for p in phases for r in p) / (s.n * len(phases)), 1),
         "ttft_p50_prediction_error": worst("ttft_p50_error"), "ttft_p90_prediction_error": worst("ttft_p90_error"),
         "probe_prefill_s": [round(p, 3) for p in probes], "probe_slowdown": round(slowdown, 2),
-        "costs": {"host_cores": costs.host_cores, "host_slowdown": list(costs.host_slowdown)},
+        "costs": {"host_cores": costs.host_cores, "host_slowdown": list(costs.host_slowdown),
+                  "prefill_overhead": costs.prefill_overhead, "decode_overhead": costs.decode_overhead},
         "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
 def print_report(out: dict) -> None:
     print(f"{'rate':>6} {'host CPU':>9} {'measured p50/p90':>17} {'predicted':>13} {'error':>11} "
-          f"{'no host sharing':>16} {'probe-scaled':>13}")
+          f"{'no serving overhead':>20} {'no host sharing':>16} {'probe-scaled':>13}")
     for r in out["phases"]:
-        p, n, q = r["predicted"], r["no_host_sharing"], r["probe_scaled"]
+        p, e, n, q = r["predicted"], r["no_serving_overhead"], r["no_host_sharing"], r["probe_scaled"]
         print(f"{r['rate']:>6} {r['host_cpu_utilisation']:>9.0%} {r['measured_ttft_p50_s']:>8.2f}/"
               f"{r['measured_ttft_p90_s']:<8.2f} {p['ttft_p50_s']:>6.2f}/{p['ttft_p90_s']:<6.2f} "
-              f"{p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} {n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
+              f"{p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} {e['ttft_p50_s']:>11.2f}/{e['ttft_p90_s']:<8.2f} "
+              f"{n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
               f"{q['ttft_p50_s']:>6.2f}/{q['ttft_p90_s']:<6.2f}")
     for r in out["phases"]:
         print(f"KV pull at {r['rate']} req/s, mean: measured {r['kv_pull_ms_mean']['measured']} ms, "
               f"model {r['kv_pull_ms_mean']['model']} ms")
+    c = out["costs"]
+    print(f"serving overhead in the profile: prefill x{c['prefill_overhead']}, decode x{c['decode_overhead']}")
     print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "
           f"{out['ttft_p90_prediction_error']:.0%}; probe prefill {out['probe_prefill_s']} s = "
           f"{out['probe_slowdown']}x the profile")
