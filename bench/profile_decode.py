@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--weights-in-out", action="store_true", help="experiment: store the layer "
+                        "linears' weights [in, out] contiguous (same shapes, transposed strides) before profiling")
     args = parser.parse_args(argv)
     os.environ["PDMESH_TORCH_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -215,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     from bench.engines import build
     progress("building the engine (as bench.engines does)")
     engine = build("builtin")
+    if args.weights_in_out:
+        for layer in engine.model.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                weight = getattr(layer, name)
+                setattr(layer, name, torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False))
     engine._instrumented = Instrumented(engine)
     batches = []
     for salt, batch in enumerate(args.batches):
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        "lm_head_dtype": str(engine.model.lm_head_dtype),
+        "lm_head_dtype": str(engine.model.lm_head_dtype), "weights_in_out": args.weights_in_out,
         "memcpy_gb_per_s": bandwidth / 1e9, "weight_bytes": wbytes,
         "floor_ms": {k: 1000 * v / bandwidth for k, v in wbytes.items()},
         "loadavg_start": " ".join(f"{x:.2f}" for x in loadavg_start),
