@@ -53,7 +53,7 @@ def test_router_sigkill_mid_job_then_restart_finishes_every_item_exactly_once(tm
     db = tmp_path / "jobs.sqlite3"
     spec = MeshSpec(num_prefill=1, num_decode=1, router_port=0, model="tiny", profile="round_robin",
                     kv_transports="grpc", num_blocks=256, torch_threads=1, max_model_len=512, metrics=False,
-                    batch_db=str(db))
+                    batch_db=str(db), extra_env=(("PDMESH_BATCH_JOB_CONCURRENCY", "4"),))  # in waves: the kill lands mid-job
     mesh = start_mesh(spec, str(tmp_path / "run"), progress=lambda *_: None)
     router2 = None
     try:
