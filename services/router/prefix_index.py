@@ -82,25 +82,20 @@ class PrefixIndex:
         """For each worker, how many leading blocks of the prompt it holds or (with
         include_expected) is expected to hold; 0 when none."""
         matched = dict.fromkeys(worker_ids, 0)
+        alive = set(matched)  # workers holding every block so far
         now = self._clock()
-        alive: set[str] | None = None  # workers matching every block so far; None before the first
         for i, h in enumerate(block_hashes):
-            holders = self._holders.get(h, ())
-            if alive is None:  # only the pool's workers; the holders are usually far fewer than the pool
-                still = {w for w in holders if w in matched}
-            else:
-                still = alive & holders if holders else set()
+            still = alive.intersection(self._holders.get(h, ()))  # walks the smaller side
             pending = self._expected.get(h) if include_expected else None
             if pending:
-                still |= {w for w, expiry in pending.items() if expiry > now and w in matched
-                          and (alive is None or w in alive)}
-            if alive is not None:
+                still |= {w for w, expiry in pending.items() if expiry > now and w in alive}
+            if i:  # a worker dropping out at the first block keeps its 0: no walk over the whole pool
                 for w in alive - still:
                     matched[w] = i
             alive = still
             if not alive:
                 break
-        for w in alive or ():
+        for w in alive:
             matched[w] = len(block_hashes)
         return matched
 
