@@ -24,8 +24,7 @@ plus the worker's KV capacity and batch limit.
 import pathlib
 from dataclasses import dataclass
 
-import yaml
-
+from services.common.profiles import read_profile
 from sim.host import slowdown_curve
 
 PROFILES_DIR = pathlib.Path(__file__).parent / "profiles"
@@ -142,14 +141,8 @@ def derive(spec: dict) -> dict:
 
 def load_costs(name_or_path: str) -> CostModel:
     """A profile by name (sim/profiles/NAME.yaml) or path."""
-    path = pathlib.Path(name_or_path)
-    if not path.suffix:
-        path = PROFILES_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown cost profile {name_or_path!r}; known: {', '.join(known)} (or a YAML path)")
-    spec = yaml.safe_load(path.read_text())
+    name, spec = read_profile(name_or_path, PROFILES_DIR, "cost")
     coefficients = derive(spec["derive"]) if "derive" in spec else dict(spec["coefficients"])
     coefficients = {k: (v if k == "attention" else tuple(map(float, v)) if k == "host_slowdown"
                         else int(v) if k in _INTS else float(v)) for k, v in coefficients.items()}
-    return CostModel(name=spec.get("name", path.stem), **coefficients)
+    return CostModel(name=name, **coefficients)

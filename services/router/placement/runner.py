@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import yaml
 
+from services.common.profiles import read_profile
 from services.router.placement import registry
 from services.router.placement.base import Decision, PlacementRequest, WorkerView
 from services.router.prefix_index import PrefixIndex
@@ -134,14 +134,8 @@ def _with_confirmed(request: PlacementRequest, worker: WorkerView, index: Prefix
 
 def load_profile(name_or_path: str) -> PlacementProfile:
     """A profile by name (profiles/NAME.yaml) or by path to a YAML file."""
-    path = pathlib.Path(name_or_path)
-    if not path.suffix:
-        path = PROFILES_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown placement profile {name_or_path!r}; known: {', '.join(known)} (or a YAML path)")
-    spec = yaml.safe_load(path.read_text())
-    return PlacementProfile(spec.get("name", path.stem), _pool(spec["decode"]), _pool(spec["prefill"]),
+    name, spec = read_profile(name_or_path, PROFILES_DIR, "placement")
+    return PlacementProfile(name, _pool(spec["decode"]), _pool(spec["prefill"]),
                             _plugin("decider", spec.get("decider", "always_remote")))
 
 
