@@ -34,7 +34,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
         self.api_keys = api_keys
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        tokenizer.max_token_chars  # noqa: B018 - computed once here (a 262k-entry scan), not in the first request
+        # No text longer than this fits the context; computed once (a 262k-entry vocabulary scan).
+        self._max_prompt_chars = (config.max_model_len - 1) * tokenizer.max_token_chars
 
     async def _job(self, request: router_pb2.GenerateRequest, time_remaining: float | None,
                    arrived_at: float) -> GenerateJob:
@@ -64,7 +65,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of text; InvalidArgument, before any work, for text too long to fit the context."""
-        limit = (self._config.max_model_len - 1) * self._tokenizer.max_token_chars
+        limit = self._max_prompt_chars
         if len(text) > limit:
             raise InvalidArgument(f"prompt text has {len(text)} characters; at most {limit} can fit the context of "
                                   f"{self._config.max_model_len} tokens: shorten it")

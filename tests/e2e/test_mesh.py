@@ -56,6 +56,7 @@ BAD_REQUESTS = [
     ("no prompt", dict(max_tokens=4), "missing"),
     ("empty token ids", dict(token_ids=common_pb2.TokenIds(ids=[]), max_tokens=4), "empty"),
     ("too long", dict(token_ids=common_pb2.TokenIds(ids=[2] + [236761] * 3000), max_tokens=4), "limit"),
+    ("text too long to fit", dict(text="x" * 4_000_000, max_tokens=4), "characters"),  # refused before tokenizing
     ("max_tokens 0", dict(text="hi", max_tokens=0), "max_tokens"),
     ("max_tokens negative", dict(text="hi", max_tokens=-3), "max_tokens"),
     ("max_tokens above cap", dict(text="hi", max_tokens=100_000), "cap"),
