@@ -55,7 +55,7 @@ class FrontSettings(NamedTuple):
     served_model_name: str
     max_model_len: int
     max_tokens_cap: int
-    api_keys: ApiKeys | tuple[str, ...] = ()  # keys alone (no tenants) may be given as a tuple
+    api_keys: ApiKeys = ApiKeys()
 
 
 class ApiError(Exception):
@@ -130,12 +130,10 @@ class OpenAIFront:
     def __init__(self, servicer: RouterServicer, template: ChatTemplate, settings: FrontSettings,
                  is_ready: Callable[[], bool]):
         self._servicer, self._template, self.settings, self.is_ready = servicer, template, settings, is_ready
-        keys = settings.api_keys
-        self.api_keys = keys if isinstance(keys, ApiKeys) else ApiKeys.load(tuple(keys))
 
     async def check_auth(self, request: Request) -> None:
         try:
-            self.api_keys.tenant_of(request.headers.get("authorization"))
+            self.settings.api_keys.tenant_of(request.headers.get("authorization"))
         except Exception as exc:
             raise ApiError(reply_for_exception(exc)) from None
 
@@ -156,7 +154,7 @@ class OpenAIFront:
             generate_request = router_pb2.GenerateRequest(
                 token_ids=common_pb2.TokenIds(ids=ids), sampling=body.sampling(),
                 max_tokens=body.max_tokens_for(len(ids), cap), priority=priority_from(request.headers),
-                tenant_id=self.api_keys.authorize(request.headers.get("authorization"),
+                tenant_id=self.settings.api_keys.authorize(request.headers.get("authorization"),
                                                   request.headers.get(TENANT_HEADER, "")),
                 request_id=request_id, ignore_eos=body.ignore_eos)
             async def note_trace_id(trace_id: str) -> None:  # before the first event: it goes in the headers

@@ -8,6 +8,7 @@ from starlette.testclient import TestClient
 
 from pdmesh.v1 import common_pb2
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.router.auth import ApiKeys
 from services.router.chat_template import GEMMA3_TURNS, ChatTemplate, TemplateSource
 from services.router.http_errors import HTTP_ERRORS, reply_for_code, reply_for_exception
 from services.router.http_front import FrontSettings, OpenAIFront, create_app, priority_from, trace_metadata
@@ -195,7 +196,8 @@ def test_priority_header():
 # ---- the app, up to the point it would call the mesh -------------------------------------------
 
 def app_client(api_keys=(), ready=True) -> TestClient:
-    front = OpenAIFront(None, GEMMA, FrontSettings("gemma-3-270m", 2048, 1024, api_keys), lambda: ready)
+    front = OpenAIFront(None, GEMMA, FrontSettings("gemma-3-270m", 2048, 1024, ApiKeys.load(tuple(api_keys))),
+                        lambda: ready)
     return TestClient(create_app(front))
 
 
