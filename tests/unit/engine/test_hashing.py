@@ -1,7 +1,9 @@
+import struct
 import subprocess
 import sys
 
 import pytest
+import xxhash
 
 from engine.hashing import block_hashes, hash_block
 
@@ -15,6 +17,15 @@ def test_hash_is_64_bit_unsigned_and_deterministic():
 def test_known_value_pins_the_encoding():
     # The router and every worker must agree forever: changing the encoding breaks prefix routing.
     assert hash_block(None, [1, 2, 3]) == 2269029543879048369
+
+
+def test_chained_block_follows_the_documented_encoding():
+    # xxh3_64(b"\x01" + parent as uint64 LE + each token as int64 LE), written out independently of
+    # the implementation (which packs the header and slices one packed prompt).
+    parent = (1 << 64) - 5
+    expected = xxhash.xxh3_64_intdigest(struct.pack("<BQ", 1, parent) + struct.pack("<3q", 5, -6, 70_000))
+    assert hash_block(parent, [5, -6, 70_000]) == expected
+    assert block_hashes([9] * 16 + [5, -6, 70_000] * 6, 16, parent_hash=parent)[0] == hash_block(parent, [9] * 16)
 
 
 def test_same_in_another_process():
