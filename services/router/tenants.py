@@ -12,6 +12,7 @@ is out of debt, or a short hint for concurrency). A limit of 0 means unlimited.
 The same policy gives each tenant its fair-share weight (services/router/fair_queue.py).
 """
 
+import functools
 import json
 import pathlib
 import time
@@ -40,8 +41,12 @@ class TenantPolicy:
     default: TenantLimit = field(default_factory=TenantLimit)
     overrides: tuple[tuple[str, TenantLimit], ...] = ()
 
+    @functools.cached_property
+    def _by_tenant(self) -> dict[str, TenantLimit]:
+        return dict(self.overrides)
+
     def limit_for(self, tenant: str) -> TenantLimit:
-        return dict(self.overrides).get(tenant, self.default)
+        return self._by_tenant.get(tenant, self.default)
 
     @staticmethod
     def load(path: str, default: TenantLimit) -> "TenantPolicy":
