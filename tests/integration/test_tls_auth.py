@@ -143,3 +143,16 @@ def test_pdmesh_generate_over_mutual_tls(mesh):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "3 tokens" in result.stderr
+
+
+def test_pdmesh_batch_over_mutual_tls_with_a_key(mesh, tmp_path):
+    c = mesh.certs
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "q", "prompt": PROMPT, "max_tokens": 2, "ignore_eos": True}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "pdmesh", "batch", "submit", str(source), "--wait", "--quiet",
+                             "--router", mesh.router_address, "--api-key", "sk-team-a", "--tls-cert",
+                             str(c["client.pem"]), "--tls-key", str(c["client.key"]), "--tls-ca", str(c["ca.pem"])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["tenant_id"] == "team-a"
