@@ -13,10 +13,11 @@ The same policy gives each tenant its fair-share weight (services/router/fair_qu
 """
 
 import functools
-import json
 import pathlib
 import time
 from dataclasses import dataclass, field
+
+import yaml
 
 from services.common.errors import ResourceExhausted
 
@@ -53,12 +54,7 @@ class TenantPolicy:
         """Reads per-tenant overrides from a JSON or YAML file:
         `{"tenants": {"acme": {"max_concurrent": 8, "tokens_per_s": 2000, "weight": 2}}}`;
         fields a tenant leaves out take the default's value."""
-        text = pathlib.Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        data = yaml.safe_load(pathlib.Path(path).read_text()) or {}  # YAML is a superset of JSON, as in auth.py
         tenants = data.get("tenants", {}) if isinstance(data, dict) else None
         if not isinstance(tenants, dict):
             raise ValueError(f"{path}: expected {{\"tenants\": {{NAME: {{max_concurrent, tokens_per_s, burst_s, weight}}}}}}")
