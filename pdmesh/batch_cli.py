@@ -108,8 +108,8 @@ def _write_results(path: str, results) -> None:
     os.replace(tmp, path)
 
 
-def _follow(stub, tenant: str, job, out: str | None, quiet: bool) -> int:
-    """Streams the job's results with a progress bar until it ends; writes them to `out`."""
+def _follow(stub, tenant: str, job, out: str | None, quiet: bool, auth=()) -> int:
+    """Streams the job's results with a progress bar until it ends; writes them to `out`. `auth`: call metadata."""
     from tqdm import tqdm
 
     from pdmesh.v1 import batch_pb2
@@ -119,7 +119,7 @@ def _follow(stub, tenant: str, job, out: str | None, quiet: bool) -> int:
         while True:  # a broken stream (router restart) resumes after the last result received
             try:
                 for message in stub.StreamBatchResults(batch_pb2.StreamBatchResultsRequest(
-                        tenant_id=tenant, job_id=job.job_id, page_token=token)):
+                        tenant_id=tenant, job_id=job.job_id, page_token=token), metadata=auth):
                     results.append(message.result)
                     token = message.resume_token
                     bar.update(1)
@@ -130,7 +130,7 @@ def _follow(stub, tenant: str, job, out: str | None, quiet: bool) -> int:
                     raise
                 bar.write(f"router unavailable ({exc.details()}); retrying in 2 s")
                 time.sleep(2)
-    job = stub.GetBatchJob(batch_pb2.GetBatchJobRequest(tenant_id=tenant, job_id=job.job_id)).job
+    job = stub.GetBatchJob(batch_pb2.GetBatchJobRequest(tenant_id=tenant, job_id=job.job_id), metadata=auth).job
     if out:
         _write_results(out, results)
         print(f"{len(results)} results written to {out}", file=sys.stderr)
@@ -142,9 +142,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     import grpc
 
     from pdmesh.v1 import batch_pb2, batch_pb2_grpc
+    from services.common.tls import blocking_channel, tls_from_args
 
+    auth = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
     try:
-        with grpc.insecure_channel(args.router) as channel:
+        with blocking_channel(args.router, tls_from_args(args, warn_plaintext=False)) as channel:
             stub = batch_pb2_grpc.BatchServiceStub(channel)
             tenant = args.tenant
             if args.action == "submit":
@@ -152,14 +154,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 metadata = {"source": os.path.basename(args.target)}
                 job = stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(
                     tenant_id=tenant, items=items, metadata=metadata, idempotency_key=args.idempotency_key),
-                    timeout=120).job
+                    timeout=120, metadata=auth).job
                 print(f"submitted {job.job_id} ({job.total_items} requests)", file=sys.stderr)
                 if args.wait or args.out:
-                    return _follow(stub, tenant, job, args.out, args.quiet)
+                    return _follow(stub, tenant, job, args.out, args.quiet, auth)
                 print(job.job_id)
                 return 0
             if args.action == "list":
-                response = stub.ListBatchJobs(batch_pb2.ListBatchJobsRequest(tenant_id=tenant, page_size=args.limit))
+                response = stub.ListBatchJobs(batch_pb2.ListBatchJobsRequest(tenant_id=tenant, page_size=args.limit),
+                                               metadata=auth)
                 for job in response.jobs:
                     j = job_to_json(job)
                     print(f"{j['job_id']}  {j['status']:<10} {j['completed']:>6}/{j['total']:<6} failed {j['failed']}")
@@ -169,20 +172,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 return 2
             get = batch_pb2.GetBatchJobRequest(tenant_id=tenant, job_id=args.target)
             if args.action == "status":
-                print(json.dumps(job_to_json(stub.GetBatchJob(get, timeout=30).job), indent=2))
+                print(json.dumps(job_to_json(stub.GetBatchJob(get, timeout=30, metadata=auth).job), indent=2))
                 return 0
             if args.action == "cancel":
                 job = stub.CancelBatchJob(batch_pb2.CancelBatchJobRequest(tenant_id=tenant, job_id=args.target),
-                                          timeout=60).job
+                                          timeout=60, metadata=auth).job
                 print(json.dumps(job_to_json(job)))
                 return 0
-            job = stub.GetBatchJob(get, timeout=30).job  # results
+            job = stub.GetBatchJob(get, timeout=30, metadata=auth).job  # results
             if args.wait:
-                return _follow(stub, tenant, job, args.out, args.quiet)
+                return _follow(stub, tenant, job, args.out, args.quiet, auth)
             results, token = [], ""
             while True:
                 page = stub.ListBatchResults(batch_pb2.ListBatchResultsRequest(
-                    tenant_id=tenant, job_id=args.target, page_size=1000, page_token=token), timeout=60)
+                    tenant_id=tenant, job_id=args.target, page_size=1000, page_token=token), timeout=60, metadata=auth)
                 results += page.results
                 token = page.next_page_token
                 if not token or not page.results:
@@ -215,4 +218,8 @@ def add_batch_parser(sub, default_router: str) -> None:
     batch.add_argument("--idempotency-key", default="",
                        help="submit: running the same submit again (same key, file and tenant) returns the first job")
     batch.add_argument("--router", default=default_router)
+    batch.add_argument("--api-key", default=os.environ.get("PDMESH_API_KEY", ""),
+                       help="sent as `authorization: Bearer KEY` (env PDMESH_API_KEY)")
+    from services.common.tls import add_tls_flags
+    add_tls_flags(batch)
     batch.set_defaults(func=cmd_batch)

@@ -64,6 +64,13 @@ def aio_channel(address: str, tls: TlsConfig | None, options: list | tuple = ())
     return grpc.aio.secure_channel(address, channel_credentials(tls), options=channel_options(tls, options))
 
 
+def blocking_channel(address: str, tls: TlsConfig | None, options: list | tuple = ()) -> grpc.Channel:
+    """A blocking grpc channel to address (for command-line clients): mTLS when tls is set, else plaintext."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=list(options))
+    return grpc.secure_channel(address, channel_credentials(tls), options=channel_options(tls, options))
+
+
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--tls-cert", default=env("PDMESH_TLS_CERT", ""), help="PEM certificate (enables mTLS)")

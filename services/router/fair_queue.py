@@ -42,9 +42,6 @@ class FairQueue:
             del self._queues[tenant]
         return tenant, item
 
-    def peek_tenant(self) -> str:
-        return min(self._queues, key=lambda t: (self._served[t], self._queues[t][0][0]))
-
     def charge(self, tenant: str, tokens: int) -> None:
         """Counts `tokens` dispatched for tenant (queued or not)."""
         served = max(self._served.get(tenant, 0.0), self._clock if tenant not in self._queues else 0.0)
@@ -61,6 +58,3 @@ class FairQueue:
                     del self._queues[tenant]
                 return True
         return False
-
-    def served(self, tenant: str) -> float:
-        return self._served.get(tenant, 0.0)

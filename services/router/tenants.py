@@ -12,10 +12,12 @@ is out of debt, or a short hint for concurrency). A limit of 0 means unlimited.
 The same policy gives each tenant its fair-share weight (services/router/fair_queue.py).
 """
 
-import json
+import functools
 import pathlib
 import time
 from dataclasses import dataclass, field
+
+import yaml
 
 from services.common.errors import ResourceExhausted
 
@@ -40,20 +42,19 @@ class TenantPolicy:
     default: TenantLimit = field(default_factory=TenantLimit)
     overrides: tuple[tuple[str, TenantLimit], ...] = ()
 
+    @functools.cached_property
+    def _by_tenant(self) -> dict[str, TenantLimit]:
+        return dict(self.overrides)
+
     def limit_for(self, tenant: str) -> TenantLimit:
-        return dict(self.overrides).get(tenant, self.default)
+        return self._by_tenant.get(tenant, self.default)
 
     @staticmethod
     def load(path: str, default: TenantLimit) -> "TenantPolicy":
         """Reads per-tenant overrides from a JSON or YAML file:
         `{"tenants": {"acme": {"max_concurrent": 8, "tokens_per_s": 2000, "weight": 2}}}`;
         fields a tenant leaves out take the default's value."""
-        text = pathlib.Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        data = yaml.safe_load(pathlib.Path(path).read_text()) or {}  # YAML is a superset of JSON, as in auth.py
         tenants = data.get("tenants", {}) if isinstance(data, dict) else None
         if not isinstance(tenants, dict):
             raise ValueError(f"{path}: expected {{\"tenants\": {{NAME: {{max_concurrent, tokens_per_s, burst_s, weight}}}}}}")

@@ -13,7 +13,8 @@ import pytest
 
 from pdmesh.certs import make_certs
 from pdmesh.launcher import ROOT, MeshSpec, start_mesh
-from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
+from pdmesh.v1 import (batch_pb2, batch_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc, worker_state_pb2,
+                       worker_state_pb2_grpc)
 
 PROMPT = [2] + list(range(4000, 4040))
 KEYS = {"sk-team-a": "team-a", "sk-no-tenant": ""}
@@ -104,6 +105,25 @@ def test_tenant_comes_from_the_token(mesh):
         assert generate(channel, (("authorization", "Bearer sk-no-tenant"),), tenant="team-b", max_tokens=1)
 
 
+def test_batch_service_uses_the_same_keys_and_tenants(mesh):
+    team_a = (("authorization", "Bearer sk-team-a"),)
+    with grpc.secure_channel(mesh.router_address, client_credentials(mesh)) as channel:
+        batch = batch_pb2_grpc.BatchServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            batch.ListBatchJobs(batch_pb2.ListBatchJobsRequest(tenant_id="team-a"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            next(batch.StreamBatchResults(batch_pb2.StreamBatchResultsRequest(job_id="batch_x"), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            batch.ListBatchJobs(batch_pb2.ListBatchJobsRequest(tenant_id="team-b"), timeout=10, metadata=team_a)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "team-a" in info.value.details()
+        item = batch_pb2.BatchItem(custom_id="q", request=router_pb2.GenerateRequest(
+            token_ids=common_pb2.TokenIds(ids=PROMPT), max_tokens=1))
+        job = batch.CreateBatchJob(batch_pb2.CreateBatchJobRequest(items=[item]), timeout=30, metadata=team_a).job
+        assert job.tenant_id == "team-a", "the key's tenant owns the job"
+
+
 def test_http_front_uses_the_same_keys_and_tenants(mesh):
     body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
     with httpx.Client(base_url=mesh.http_address, timeout=30) as http:
@@ -123,3 +143,16 @@ def test_pdmesh_generate_over_mutual_tls(mesh):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "3 tokens" in result.stderr
+
+
+def test_pdmesh_batch_over_mutual_tls_with_a_key(mesh, tmp_path):
+    c = mesh.certs
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "q", "prompt": PROMPT, "max_tokens": 2, "ignore_eos": True}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "pdmesh", "batch", "submit", str(source), "--wait", "--quiet",
+                             "--router", mesh.router_address, "--api-key", "sk-team-a", "--tls-cert",
+                             str(c["client.pem"]), "--tls-key", str(c["client.key"]), "--tls-ca", str(c["ca.pem"])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["tenant_id"] == "team-a"

@@ -1,6 +1,7 @@
 """BatchService servicer: proto <-> the store and runner; maps domain errors to status codes once
-(services.common.errors). Tenant identity is the request's `tenant_id` field, as on
-GenerateRequest; a job of another tenant is answered exactly like a job that does not exist."""
+(services.common.errors). Tenant identity is the request's `tenant_id` field, checked against the
+caller's API key exactly as on Generate (services/router/auth.py); a job of another tenant is
+answered exactly like a job that does not exist."""
 
 import asyncio
 import functools
@@ -8,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from pdmesh.v1 import batch_pb2, batch_pb2_grpc, common_pb2, router_pb2
 from services.common.errors import InvalidArgument, Unavailable, abort_with
+from services.router.auth import ApiKeys
 from services.router.batch.runner import BatchRunner
 from services.router.batch.store import (CANCELLED, COMPLETED, ENDED, FAILED, QUEUED, RUNNING, AsyncBatchStore,
                                          ItemResult, Job, decode_cursor, encode_cursor)
@@ -21,10 +23,11 @@ _STATUS = {QUEUED: batch_pb2.BATCH_JOB_STATUS_QUEUED, RUNNING: batch_pb2.BATCH_J
 
 
 def _mapped(method):
-    """Runs a unary handler and maps any domain error to its status code (the one place)."""
+    """Runs a unary handler as the caller's tenant and maps any domain error to its status code (the one place)."""
     @functools.wraps(method)
     async def handler(self, request, context):
         try:
+            self._authorize(request, context)
             return await method(self, request, context)
         except Exception as exc:
             await abort_with(context, exc)
@@ -34,11 +37,17 @@ def _mapped(method):
 class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     def __init__(self, store: AsyncBatchStore | None, runner: BatchRunner | None,
                  validate: Callable[[router_pb2.GenerateRequest], Awaitable[None]], max_items: int = 50_000,
-                 disabled_reason: str = ""):
+                 disabled_reason: str = "", api_keys: ApiKeys = ApiKeys()):
         """`validate(request)` raises InvalidArgument when Generate would reject the request. With no
         store, every call is UNAVAILABLE with `disabled_reason`."""
         self._store, self._runner, self._validate = store, runner, validate
-        self._max_items, self._disabled_reason = max_items, disabled_reason
+        self._max_items, self._disabled_reason, self._api_keys = max_items, disabled_reason, api_keys
+
+    def _authorize(self, request, context) -> None:
+        """Sets request.tenant_id to the tenant the caller's API key runs as (Unauthenticated /
+        PermissionDenied as on Generate)."""
+        metadata = dict(context.invocation_metadata() or ())
+        request.tenant_id = self._api_keys.authorize(metadata.get("authorization"), request.tenant_id)
 
     def _ready(self) -> AsyncBatchStore:
         if self._store is None:
@@ -118,6 +127,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     async def StreamBatchResults(self, request, context):
         try:
+            self._authorize(request, context)
             store = self._ready()
             after = decode_cursor("r", request.page_token) if request.page_token else 0
             while True:

@@ -45,7 +45,7 @@ class BatchService:
         if self.store is not None:
             metrics.ROUTER.attach_batch_store(self.store.store.job_counts)
         self.servicer = BatchServicer(self.store, self.runner, router_servicer.validate, config.batch_max_items,
-                                      reason)
+                                      reason, router_servicer.api_keys)
 
     def binding(self):
         return (batch_pb2_grpc.add_BatchServiceServicer_to_server, self.servicer,
