@@ -32,6 +32,7 @@ import time
 from itertools import groupby
 from typing import NamedTuple
 
+from bench.common import CpuMeter
 from engine.hashing import block_hashes
 from sim.costs import CostModel
 from sim.metrics import percentile
@@ -105,21 +106,7 @@ def scaled_phases(s: Slice) -> tuple[list[list[Request]], dict[str, list[int]]]:
 # -- the real mesh ------------------------------------------------------------------------------
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (a process that is gone counts 0)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-async def _replay(address: str, phases: list[list[Request]], tokens: dict, pids: list[int],
+async def _replay(address: str, phases: list[list[Request]], tokens: dict, cpu: CpuMeter,
                   gap_s: float) -> tuple[list[dict], list[float]]:
     """Warm-up, two probe prompts alone (their prefill time on the live mesh), then each phase."""
     import grpc
@@ -137,11 +124,11 @@ async def _replay(address: str, phases: list[list[Request]], tokens: dict, pids:
         out = []
         for phase in phases:
             start = time.perf_counter() + gap_s
-            cpu0 = _cpu_seconds(pids)
+            cpu0 = sum(cpu.read().values())
             measured = await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens,
                                                            start + r.arrival_s) for r in phase))
             wall = time.perf_counter() - start
-            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": _cpu_seconds(pids) - cpu0,
+            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": sum(cpu.read().values()) - cpu0,
                         "requests": list(measured)})
         return out, probes
 
@@ -172,10 +159,10 @@ def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) 
     progress(f"starting the real mesh: 2 prefill + 2 decode, {s.num_blocks} KV blocks each, 1 torch thread each")
     mesh = start_mesh(spec, progress=lambda m: None)
     try:
-        pids = [p.popen.pid for p in mesh.processes] + [os.getpid()]
+        cpu = CpuMeter({p.name: p.popen.pid for p in mesh.processes})  # and this process, as "client"
         progress(f"replaying {len(phases)} phases of {s.n} requests at {', '.join(map(str, s.rates))} req/s "
                  f"(load average {os.getloadavg()[0]:.1f})")
-        return asyncio.run(_replay(mesh.router_address, phases, tokens, pids, s.gap_s))
+        return asyncio.run(_replay(mesh.router_address, phases, tokens, cpu, s.gap_s))
     finally:
         mesh.stop()
 
