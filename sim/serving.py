@@ -38,16 +38,22 @@ PROBE_OUTPUT = 12  # tokens per probe: 11 gaps of one-sequence decode steps
 REPEATS = 2  # per length, the faster one kept (as the bare engine's timings are)
 
 
-async def _probe(stub, ids: list[int], max_tokens: int) -> dict:
+async def generate(stub, ids: list[int], max_tokens: int, timeout_s: float = 600) -> tuple[list[float], object]:
+    """One greedy request through the router, every token forced out (ignore_eos): the
+    perf_counter time each token arrived, and the stream's last message (timings, placement)."""
     from pdmesh.v1 import common_pb2, router_pb2
     request = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=ids), max_tokens=max_tokens,
                                          sampling=common_pb2.SamplingParams(temperature=0.0), ignore_eos=True)
-    start = time.perf_counter()
     arrivals, last = [], None
-    async for message in stub.Generate(request, timeout=600):
-        now = time.perf_counter()
-        arrivals += [now] * len(message.token_ids)
+    async for message in stub.Generate(request, timeout=timeout_s):
+        arrivals += [time.perf_counter()] * len(message.token_ids)
         last = message
+    return arrivals, last
+
+
+async def _probe(stub, ids: list[int], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    arrivals, last = await generate(stub, ids, max_tokens)
     gaps = [b - a for a, b in itertools.pairwise(arrivals) if b > a]  # tokens sent together: one gap
     return {"prompt_tokens": len(ids), "ttft_s": round(arrivals[0] - start, 4),
             "kv_pull_s": round(last.timings.kv_transfer_ms / 1000, 5), "decision": last.placement.decision,

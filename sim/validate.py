@@ -37,6 +37,7 @@ from engine.hashing import block_hashes
 from sim.costs import CostModel
 from sim.metrics import percentile
 from sim.run import simulate
+from sim.serving import generate
 from sim.trace import Request, read_mooncake
 
 ENGINE_BLOCK = 16
@@ -135,18 +136,11 @@ async def _replay(address: str, phases: list[list[Request]], tokens: dict, cpu: 
 
 async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict:
     """Sends one request at `at` (0: now); TTFT from `at`, plus the router's phase timings."""
-    from pdmesh.v1 import common_pb2, router_pb2
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     at = at or time.perf_counter()
-    request = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=ids), max_tokens=max_tokens,
-                                         sampling=common_pb2.SamplingParams(temperature=0.0), ignore_eos=True)
-    first, last = None, None
-    async for message in stub.Generate(request, timeout=900):
-        if message.token_ids and first is None:
-            first = time.perf_counter()
-        last = message
+    arrivals, last = await generate(stub, ids, max_tokens, timeout_s=900)
     t, p = last.timings, last.placement
-    return {"ttft_s": first - at, "router_ttft_ms": round(t.time_to_first_token_ms, 1),
+    return {"ttft_s": arrivals[0] - at, "router_ttft_ms": round(t.time_to_first_token_ms, 1),
             "prefill_ms": round(t.prefill_ms, 1), "kv_transfer_ms": round(t.kv_transfer_ms, 1),
             "decision": p.decision, "prefill_worker": p.prefill_worker_id, "decode_worker": p.decode_worker_id,
             "cached_tokens": last.usage.cached_prompt_tokens}
