@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from services.router.placement.base import LoadView
 from sim.costs import CostModel
-from sim.host import Host
+from sim.host import Host, slowdown_curve
 from sim.kv_cache import KvCache
 from sim.router import SimRouter, TraceRequest, seeded_profile
 from sim.trace import Request
@@ -86,7 +86,8 @@ class Cluster:
         self._seq = 0
         capacity = costs.kv_capacity_blocks(block_size)
         # One shared host when the profile says workers share a CPU, else a device per worker.
-        self._shared_host = Host(lambda: self.now, self.at, costs.host_slowdown_at) if costs.host_cores else None
+        self._shared_host = Host(lambda: self.now, self.at, slowdown_curve(costs.host_slowdown, costs.host_cores)) \
+            if costs.host_cores else None
         self.prefill = {f"prefill-{i}": PrefillWorker(f"prefill-{i}", self, capacity) for i in range(num_prefill)}
         self.decode = {f"decode-{i}": DecodeWorker(f"decode-{i}", self, capacity) for i in range(num_decode)}
         roles = {**dict.fromkeys(self.prefill, "prefill"), **dict.fromkeys(self.decode, "decode")}
