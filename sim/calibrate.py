@@ -73,6 +73,11 @@ class Bench:
         self._rng = random.Random(0)
         self._ids = 0
 
+    def warm_up(self) -> None:
+        """First calls into torch are slow: one prefill and two decode steps, untimed."""
+        self.prefill_s(64, 0)
+        self.decode_step_s(2, 64, steps=2)
+
     def _prompt(self, n: int) -> list[int]:
         return [self._rng.randrange(1000, 200_000) for _ in range(n)]
 
@@ -164,8 +169,7 @@ def calibrate(grid: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     progress(f"loading the model ({threads} torch thread(s), load average {os.getloadavg()[0]:.1f})")
     bench = Bench()
-    bench.prefill_s(64, 0)
-    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    bench.warm_up()
     prefill, decode = [], []
     for u, c in grid["prefill"]:
         s = min(bench.prefill_s(u, c) for _ in range(grid["repeats"]))
@@ -227,8 +231,7 @@ def _contender(conn, threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
     bench = Bench(num_blocks=256)
-    bench.prefill_s(64, 0)
-    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    bench.warm_up()
     conn.send("ready")
     for kind, start, seconds in iter(conn.recv, None):
         if kind == "decode":  # a batch already decoding: every timed operation is one decode step

@@ -101,8 +101,7 @@ def measure_bare(threads: int, progress) -> list[dict]:
     from sim.calibrate import Bench
     torch.set_num_threads(threads)
     bench = Bench(num_blocks=512)
-    bench.prefill_s(64, 0)
-    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    bench.warm_up()
     out = []
     for n in PROBE_TOKENS:
         prefill = min(bench.prefill_s(n, 0) for _ in range(REPEATS))
