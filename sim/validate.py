@@ -165,10 +165,10 @@ def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) 
 
 
 def slowed(costs: CostModel, factor: float) -> CostModel:
-    """The profile with every compute time multiplied by factor (transfers and RPCs unchanged)."""
-    return dataclasses.replace(costs, **{k: getattr(costs, k) * factor for k in (
-        "prefill_base_s", "prefill_per_token_s", "prefill_per_token_ctx_s",
-        "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s")})
+    """The profile with every compute time multiplied by factor (transfers and RPCs unchanged):
+    the serving-overhead factors already multiply every prefill and decode time."""
+    return dataclasses.replace(costs, prefill_overhead=costs.prefill_overhead * factor,
+                               decode_overhead=costs.decode_overhead * factor)
 
 
 def predict(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int) -> list[list[float]]:
