@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sim.serving import random_tokens
 
 BLOCK_SIZE = 16
 FULL = {"prefill": [(u, c) for c in (0, 512, 1024) for u in (32, 128, 512, 1024, 2048)],
@@ -79,7 +80,7 @@ class Bench:
         self.decode_step_s(2, 64, steps=2)
 
     def _prompt(self, n: int) -> list[int]:
-        return [self._rng.randrange(1000, 200_000) for _ in range(n)]
+        return random_tokens(self._rng, n)
 
     def _run(self, prompts: list[list[int]], max_tokens: int) -> list[float]:
         """Runs the prompts together; returns the wall time of every step."""

@@ -38,6 +38,11 @@ PROBE_OUTPUT = 12  # tokens per probe: 11 gaps of one-sequence decode steps
 REPEATS = 2  # per length, the faster one kept (as the bare engine's timings are)
 
 
+def random_tokens(rng: random.Random, n: int) -> list[int]:
+    """n random token ids in [1000, 200_000): the range every probe, warm-up and replayed prompt here uses."""
+    return [rng.randrange(1000, 200_000) for _ in range(n)]
+
+
 async def generate(stub, ids: list[int], max_tokens: int, timeout_s: float = 600) -> tuple[list[float], object]:
     """One greedy request through the router, every token forced out (ignore_eos): the
     perf_counter time each token arrived, and the stream's last message (timings, placement)."""
@@ -65,15 +70,14 @@ async def _probe_all(address: str, seed: int) -> list[dict]:
 
     from pdmesh.v1 import router_pb2_grpc
     rng = random.Random(seed)
-    draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         for _ in range(2):  # warm-up: both workers, the pull path, the router's tokenizer
-            await _probe(stub, draw(160), 4)
+            await _probe(stub, random_tokens(rng, 160), 4)
         await asyncio.sleep(1.0)
         out = []
         for n in PROBE_TOKENS:
-            runs = [await _probe(stub, draw(n), PROBE_OUTPUT) for _ in range(REPEATS)]
+            runs = [await _probe(stub, random_tokens(rng, n), PROBE_OUTPUT) for _ in range(REPEATS)]
             out.append(min(runs, key=lambda r: r["ttft_s"]))
         return out
 

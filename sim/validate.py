@@ -37,7 +37,7 @@ from engine.hashing import block_hashes
 from sim.costs import CostModel
 from sim.metrics import percentile
 from sim.run import simulate
-from sim.serving import generate
+from sim.serving import generate, random_tokens
 from sim.trace import Request, read_mooncake
 
 ENGINE_BLOCK = 16
@@ -58,8 +58,7 @@ class Slice(NamedTuple):
 
 
 def _run_tokens(hash_id: int) -> list[int]:
-    rng = random.Random(hash_id)
-    return [rng.randrange(1000, 200_000) for _ in range(ENGINE_BLOCK)]
+    return random_tokens(random.Random(hash_id), ENGINE_BLOCK)
 
 
 def _scaled(s: Slice, count: int) -> tuple[list[Request], dict[str, list[int]]]:
@@ -116,10 +115,9 @@ async def _replay(address: str, phases: list[list[Request]], tokens: dict, cpu: 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
-        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
         for _ in range(2):
-            await asyncio.gather(*(_first_token(stub, draw(160), 2, 0.0) for _ in range(2)))
-        probes = [(await _first_token(stub, draw(PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
+            await asyncio.gather(*(_first_token(stub, random_tokens(rng, 160), 2, 0.0) for _ in range(2)))
+        probes = [(await _first_token(stub, random_tokens(rng, PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
         await asyncio.sleep(1.0)
         t0 = time.perf_counter()
         out = []
