@@ -25,11 +25,10 @@ import sys
 import time
 
 from sim.costs import load_costs
-from sim.metrics import Slo
-from sim.run import simulate
+from sim.run import DEFAULT_SLO, simulate
 from sim.trace import read_mooncake, reuse_unbounded, scale_time
 
-SLO = Slo(ttft_s=2.0, tpot_s=0.025)  # Dynamo's Qwen3-32B Mooncake A/B uses TTFT 2 s / ITL 25 ms
+SLO = DEFAULT_SLO  # Dynamo's Qwen3-32B Mooncake A/B uses TTFT 2 s / ITL 25 ms
 GPU = "h100-llama3-8b"
 WORKERS = 64
 HEADLINE_RATE = 12.0  # x the trace's 3.4 req/s: ~41 req/s on 64 H100s (busy, not saturated)

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sim.serving import random_tokens
 
 BLOCK_SIZE = 16
 FULL = {"prefill": [(u, c) for c in (0, 512, 1024) for u in (32, 128, 512, 1024, 2048)],
@@ -73,8 +74,13 @@ class Bench:
         self._rng = random.Random(0)
         self._ids = 0
 
+    def warm_up(self) -> None:
+        """First calls into torch are slow: one prefill and two decode steps, untimed."""
+        self.prefill_s(64, 0)
+        self.decode_step_s(2, 64, steps=2)
+
     def _prompt(self, n: int) -> list[int]:
-        return [self._rng.randrange(1000, 200_000) for _ in range(n)]
+        return random_tokens(self._rng, n)
 
     def _run(self, prompts: list[list[int]], max_tokens: int) -> list[float]:
         """Runs the prompts together; returns the wall time of every step."""
@@ -164,8 +170,7 @@ def calibrate(grid: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     progress(f"loading the model ({threads} torch thread(s), load average {os.getloadavg()[0]:.1f})")
     bench = Bench()
-    bench.prefill_s(64, 0)
-    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    bench.warm_up()
     prefill, decode = [], []
     for u, c in grid["prefill"]:
         s = min(bench.prefill_s(u, c) for _ in range(grid["repeats"]))
@@ -227,8 +232,7 @@ def _contender(conn, threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
     bench = Bench(num_blocks=256)
-    bench.prefill_s(64, 0)
-    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    bench.warm_up()
     conn.send("ready")
     for kind, start, seconds in iter(conn.recv, None):
         if kind == "decode":  # a batch already decoding: every timed operation is one decode step

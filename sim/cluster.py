@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from services.router.placement.base import LoadView
 from sim.costs import CostModel
-from sim.host import Host
+from sim.host import Host, slowdown_curve
 from sim.kv_cache import KvCache
 from sim.router import SimRouter, TraceRequest, seeded_profile
 from sim.trace import Request
@@ -52,6 +52,30 @@ def _blocks(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def _lease(cache: KvCache, worker_id: str, job: Job, block_size: int, reserve_tokens: int) -> bool:
+    """References the prompt's cached leading blocks (the last token is always computed) and
+    allocates the rest of reserve_tokens' blocks; sets job.cached_tokens and job.held[worker_id].
+    False, taking nothing, when the cache has no room."""
+    n = job.req.prompt_tokens
+    hits = cache.match(job.req.block_hashes, (n - 1) // block_size)
+    hashes = job.req.block_hashes[:hits]
+    new = _blocks(reserve_tokens, block_size) - hits
+    if not cache.can_acquire(hashes, new):
+        return False
+    cache.acquire(hashes, new)
+    job.cached_tokens = hits * block_size
+    job.held[worker_id] = (list(hashes), new)
+    return True
+
+
+def _store_computed(cache: KvCache, worker_id: str, job: Job) -> None:
+    """The prompt's full blocks past the ones job holds hashed are computed now: registers them
+    (job.held[worker_id] moves those stored from its unhashed count to its hashed list)."""
+    hashed, unhashed = job.held[worker_id]
+    stored = cache.store(job.req.block_hashes[len(hashed):])
+    job.held[worker_id] = (hashed + stored, unhashed - len(stored))
+
+
 class Cluster:
     def __init__(self, costs: CostModel, num_prefill: int, num_decode: int, profile: str = "prefix_aware",
                  block_size: int = 512, seed: int = 0, report_interval_s: float = 0.2):
@@ -62,7 +86,8 @@ class Cluster:
         self._seq = 0
         capacity = costs.kv_capacity_blocks(block_size)
         # One shared host when the profile says workers share a CPU, else a device per worker.
-        self._shared_host = Host(lambda: self.now, self.at, costs.host_slowdown_at) if costs.host_cores else None
+        self._shared_host = Host(lambda: self.now, self.at, slowdown_curve(costs.host_slowdown, costs.host_cores)) \
+            if costs.host_cores else None
         self.prefill = {f"prefill-{i}": PrefillWorker(f"prefill-{i}", self, capacity) for i in range(num_prefill)}
         self.decode = {f"decode-{i}": DecodeWorker(f"decode-{i}", self, capacity) for i in range(num_decode)}
         roles = {**dict.fromkeys(self.prefill, "prefill"), **dict.fromkeys(self.decode, "decode")}
@@ -172,18 +197,11 @@ class PrefillWorker:
             self.cluster.at(self.cluster.now, self._step)
 
     def _admit(self) -> list | None:
-        job, bs = self.waiting[0], self.cluster.block_size
-        n = job.req.prompt_tokens
-        hits = self.cache.match(job.req.block_hashes, (n - 1) // bs)
-        hashes = job.req.block_hashes[:hits]
-        new = _blocks(n, bs) - hits
-        if not self.cache.can_acquire(hashes, new):
+        job = self.waiting[0]
+        if not _lease(self.cache, self.id, job, self.cluster.block_size, job.req.prompt_tokens):
             return None  # every block is leased out; a release restarts this
         self.waiting.popleft()
-        self.cache.acquire(hashes, new)
-        job.cached_tokens = hits * bs
-        job.held[self.id] = (list(hashes), new)
-        seq = [job, n - job.cached_tokens, 0]
+        seq = [job, job.req.prompt_tokens - job.cached_tokens, 0]
         self.running.append(seq)
         return seq
 
@@ -223,9 +241,7 @@ class PrefillWorker:
         self._step()
 
     def _done(self, job: Job) -> None:
-        hashed, unhashed = job.held[self.id]
-        stored = self.cache.store(job.req.block_hashes[len(hashed):])
-        job.held[self.id] = (hashed + stored, unhashed - len(stored))
+        _store_computed(self.cache, self.id, job)
         self._queued_tokens -= job.req.prompt_tokens
         self.cluster.prefilled(job)
 
@@ -277,14 +293,9 @@ class DecodeWorker:
 
     def _imported(self, job: Job) -> None:
         self.cluster.prefill[job.prefill_id].release(job)
-        stored = self.cache.store(job.req.block_hashes)
-        self.cache_held(job, stored)
+        _store_computed(self.cache, self.id, job)
         job.first_token_s = self.cluster.now
         self._first_token_out(job)
-
-    def cache_held(self, job: Job, stored: list[int]) -> None:
-        hashed, unhashed = job.held[self.id]
-        job.held[self.id] = (hashed + stored, unhashed - len(stored))
 
     def _first_token_out(self, job: Job) -> None:
         if job.req.output_tokens <= 1:
@@ -339,18 +350,10 @@ class DecodeWorker:
     def _admit_local(self) -> Job | None:
         if not self.local:
             return None
-        job, bs = self.local[0], self.cluster.block_size
-        n = job.req.prompt_tokens
-        hits = self.cache.match(job.req.block_hashes, (n - 1) // bs)
-        hashes = job.req.block_hashes[:hits]
-        new = _blocks(n + job.req.output_tokens, bs) - hits
-        if not self.cache.can_acquire(hashes, new):
+        job = self.local[0]
+        if not _lease(self.cache, self.id, job, self.cluster.block_size, job.req.prompt_tokens + job.req.output_tokens):
             return None
-        self.local.popleft()
-        self.cache.acquire(hashes, new)
-        job.cached_tokens = hits * bs
-        job.held[self.id] = (list(hashes), new)
-        return job
+        return self.local.popleft()
 
     def _schedule(self, steps: int, first: float, growth: float, local: Job | None) -> None:
         self._run = (steps, first, growth, local)
@@ -370,8 +373,7 @@ class DecodeWorker:
                 self._finish(s[0])
         self.running = still
         if local is not None:
-            hits = local.cached_tokens // self.cluster.block_size
-            self.cache_held(local, self.cache.store(local.req.block_hashes[hits:]))
+            _store_computed(self.cache, self.id, local)
             local.first_token_s = self.cluster.now
             self._run = None
             self._first_token_out(local)  # wakes: starts the next run

@@ -71,10 +71,6 @@ class CostModel:
         if self.host_cores:
             slowdown_curve(self.host_slowdown, self.host_cores)  # raises ValueError when malformed
 
-    def host_slowdown_at(self, computing: int) -> float:
-        """How many times slower each worker computes while `computing` workers compute at once."""
-        return slowdown_curve(self.host_slowdown, self.host_cores)(computing) if self.host_cores else 1.0
-
     def prefill_s(self, uncached: int, cached: int = 0) -> float:
         """One prompt prefilled alone in one step."""
         return self.prefill_fixed_s() + self.prefill_tokens_s(uncached) + self.attention_s([(uncached, cached)])

@@ -15,6 +15,7 @@ from sim.cluster import Cluster
 from sim.costs import load_costs
 from sim.metrics import Slo, summarize
 from sim.trace import (
+    MOONCAKE_TRACE,
     no_reuse,
     read_mooncake,
     reuse_unbounded,
@@ -32,8 +33,8 @@ def workload(args) -> list:
     elif args.synthetic == "no_reuse":
         reqs = no_reuse(2048, args.rate, 9216, 256, seed=args.seed)
     else:
-        reqs = read_mooncake(args.trace_path, limit=args.limit) if args.trace_path else read_mooncake(limit=args.limit)
-    return scale_time(reqs[:args.limit] if args.limit else reqs, args.rate_scale, args.time_scale)
+        reqs = read_mooncake(args.trace_path or MOONCAKE_TRACE, limit=args.limit)
+    return scale_time(reqs[:args.limit], args.rate_scale, args.time_scale)
 
 
 def simulate(requests, costs, num_prefill: int, num_decode: int, profile: str, seed: int = 0,

@@ -38,16 +38,27 @@ PROBE_OUTPUT = 12  # tokens per probe: 11 gaps of one-sequence decode steps
 REPEATS = 2  # per length, the faster one kept (as the bare engine's timings are)
 
 
-async def _probe(stub, ids: list[int], max_tokens: int) -> dict:
+def random_tokens(rng: random.Random, n: int) -> list[int]:
+    """n random token ids in [1000, 200_000): the range every probe, warm-up and replayed prompt here uses."""
+    return [rng.randrange(1000, 200_000) for _ in range(n)]
+
+
+async def generate(stub, ids: list[int], max_tokens: int, timeout_s: float = 600) -> tuple[list[float], object]:
+    """One greedy request through the router, every token forced out (ignore_eos): the
+    perf_counter time each token arrived, and the stream's last message (timings, placement)."""
     from pdmesh.v1 import common_pb2, router_pb2
     request = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=ids), max_tokens=max_tokens,
                                          sampling=common_pb2.SamplingParams(temperature=0.0), ignore_eos=True)
-    start = time.perf_counter()
     arrivals, last = [], None
-    async for message in stub.Generate(request, timeout=600):
-        now = time.perf_counter()
-        arrivals += [now] * len(message.token_ids)
+    async for message in stub.Generate(request, timeout=timeout_s):
+        arrivals += [time.perf_counter()] * len(message.token_ids)
         last = message
+    return arrivals, last
+
+
+async def _probe(stub, ids: list[int], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    arrivals, last = await generate(stub, ids, max_tokens)
     gaps = [b - a for a, b in itertools.pairwise(arrivals) if b > a]  # tokens sent together: one gap
     return {"prompt_tokens": len(ids), "ttft_s": round(arrivals[0] - start, 4),
             "kv_pull_s": round(last.timings.kv_transfer_ms / 1000, 5), "decision": last.placement.decision,
@@ -59,15 +70,14 @@ async def _probe_all(address: str, seed: int) -> list[dict]:
 
     from pdmesh.v1 import router_pb2_grpc
     rng = random.Random(seed)
-    draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         for _ in range(2):  # warm-up: both workers, the pull path, the router's tokenizer
-            await _probe(stub, draw(160), 4)
+            await _probe(stub, random_tokens(rng, 160), 4)
         await asyncio.sleep(1.0)
         out = []
         for n in PROBE_TOKENS:
-            runs = [await _probe(stub, draw(n), PROBE_OUTPUT) for _ in range(REPEATS)]
+            runs = [await _probe(stub, random_tokens(rng, n), PROBE_OUTPUT) for _ in range(REPEATS)]
             out.append(min(runs, key=lambda r: r["ttft_s"]))
         return out
 
@@ -95,8 +105,7 @@ def measure_bare(threads: int, progress) -> list[dict]:
     from sim.calibrate import Bench
     torch.set_num_threads(threads)
     bench = Bench(num_blocks=512)
-    bench.prefill_s(64, 0)
-    bench.decode_step_s(2, 64, steps=2)  # warm-up
+    bench.warm_up()
     out = []
     for n in PROBE_TOKENS:
         prefill = min(bench.prefill_s(n, 0) for _ in range(REPEATS))

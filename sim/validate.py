@@ -32,10 +32,12 @@ import time
 from itertools import groupby
 from typing import NamedTuple
 
+from bench.common import CpuMeter
 from engine.hashing import block_hashes
 from sim.costs import CostModel
 from sim.metrics import percentile
 from sim.run import simulate
+from sim.serving import generate, random_tokens
 from sim.trace import Request, read_mooncake
 
 ENGINE_BLOCK = 16
@@ -56,8 +58,7 @@ class Slice(NamedTuple):
 
 
 def _run_tokens(hash_id: int) -> list[int]:
-    rng = random.Random(hash_id)
-    return [rng.randrange(1000, 200_000) for _ in range(ENGINE_BLOCK)]
+    return random_tokens(random.Random(hash_id), ENGINE_BLOCK)
 
 
 def _scaled(s: Slice, count: int) -> tuple[list[Request], dict[str, list[int]]]:
@@ -105,21 +106,7 @@ def scaled_phases(s: Slice) -> tuple[list[list[Request]], dict[str, list[int]]]:
 # -- the real mesh ------------------------------------------------------------------------------
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (a process that is gone counts 0)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-async def _replay(address: str, phases: list[list[Request]], tokens: dict, pids: list[int],
+async def _replay(address: str, phases: list[list[Request]], tokens: dict, cpu: CpuMeter,
                   gap_s: float) -> tuple[list[dict], list[float]]:
     """Warm-up, two probe prompts alone (their prefill time on the live mesh), then each phase."""
     import grpc
@@ -128,38 +115,30 @@ async def _replay(address: str, phases: list[list[Request]], tokens: dict, pids:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
-        draw = lambda n: [rng.randrange(1000, 200_000) for _ in range(n)]
         for _ in range(2):
-            await asyncio.gather(*(_first_token(stub, draw(160), 2, 0.0) for _ in range(2)))
-        probes = [(await _first_token(stub, draw(PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
+            await asyncio.gather(*(_first_token(stub, random_tokens(rng, 160), 2, 0.0) for _ in range(2)))
+        probes = [(await _first_token(stub, random_tokens(rng, PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
         await asyncio.sleep(1.0)
         t0 = time.perf_counter()
         out = []
         for phase in phases:
             start = time.perf_counter() + gap_s
-            cpu0 = _cpu_seconds(pids)
+            cpu0 = sum(cpu.read().values())
             measured = await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens,
                                                            start + r.arrival_s) for r in phase))
             wall = time.perf_counter() - start
-            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": _cpu_seconds(pids) - cpu0,
+            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": sum(cpu.read().values()) - cpu0,
                         "requests": list(measured)})
         return out, probes
 
 
 async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict:
     """Sends one request at `at` (0: now); TTFT from `at`, plus the router's phase timings."""
-    from pdmesh.v1 import common_pb2, router_pb2
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     at = at or time.perf_counter()
-    request = router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=ids), max_tokens=max_tokens,
-                                         sampling=common_pb2.SamplingParams(temperature=0.0), ignore_eos=True)
-    first, last = None, None
-    async for message in stub.Generate(request, timeout=900):
-        if message.token_ids and first is None:
-            first = time.perf_counter()
-        last = message
+    arrivals, last = await generate(stub, ids, max_tokens, timeout_s=900)
     t, p = last.timings, last.placement
-    return {"ttft_s": first - at, "router_ttft_ms": round(t.time_to_first_token_ms, 1),
+    return {"ttft_s": arrivals[0] - at, "router_ttft_ms": round(t.time_to_first_token_ms, 1),
             "prefill_ms": round(t.prefill_ms, 1), "kv_transfer_ms": round(t.kv_transfer_ms, 1),
             "decision": p.decision, "prefill_worker": p.prefill_worker_id, "decode_worker": p.decode_worker_id,
             "cached_tokens": last.usage.cached_prompt_tokens}
@@ -172,10 +151,10 @@ def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) 
     progress(f"starting the real mesh: 2 prefill + 2 decode, {s.num_blocks} KV blocks each, 1 torch thread each")
     mesh = start_mesh(spec, progress=lambda m: None)
     try:
-        pids = [p.popen.pid for p in mesh.processes] + [os.getpid()]
+        cpu = CpuMeter({p.name: p.popen.pid for p in mesh.processes})  # and this process, as "client"
         progress(f"replaying {len(phases)} phases of {s.n} requests at {', '.join(map(str, s.rates))} req/s "
                  f"(load average {os.getloadavg()[0]:.1f})")
-        return asyncio.run(_replay(mesh.router_address, phases, tokens, pids, s.gap_s))
+        return asyncio.run(_replay(mesh.router_address, phases, tokens, cpu, s.gap_s))
     finally:
         mesh.stop()
 
@@ -184,10 +163,10 @@ def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) 
 
 
 def slowed(costs: CostModel, factor: float) -> CostModel:
-    """The profile with every compute time multiplied by factor (transfers and RPCs unchanged)."""
-    return dataclasses.replace(costs, **{k: getattr(costs, k) * factor for k in (
-        "prefill_base_s", "prefill_per_token_s", "prefill_per_token_ctx_s",
-        "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s")})
+    """The profile with every compute time multiplied by factor (transfers and RPCs unchanged):
+    the serving-overhead factors already multiply every prefill and decode time."""
+    return dataclasses.replace(costs, prefill_overhead=costs.prefill_overhead * factor,
+                               decode_overhead=costs.decode_overhead * factor)
 
 
 def predict(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int) -> list[list[float]]:

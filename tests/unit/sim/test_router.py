@@ -1,10 +1,13 @@
 """The simulator places with the router's own plugins: same objects, same decisions, and a
 scorer registered for the router changes what the simulator does."""
 
+import grpc
+
 from services.router.placement import registry
 from services.router.placement.base import LoadView
 from services.router.placement.runner import PlacementProfile, load_profile
 from services.router.prefix_index import PrefixIndex
+from services.router.workers import WorkerEndpoint
 from sim.cluster import Cluster
 from sim.router import SimRouter, TraceRequest
 from sim.trace import Request, shared_prefix
@@ -32,7 +35,12 @@ def test_decision_equals_the_router_profile_on_the_same_state():
 
     index = PrefixIndex(clock=lambda: now[0])
     fill(index)
-    views = [v for v in router.views()]  # what the router's WorkerRegistry.views() would return
+    # The router's own views: its WorkerEndpoints holding the same reports and in-flight count.
+    with grpc.insecure_channel("127.0.0.1:1") as channel:  # never used: the stubs need one
+        endpoints = [WorkerEndpoint(w, ROLES[w], channel, w, True, load) for w, load in LOADS.items()]
+    endpoints[3].inflight = 1  # decode-1, tracked above
+    views = [e.view() for e in endpoints]
+    assert router.views() == views
     theirs = load_profile("prefix_aware").place(TraceRequest("q", HASHES, 20 * 16 + 7, 16), views, index)
     assert ours.decode.worker.worker_id == theirs.decode.worker.worker_id
     assert ours.decode.scores == theirs.decode.scores

@@ -3,8 +3,9 @@
 import pytest
 
 from sim.calibrate import host_slowdown
-from sim.trace import Request
-from sim.validate import Slice, at_rate, scaled_phases, spread_ticks
+from sim.costs import load_costs
+from sim.trace import MOONCAKE_TRACE, Request
+from sim.validate import Slice, at_rate, scaled_phases, slowed, spread_ticks
 
 
 def at(t):
@@ -21,6 +22,7 @@ def test_at_rate_keeps_the_spacing_and_sets_the_mean_rate():
     assert [r.arrival_s for r in out] == pytest.approx([0.0, 1.0, 4.0])  # 2 gaps in 4 s: 0.5 req/s
 
 
+@pytest.mark.skipif(not MOONCAKE_TRACE.exists(), reason="shared/data trace not present")
 def test_phases_take_consecutive_trace_requests_at_their_rates():
     phases, tokens = scaled_phases(Slice(n=8, rates=(0.5, 1.0)))
     first, second = phases
@@ -33,3 +35,12 @@ def test_phases_take_consecutive_trace_requests_at_their_rates():
 
 def test_host_slowdown_is_the_mean_over_kinds_of_work():
     assert host_slowdown({"prefill": [1.0, 1.2, 1.6], "decode": [1.0, 1.4, 2.0]}) == [1.0, 1.3, 1.8]
+
+
+def test_slowed_multiplies_compute_times_only():
+    costs = load_costs("cpu-local")
+    slow = slowed(costs, 1.5)
+    assert slow.prefill_s(512, 256) == pytest.approx(1.5 * costs.prefill_s(512, 256))
+    assert slow.decode_step_s(4, 2048) == pytest.approx(1.5 * costs.decode_step_s(4, 2048))
+    assert slow.attention_s([(64, 0), (128, 32)]) == pytest.approx(1.5 * costs.attention_s([(64, 0), (128, 32)]))
+    assert slow.transfer_s(1000) == costs.transfer_s(1000) and slow.rpc_s == costs.rpc_s
