@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.router.placement.base import LoadView
+from services.router.placement.runner import NoCandidates
 from sim.costs import CostModel
 from sim.host import Host, slowdown_curve
 from sim.kv_cache import KvCache
@@ -126,7 +127,11 @@ class Cluster:
         if _blocks(r.prompt_tokens + r.output_tokens, self.block_size) > self.costs.kv_capacity_blocks(self.block_size):
             job.rejected = "prompt + output exceed one worker's KV cache"
             return
-        placement = self.router.place(TraceRequest(r.request_id, r.block_hashes, r.prompt_tokens, r.block_size))
+        try:
+            placement = self.router.place(TraceRequest(r.request_id, r.block_hashes, r.prompt_tokens, r.block_size))
+        except NoCandidates as exc:  # the real router answers RESOURCE_EXHAUSTED: the request is not served
+            job.rejected = str(exc)
+            return
         job.decode_id = placement.decode.worker.worker_id
         self.router.track(job.decode_id, 0)
         rpc = self.costs.rpc_s
@@ -178,7 +183,7 @@ class PrefillWorker:
 
     def load(self) -> LoadView:
         return LoadView(len(self.waiting), len(self.running), self.cache.used_blocks, self.cache.capacity,
-                        self._queued_tokens)
+                        self._queued_tokens, max_running=self.costs.max_batch)
 
     def submit(self, job: Job) -> None:
         self.waiting.append(job)
@@ -265,7 +270,7 @@ class DecodeWorker:
     def load(self) -> LoadView:
         queued = sum(j.req.prompt_tokens for j in self.local)
         return LoadView(len(self.local) + len(self.joining), len(self.running), self.cache.used_blocks,
-                        self.cache.capacity, queued)
+                        self.cache.capacity, queued, max_running=self.costs.max_batch)
 
     # -- arrivals ---------------------------------------------------------------------------------
 

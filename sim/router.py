@@ -11,7 +11,7 @@ at least report_interval_s after the previous one, so it is at most that stale.
 import random
 from collections.abc import Callable
 
-from services.router.placement.base import LoadView, PlacementRequest, WorkerView
+from services.router.placement.base import LoadView, PlacementRequest, WorkerView, with_router_counts
 from services.router.placement.runner import Placement, PlacementProfile, load_profile
 from services.router.prefix_index import PrefixIndex
 
@@ -50,6 +50,7 @@ class SimRouter:
         self._views: dict[str, WorkerView] = {}
         self.inflight = dict.fromkeys(roles, 0)
         self.inflight_tokens = dict.fromkeys(roles, 0)
+        self.finished = dict.fromkeys(roles, 0)  # requests that ended since the worker's last report
 
     def on_kv_event(self, worker_id: str, kind: str, block_hashes: list[int]) -> None:
         if kind == "stored":
@@ -68,11 +69,11 @@ class SimRouter:
             if now - self._reported_at[worker_id] >= self._interval:
                 self._reports[worker_id] = self._load_of(worker_id)
                 self._reported_at[worker_id] = now
+                self.finished[worker_id] = 0
                 view = None
             if view is None:
-                r = self._reports[worker_id]
-                load = LoadView(r.waiting, r.running, r.kv_blocks_used, r.kv_blocks_total, r.queued_prefill_tokens,
-                                self.inflight[worker_id], self.inflight_tokens[worker_id])
+                load = with_router_counts(self._reports[worker_id], self.inflight[worker_id],
+                                          self.inflight_tokens[worker_id], self.finished[worker_id])
                 view = self._views[worker_id] = WorkerView(worker_id, worker_id, role, True, load)
             views.append(view)
         return views
@@ -84,4 +85,6 @@ class SimRouter:
         """A request (with prompt_tokens to prefill there) starts (+1) or ends (-1) on worker_id."""
         self.inflight[worker_id] += sign
         self.inflight_tokens[worker_id] += sign * prompt_tokens
+        if sign < 0:
+            self.finished[worker_id] += 1
         self._views.pop(worker_id, None)

@@ -18,7 +18,7 @@ import grpc
 from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
 from services.common.server import CHANNEL_OPTIONS
 from services.common.tls import TlsConfig, aio_channel
-from services.router.placement.base import LoadView, WorkerView
+from services.router.placement.base import LoadView, WorkerView, with_router_counts
 from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ class WorkerEndpoint:
         return self.worker_id or self.address
 
     def view(self) -> WorkerView:
-        r = self.load  # (spelled out, not _replace(): this runs per worker per request)
-        load = LoadView(r.waiting, r.running, r.kv_blocks_used, r.kv_blocks_total, r.queued_prefill_tokens,
-                        self.inflight, self.inflight_tokens, r.max_running, self.finished_since_report)
+        load = with_router_counts(self.load, self.inflight, self.inflight_tokens, self.finished_since_report)
         return WorkerView(self.key, self.address, self.role, self.healthy, load)
 
 

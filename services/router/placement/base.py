@@ -37,6 +37,15 @@ class LoadView(NamedTuple):
         return queued if queued >= self.router_inflight_tokens else self.router_inflight_tokens
 
 
+def with_router_counts(report: LoadView, inflight: int, inflight_tokens: int, finished: int) -> LoadView:
+    """A worker's last load report plus what this router knows since: its requests there now (and
+    their prompt tokens) and those that ended since the report. The router's registry and the
+    simulator's router both build their views with this. (Spelled out, not _replace(): this runs
+    per worker per request.)"""
+    return LoadView(report.waiting, report.running, report.kv_blocks_used, report.kv_blocks_total,
+                    report.queued_prefill_tokens, inflight, inflight_tokens, report.max_running, finished)
+
+
 class WorkerView(NamedTuple):
     """What the router knows about one worker, rebuilt from its state stream."""
 

@@ -102,3 +102,13 @@ def test_a_local_prefill_joining_a_decoding_batch_pays_the_steps_fixed_cost_once
     # b waits for the step in progress (ends 0.203125), then one pass: a's decode step at batch 1
     # (1/64 s) plus b's 32 prompt tokens (1/32 s); no second fixed cost.
     assert jb.prefill_id == "" and jb.first_token_s == pytest.approx(0.203125 + 2**-6 + 2**-5)
+
+
+def test_a_request_no_decode_worker_can_take_is_rejected_not_a_crash():
+    # The first request fills the only decode worker's KV cache past has_capacity's 95% while it
+    # decodes; the real router answers the second with RESOURCE_EXHAUSTED, the simulator rejects it.
+    cluster = Cluster(FIXED, 1, 1, "prefix_aware", block_size=16)
+    big, small = cluster.run([request(1, 0.0, 4000, 64), request(2, 4.5, 64, 4)])
+    assert not big.rejected and big.end_s is not None
+    assert "none passed the filters" in small.rejected and small.first_token_s is None
+    assert summarize([big, small], cluster, Slo(ttft_s=10.0, tpot_s=1.0))["rejected"] == 1

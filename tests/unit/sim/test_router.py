@@ -29,16 +29,20 @@ def test_decision_equals_the_router_profile_on_the_same_state():
     now = [10.0]
     router = SimRouter(load_profile("prefix_aware"), ROLES, LOADS.__getitem__, lambda: now[0])
     fill(router.index)
+    router.views()  # the workers' reports arrive
     router.track("decode-1", 0)
+    router.track("decode-2", 0)
+    router.track("decode-2", 0, -1)  # ended since decode-2's last report
     request = TraceRequest("q", HASHES, 20 * 16 + 7, 16)
     ours = router.place(request)
 
     index = PrefixIndex(clock=lambda: now[0])
     fill(index)
-    # The router's own views: its WorkerEndpoints holding the same reports and in-flight count.
+    # The router's own views: its WorkerEndpoints holding the same reports, in-flight and finished counts.
     with grpc.insecure_channel("127.0.0.1:1") as channel:  # never used: the stubs need one
         endpoints = [WorkerEndpoint(w, ROLES[w], channel, w, True, load) for w, load in LOADS.items()]
     endpoints[3].inflight = 1  # decode-1, tracked above
+    endpoints[4].finished_since_report = 1  # decode-2's request that ended
     views = [e.view() for e in endpoints]
     assert router.views() == views
     theirs = load_profile("prefix_aware").place(TraceRequest("q", HASHES, 20 * 16 + 7, 16), views, index)
