@@ -351,22 +351,20 @@ class NixlPuller(KvPuller):
         other READ moves only while we check (UCX progress, e.g. over TCP): no sleep there."""
         agent = self.local.agent
         deadline = posted + self.timeout_s
-        if on_copy_threads:
-            first_look = min(posted + self._copy_rate(num_bytes).expected_s(num_bytes) * EARLY_LOOK_FRACTION,
-                             deadline)
+        rate = self._copy_rate(num_bytes) if on_copy_threads else None
+        if rate is not None:
+            first_look = min(posted + rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION, deadline)
             time.sleep(max(0.0, first_look - time.monotonic()))
         state = agent.check_xfer_state(xfer)
-        if state != "PROC":
-            if state == "DONE" and on_copy_threads:
-                self._copy_rate(num_bytes).finished_within(num_bytes, time.monotonic() - posted)
-            return state
+        running_at_first_look = state == "PROC"
         while state == "PROC":  # each check also drives UCX progress (no progress thread here)
             if time.monotonic() > deadline:
                 raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
             time.sleep(self.poll_sleep_s)
             state = agent.check_xfer_state(xfer)
-        if state == "DONE" and on_copy_threads:
-            self._copy_rate(num_bytes).observe(num_bytes, time.monotonic() - posted)
+        if state == "DONE" and rate is not None:
+            learn = rate.observe if running_at_first_look else rate.finished_within
+            learn(num_bytes, time.monotonic() - posted)
         return state
 
     def _make_request(self, peer: _Peer, src: list[int], dst: list[int]) -> tuple[object, bool]:
