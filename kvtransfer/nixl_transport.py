@@ -140,6 +140,15 @@ class CopyRate:
         """Seconds a READ of num_bytes should take; 0 before the first observation."""
         return num_bytes / self.bytes_per_s if self.bytes_per_s > 0 else 0.0
 
+    def first_look_s(self, num_bytes: int) -> float:
+        """Seconds after posting a READ of num_bytes to first look at it (0: at once)."""
+        return self.expected_s(num_bytes) * EARLY_LOOK_FRACTION
+
+    def learn(self, num_bytes: int, seconds: float, running_at_first_look: bool) -> None:
+        """A READ of num_bytes was seen done `seconds` after posting: its exact time if it was
+        still running at the first look (observe), else an upper bound (finished_within)."""
+        (self.observe if running_at_first_look else self.finished_within)(num_bytes, seconds)
+
     def observe(self, num_bytes: int, seconds: float) -> None:
         """A READ of num_bytes took `seconds` (seen finishing, to within a poll)."""
         rate = num_bytes / max(seconds, 1e-9)
@@ -351,22 +360,18 @@ class NixlPuller(KvPuller):
         other READ moves only while we check (UCX progress, e.g. over TCP): no sleep there."""
         agent = self.local.agent
         deadline = posted + self.timeout_s
-        if on_copy_threads:
-            first_look = min(posted + self._copy_rate(num_bytes).expected_s(num_bytes) * EARLY_LOOK_FRACTION,
-                             deadline)
-            time.sleep(max(0.0, first_look - time.monotonic()))
+        rate = self._copy_rate(num_bytes) if on_copy_threads else None
+        if rate is not None:
+            time.sleep(max(0.0, min(posted + rate.first_look_s(num_bytes), deadline) - time.monotonic()))
         state = agent.check_xfer_state(xfer)
-        if state != "PROC":
-            if state == "DONE" and on_copy_threads:
-                self._copy_rate(num_bytes).finished_within(num_bytes, time.monotonic() - posted)
-            return state
+        running_at_first_look = state == "PROC"
         while state == "PROC":  # each check also drives UCX progress (no progress thread here)
             if time.monotonic() > deadline:
                 raise KvTransferError(f"NIXL READ timed out after {self.timeout_s}s")
             time.sleep(self.poll_sleep_s)
             state = agent.check_xfer_state(xfer)
-        if state == "DONE" and on_copy_threads:
-            self._copy_rate(num_bytes).observe(num_bytes, time.monotonic() - posted)
+        if state == "DONE" and rate is not None:
+            rate.learn(num_bytes, time.monotonic() - posted, running_at_first_look)
         return state
 
     def _make_request(self, peer: _Peer, src: list[int], dst: list[int]) -> tuple[object, bool]:

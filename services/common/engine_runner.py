@@ -29,7 +29,6 @@ class EngineRunner:
         self._outputs: dict[str, asyncio.Queue] = {}
         self._on_step = on_step
         self._stopped = False
-        self._announced: int | None = None  # most urgent rank announced since the last command round
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -45,18 +44,12 @@ class EngineRunner:
         `announce`: the priority rank of the request fn adds; a step of less urgent sequences
         in flight stops early so fn runs sooner."""
         future = self._loop.create_future()
-        if announce is not None:
-            # Set before the command is queued: the engine thread clears it before it takes
-            # commands, so an announcement is never lost (at worst it outlives its command by
-            # one step, which then cannot be cut for a request it already carries).
-            current = self._announced
-            self._announced = announce if current is None else min(current, announce)
-        self._commands.put((fn, future))
+        self._commands.put((fn, future, announce))
         return await future
 
     def post(self, fn: Callable[[Any], Any]) -> None:
         """Runs fn(engine) on the engine thread between steps, fire-and-forget (any thread)."""
-        self._commands.put((fn, None))
+        self._commands.put((fn, None, None))
 
     def open_stream(self, request_id: str) -> asyncio.Queue:
         """A queue that will receive the TokenOutputs of request_id (register before adding it)."""
@@ -79,16 +72,19 @@ class EngineRunner:
                     self._on_step(self.engine)  # idle: publish what the commands changed (e.g. a release)
 
     def _arrival(self) -> int | None:
-        return self._announced
+        """The most urgent rank announced by a command still queued (the announcement lives
+        exactly as long as its command waits), or None."""
+        with self._commands.mutex:
+            return min((item[2] for item in self._commands.queue if item is not None and item[2] is not None),
+                       default=None)
 
     def _run_commands(self, block: bool) -> bool:
-        self._announced = None
         try:
             item = self._commands.get(block=block)
         except queue.Empty:
             return True
         while item is not None:
-            fn, future = item
+            fn, future, _ = item
             try:
                 result, error = fn(self.engine), None
             except Exception as exc:  # handed to the awaiting coroutine, not swallowed

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvtransfer.nixl_transport import EARLY_LOOK_FRACTION, CopyRate
+from kvtransfer.nixl_transport import CopyRate
 
 MIB = 1 << 20
 
@@ -32,15 +32,13 @@ def test_a_read_already_done_at_the_first_look_steps_the_rate_up():
 
 
 def _first_looks(rate: CopyRate, num_bytes: int, true_s: float, reads: int) -> list[float]:
-    """What NixlPuller._wait does over `reads` READs that each really take true_s."""
+    """What NixlPuller._wait does over `reads` READs that each really take true_s (the READ is
+    seen done at the first look if that comes after true_s, else at true_s)."""
     looks = []
     for _ in range(reads):
-        look = rate.expected_s(num_bytes) * EARLY_LOOK_FRACTION
+        look = rate.first_look_s(num_bytes)
         looks.append(look)
-        if look >= true_s:
-            rate.finished_within(num_bytes, look)
-        else:
-            rate.observe(num_bytes, true_s)
+        rate.learn(num_bytes, max(look, true_s), running_at_first_look=look < true_s)
     return looks
 
 
