@@ -43,5 +43,7 @@ class CpuMeter:
         return used
 
 
-def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
-    return {name: (after[name] - before[name]) * 1000 / requests for name in before}
+def add_cpu_seconds(totals: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
+    """Adds to totals, by process name, the CPU seconds used between two CpuMeter.read()s."""
+    for name, seconds in after.items():
+        totals[name] = totals.get(name, 0.0) + seconds - before[name]

@@ -31,7 +31,7 @@ import time
 import aiohttp
 import grpc
 
-from bench.common import CpuMeter, plot_cdf
+from bench.common import CpuMeter, add_cpu_seconds, plot_cdf
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -104,8 +104,7 @@ async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, stre
             after = cpu.read()
             samples[arm] += batch
             medians[arm] = statistics.median(batch)
-            for name, seconds in after.items():
-                samples["cpu"][arm][name] = samples["cpu"][arm].get(name, 0.0) + seconds - before[name]
+            add_cpu_seconds(samples["cpu"][arm], before, after)
         samples["pair_added_p50"].append(medians["http"] - medians["grpc"])
     return samples
 

@@ -31,7 +31,7 @@ import uuid
 
 import grpc
 
-from bench.common import CpuMeter
+from bench.common import CpuMeter, add_cpu_seconds
 from bench.common import percentile as _pct
 from bench.common import plot_cdf
 from bench.common import progress as _progress
@@ -146,8 +146,7 @@ async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMe
         for arm in order:
             before = cpu.read()
             samples[arm] += await _batch(getattr(arms, arm), prompts, rounds)
-            for name, seconds in cpu.read().items():
-                samples["cpu"][arm][name] = samples["cpu"][arm].get(name, 0.0) + seconds - before[name]
+            add_cpu_seconds(samples["cpu"][arm], before, cpu.read())
     return samples
 
 
