@@ -32,7 +32,9 @@ import aiohttp
 import grpc
 
 from bench.common import CpuMeter, add_cpu_seconds, plot_cdf
-from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
+from bench.common import percentile as _pct
+from bench.common import progress as _progress
+from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _text
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 STREAMS = 32
