@@ -1,6 +1,7 @@
 """Small helpers every benchmark shares: a timestamped progress line, a nearest-rank percentile,
 a CDF line for the PNGs and a per-process CPU meter."""
 
+import json
 import os
 import pathlib
 import resource
@@ -17,6 +18,20 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def write_results(json_path: str, result: dict, png_name: str = "", plot=None, plot_path: str | None = None) -> None:
+    """Writes result as JSON to json_path (making its directory) and, given plot, calls plot(png)
+    with plot_path or png_name beside the JSON; says what it wrote."""
+    path = pathlib.Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    if plot is None:
+        progress(f"wrote {path}")
+        return
+    png = pathlib.Path(plot_path) if plot_path else path.with_name(png_name)
+    plot(png)
+    progress(f"wrote {path} and {png}")
 
 
 def plot_cdf(ax, values: list[float], style: str, label: str) -> None:

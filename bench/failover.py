@@ -18,7 +18,6 @@ Keys: `trials`, `streams`, `streams_failed_over`, `tokens_lost`, `tokens_duplica
 """
 
 import argparse
-import json
 import pathlib
 import random
 import threading
@@ -28,6 +27,7 @@ import urllib.request
 import grpc
 
 from bench.common import progress as _progress
+from bench.common import write_results
 from pdmesh.launcher import MeshSpec, restart, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -207,11 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     result = summarize(results, failovers)
     print_table(result)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        plot(path.with_name("failover.png"), result)
-        print(f"wrote {path} and {path.with_name('failover.png')}")
+        write_results(args.json, result, "failover.png", lambda png: plot(png, result))
 
 
 if __name__ == "__main__":

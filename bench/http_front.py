@@ -21,7 +21,6 @@ CPU time the router process and the client spend per request is recorded for eac
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import statistics
@@ -31,7 +30,7 @@ import time
 import aiohttp
 import grpc
 
-from bench.common import CpuMeter, add_cpu_seconds, plot_cdf
+from bench.common import CpuMeter, add_cpu_seconds, plot_cdf, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _text
@@ -213,12 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     _print_table(row, single)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        plot = pathlib.Path(args.plot) if args.plot else path.with_name("http_front.png")
-        _plot(plot, samples)
-        _progress(f"wrote {path} and {plot}")
+        write_results(args.json, result, "http_front.png", lambda png: _plot(png, samples), args.plot)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ idle phase vs the start of the capacity phase (after warm-up). Keys: `requests_u
 
 import argparse
 import asyncio
-import json
 import pathlib
 import random
 import time
@@ -34,6 +33,7 @@ import grpc
 
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
+from bench.common import write_results
 from pdmesh.launcher import MeshSpec, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -278,13 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         mesh.stop()
     print_table(result)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        series = result.pop("_series")
-        path.write_text(json.dumps(result, indent=2))
-        result["_series"] = series
-        plot(path.with_name("soak.png"), result)
-        print(f"wrote {path} and {path.with_name('soak.png')}")
+        headline = {k: v for k, v in result.items() if k != "_series"}
+        write_results(args.json, headline, "soak.png", lambda png: plot(png, result))
 
 
 if __name__ == "__main__":
