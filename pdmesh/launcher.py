@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def vllm_python() -> str:
+    """The interpreter of vLLM workers: PDMESH_VLLM_PYTHON, else the venv `make setup-vllm` builds."""
+    return os.environ.get("PDMESH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+
+
 @dataclass(frozen=True)
 class MeshSpec:
     num_prefill: int = 1
