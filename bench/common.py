@@ -6,10 +6,23 @@ import os
 import pathlib
 import resource
 import time
+import urllib.request
 
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def scrape(address: str) -> dict[str, float]:
+    """Every pdmesh_* sample on one /metrics endpoint: series (name{labels}) -> value."""
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    return {series: float(value) for series, _, value in
+            (line.rpartition(" ") for line in body.splitlines() if line.startswith("pdmesh_"))}
+
+
+def metric_sum(samples: dict[str, float], prefix: str) -> float:
+    """The sum of the scraped series that start with prefix (a name, or a name and its labels)."""
+    return sum(value for series, value in samples.items() if series.startswith(prefix))
 
 
 def percentile(values: list[float], q: float) -> float:

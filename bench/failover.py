@@ -22,11 +22,10 @@ import pathlib
 import random
 import threading
 import time
-import urllib.request
 
 import grpc
 
-from bench.common import percentile, write_results
+from bench.common import metric_sum, percentile, scrape, write_results
 from bench.common import progress as _progress
 from pdmesh.launcher import MeshSpec, restart, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -46,8 +45,7 @@ def request_of(prompt: list[int]) -> router_pb2.GenerateRequest:
 
 
 def metric(process, name: str) -> float:
-    body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=5).read().decode()
-    return sum(float(line.rpartition(" ")[2]) for line in body.splitlines() if line.startswith(name))
+    return metric_sum(scrape(process.info["metrics_address"]), name)
 
 
 class Stream(threading.Thread):

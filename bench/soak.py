@@ -27,13 +27,12 @@ import asyncio
 import pathlib
 import random
 import time
-import urllib.request
 
 import grpc
 
+from bench.common import metric_sum, scrape, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
-from bench.common import write_results
 from pdmesh.launcher import MeshSpec, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -52,18 +51,6 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def scrape(address: str) -> dict[str, float]:
-    """Sums of each pdmesh_* series on one /metrics endpoint, by metric name."""
-    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
-    totals: dict[str, float] = {}
-    for line in body.splitlines():
-        if line.startswith("pdmesh_"):
-            key, _, value = line.rpartition(" ")
-            name = key.split("{")[0]
-            totals[name] = totals.get(name, 0.0) + float(value)
-    return totals
 
 
 class Sampler:
@@ -165,8 +152,8 @@ def worker_leftovers(mesh) -> tuple[float, float]:
     for p in mesh.processes:
         if p.info.get("role") in ("prefill", "decode") and p.info.get("metrics_address"):
             m = scrape(p.info["metrics_address"])
-            blocks += m.get("pdmesh_kv_blocks_used", 0.0)
-            leases += m.get("pdmesh_kv_leases", 0.0)
+            blocks += metric_sum(m, "pdmesh_kv_blocks_used")
+            leases += metric_sum(m, "pdmesh_kv_leases")
     return blocks, leases
 
 
