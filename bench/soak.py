@@ -59,7 +59,6 @@ class Sampler:
     def __init__(self, mesh):
         self.pids = {p.name: p.popen.pid for p in mesh.processes}
         self.samples: list[tuple[float, dict[str, int]]] = []
-        self._task = None
 
     def sample(self) -> dict[str, int]:
         rss = {name: rss_kb(pid) for name, pid in self.pids.items()}
