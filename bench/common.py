@@ -1,14 +1,28 @@
 """Small helpers every benchmark shares: a timestamped progress line, a nearest-rank percentile,
 a CDF line for the PNGs and a per-process CPU meter."""
 
+import json
 import os
 import pathlib
 import resource
 import time
+import urllib.request
 
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def scrape(address: str) -> dict[str, float]:
+    """Every pdmesh_* sample on one /metrics endpoint: series (name{labels}) -> value."""
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    return {series: float(value) for series, _, value in
+            (line.rpartition(" ") for line in body.splitlines() if line.startswith("pdmesh_"))}
+
+
+def metric_sum(samples: dict[str, float], prefix: str) -> float:
+    """The sum of the scraped series that start with prefix (a name, or a name and its labels)."""
+    return sum(value for series, value in samples.items() if series.startswith(prefix))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -17,6 +31,20 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def write_results(json_path: str, result: dict, png_name: str = "", plot=None, plot_path: str | None = None) -> None:
+    """Writes result as JSON to json_path (making its directory) and, given plot, calls plot(png)
+    with plot_path or png_name beside the JSON; says what it wrote."""
+    path = pathlib.Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    if plot is None:
+        progress(f"wrote {path}")
+        return
+    png = pathlib.Path(plot_path) if plot_path else path.with_name(png_name)
+    plot(png)
+    progress(f"wrote {path} and {png}")
 
 
 def plot_cdf(ax, values: list[float], style: str, label: str) -> None:
@@ -43,5 +71,7 @@ class CpuMeter:
         return used
 
 
-def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
-    return {name: (after[name] - before[name]) * 1000 / requests for name in before}
+def add_cpu_seconds(totals: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
+    """Adds to totals, by process name, the CPU seconds used between two CpuMeter.read()s."""
+    for name, seconds in after.items():
+        totals[name] = totals.get(name, 0.0) + seconds - before[name]

@@ -205,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         serve(args.serve)
         return
-    vllm_python = os.environ.get("PDMESH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
-    if not Path(vllm_python).exists():
-        sys.exit(f"no vLLM venv at {vllm_python}: run `make setup-vllm` first")
+    from pdmesh.launcher import vllm_python
+    vllm = vllm_python()
+    if not Path(vllm).exists():
+        sys.exit(f"no vLLM venv at {vllm}: run `make setup-vllm` first")
     os.environ["PDMESH_TORCH_THREADS"] = str(args.threads)  # inherited by the children
     logs = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    children = [Child(sys.executable, "builtin", logs / "builtin.log"), Child(vllm_python, "vllm", logs / "vllm.log")]
+    children = [Child(sys.executable, "builtin", logs / "builtin.log"), Child(vllm, "vllm", logs / "vllm.log")]
     try:
         measured = measure_side_by_side(children, args.quick)
     finally:

@@ -18,15 +18,14 @@ Keys: `trials`, `streams`, `streams_failed_over`, `tokens_lost`, `tokens_duplica
 """
 
 import argparse
-import json
 import pathlib
 import random
 import threading
 import time
-import urllib.request
 
 import grpc
 
+from bench.common import metric_sum, percentile, scrape, write_results
 from bench.common import progress as _progress
 from pdmesh.launcher import MeshSpec, restart, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -46,8 +45,7 @@ def request_of(prompt: list[int]) -> router_pb2.GenerateRequest:
 
 
 def metric(process, name: str) -> float:
-    body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=5).read().decode()
-    return sum(float(line.rpartition(" ")[2]) for line in body.splitlines() if line.startswith(name))
+    return metric_sum(scrape(process.info["metrics_address"]), name)
 
 
 class Stream(threading.Thread):
@@ -132,14 +130,14 @@ def reference_outputs(stub, trials: int) -> dict:
 
 def summarize(trials: list[dict], failovers: float) -> dict:
     rows = [r for t in trials for r in t["streams"]]
-    stalls = sorted(r["stall_ms"] for r in rows)
+    stalls = [r["stall_ms"] for r in rows]
     return {"model": "tiny (random weights, Gemma-3 architecture)", "trials": len(trials), "streams": len(rows),
             "kills": sum(1 for t in trials if t["victim"]), "streams_failed_over": int(failovers),
             "tokens_lost": sum(r["lost"] for r in rows), "tokens_duplicated": sum(r["duplicated"] for r in rows),
             "wrong_outputs": sum(1 for r in rows if r["wrong"]),
             "errors": [r["error"] for r in rows if r["error"]][:5],
-            "stall_p50_ms": round(stalls[len(stalls) // 2], 1) if stalls else 0.0,
-            "stall_max_ms": round(stalls[-1], 1) if stalls else 0.0, "per_trial": trials}
+            "stall_p50_ms": round(percentile(stalls, 50), 1) if stalls else 0.0,
+            "stall_max_ms": round(max(stalls), 1) if stalls else 0.0, "per_trial": trials}
 
 
 def print_table(result: dict) -> None:
@@ -207,11 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     result = summarize(results, failovers)
     print_table(result)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        plot(path.with_name("failover.png"), result)
-        print(f"wrote {path} and {path.with_name('failover.png')}")
+        write_results(args.json, result, "failover.png", lambda png: plot(png, result))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.common import progress
 from pdmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2,
                        prefill_pb2_grpc, router_pb2, router_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc)
 from services.common.server import MAX_MESSAGE_BYTES
@@ -492,8 +493,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             results[target.name] = run_target(clients, target, n, args.seed if args.seed is not None else
                                               int(time.time()))
-            print(f"[{time.strftime('%H:%M:%S')}] {target.name:<26} {results[target.name]:>6} cases "
-                  f"in {time.perf_counter() - t0:6.1f}s: ok", flush=True)
+            progress(f"{target.name:<26} {results[target.name]:>6} cases in {time.perf_counter() - t0:6.1f}s: ok")
         for line in check_oversize(clients):
             print(f"  {line}", flush=True)
         clients.still_serves()

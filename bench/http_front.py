@@ -21,7 +21,6 @@ CPU time the router process and the client spend per request is recorded for eac
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import statistics
@@ -31,8 +30,10 @@ import time
 import aiohttp
 import grpc
 
-from bench.common import CpuMeter, plot_cdf
-from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _pct, _progress, _text
+from bench.common import CpuMeter, add_cpu_seconds, plot_cdf, write_results
+from bench.common import percentile as _pct
+from bench.common import progress as _progress
+from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _text
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 STREAMS = 32
@@ -104,8 +105,7 @@ async def _measure(arms: Arms, prompts: list[str], pairs: int, rounds: int, stre
             after = cpu.read()
             samples[arm] += batch
             medians[arm] = statistics.median(batch)
-            for name, seconds in after.items():
-                samples["cpu"][arm][name] = samples["cpu"][arm].get(name, 0.0) + seconds - before[name]
+            add_cpu_seconds(samples["cpu"][arm], before, after)
         samples["pair_added_p50"].append(medians["http"] - medians["grpc"])
     return samples
 
@@ -212,12 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     _print_table(row, single)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        plot = pathlib.Path(args.plot) if args.plot else path.with_name("http_front.png")
-        _plot(plot, samples)
-        _progress(f"wrote {path} and {plot}")
+        write_results(args.json, result, "http_front.png", lambda png: _plot(png, samples), args.plot)
 
 
 if __name__ == "__main__":

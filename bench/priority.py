@@ -37,7 +37,6 @@ flight, a slot), and the rest (the prefill step itself, placement, gRPC and the 
 
 import argparse
 import asyncio
-import json
 import pathlib
 import random
 import statistics
@@ -48,6 +47,7 @@ import grpc
 
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
+from bench.common import write_results
 from pdmesh.v1 import batch_pb2, batch_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 
 TARGET_TTFT_RATIO, TARGET_SHARE = 1.2, 0.8
@@ -331,16 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     result = summarize(raw)
     print_table(result)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         out = {**result, "target_interactive_ttft_p99_ratio": TARGET_TTFT_RATIO,
                "target_batch_share_of_leftover": TARGET_SHARE,
                "setup": {**vars(setup), "mesh": "router + 1 decode worker (local prefill), real model, "
                                                 f"{args.torch_threads} torch threads, default headroom rule"}}
-        path.write_text(json.dumps(out, indent=2))
-        plot = pathlib.Path(args.plot) if args.plot else path.with_name("priority.png")
-        _plot(plot, raw, result)
-        _progress(f"wrote {path} and {plot}")
+        write_results(args.json, out, "priority.png", lambda png: _plot(png, raw, result), args.plot)
 
 
 if __name__ == "__main__":

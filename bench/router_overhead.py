@@ -20,7 +20,6 @@ does inside, and with the hashes already computed.
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import random
@@ -31,9 +30,8 @@ import uuid
 
 import grpc
 
-from bench.common import CpuMeter
+from bench.common import CpuMeter, add_cpu_seconds, plot_cdf, write_results
 from bench.common import percentile as _pct
-from bench.common import plot_cdf
 from bench.common import progress as _progress
 from pdmesh.v1 import (
     common_pb2,
@@ -146,8 +144,7 @@ async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMe
         for arm in order:
             before = cpu.read()
             samples[arm] += await _batch(getattr(arms, arm), prompts, rounds)
-            for name, seconds in cpu.read().items():
-                samples["cpu"][arm][name] = samples["cpu"][arm].get(name, 0.0) + seconds - before[name]
+            add_cpu_seconds(samples["cpu"][arm], before, cpu.read())
     return samples
 
 
@@ -368,15 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     _print_table(rows, decision, per_kb)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        if raw:
-            plot = pathlib.Path(args.plot) if args.plot else path.with_name("router_overhead.png")
-            _plot(plot, raw)
-            _progress(f"wrote {path} and {plot}")
-        else:
-            _progress(f"wrote {path}")
+        write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,
+                      args.plot)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ idle phase vs the start of the capacity phase (after warm-up). Keys: `requests_u
 
 import argparse
 import asyncio
-import json
 import pathlib
 import random
 import time
-import urllib.request
 
 import grpc
 
+from bench.common import metric_sum, scrape, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from pdmesh.launcher import MeshSpec, start_mesh
@@ -54,25 +53,12 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def scrape(address: str) -> dict[str, float]:
-    """Sums of each pdmesh_* series on one /metrics endpoint, by metric name."""
-    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
-    totals: dict[str, float] = {}
-    for line in body.splitlines():
-        if line.startswith("pdmesh_"):
-            key, _, value = line.rpartition(" ")
-            name = key.split("{")[0]
-            totals[name] = totals.get(name, 0.0) + float(value)
-    return totals
-
-
 class Sampler:
     """RSS of every process of the mesh, once a second, in the background."""
 
     def __init__(self, mesh):
         self.pids = {p.name: p.popen.pid for p in mesh.processes}
         self.samples: list[tuple[float, dict[str, int]]] = []
-        self._task = None
 
     def sample(self) -> dict[str, int]:
         rss = {name: rss_kb(pid) for name, pid in self.pids.items()}
@@ -165,8 +151,8 @@ def worker_leftovers(mesh) -> tuple[float, float]:
     for p in mesh.processes:
         if p.info.get("role") in ("prefill", "decode") and p.info.get("metrics_address"):
             m = scrape(p.info["metrics_address"])
-            blocks += m.get("pdmesh_kv_blocks_used", 0.0)
-            leases += m.get("pdmesh_kv_leases", 0.0)
+            blocks += metric_sum(m, "pdmesh_kv_blocks_used")
+            leases += metric_sum(m, "pdmesh_kv_leases")
     return blocks, leases
 
 
@@ -278,13 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         mesh.stop()
     print_table(result)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        series = result.pop("_series")
-        path.write_text(json.dumps(result, indent=2))
-        result["_series"] = series
-        plot(path.with_name("soak.png"), result)
-        print(f"wrote {path} and {path.with_name('soak.png')}")
+        headline = {k: v for k, v in result.items() if k != "_series"}
+        write_results(args.json, headline, "soak.png", lambda png: plot(png, result))
 
 
 if __name__ == "__main__":

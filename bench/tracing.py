@@ -18,7 +18,6 @@ the on arm provably traced everything.
 
 import argparse
 import asyncio
-import json
 import pathlib
 import random
 import statistics
@@ -28,7 +27,7 @@ import time
 import grpc
 
 from bench.common import percentile as _pct
-from bench.common import plot_cdf
+from bench.common import plot_cdf, write_results
 from bench.common import progress as _progress
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -197,16 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     result = summarize(raw, spans)
     print_table(result)
     if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         out = {**result, "target_ttft_p50_overhead": TARGET_TTFT_P50_OVERHEAD,
                "setup": {"batches": batches, "streams": streams, "rounds": rounds, "prompt_words": PROMPT_WORDS,
                          "max_tokens": MAX_TOKENS, "mesh": "1 prefill + 1 decode, real model, round_robin, "
                                                            "1 torch thread per worker, OTLP/gRPC to an in-process receiver"}}
-        path.write_text(json.dumps(out, indent=2))
-        plot = pathlib.Path(args.plot) if args.plot else path.with_name("tracing.png")
-        _plot(plot, raw, result)
-        _progress(f"wrote {path} and {plot}")
+        write_results(args.json, out, "tracing.png", lambda png: _plot(png, raw, result), args.plot)
 
 
 if __name__ == "__main__":

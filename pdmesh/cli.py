@@ -16,8 +16,8 @@ def _engines(engine: str) -> dict:
     """MeshSpec fields that put both pools on `engine`."""
     if engine == "builtin":
         return {}
-    from pdmesh.launcher import ROOT
-    python = os.environ.get("PDMESH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+    from pdmesh.launcher import vllm_python
+    python = vllm_python()
     return dict(prefill_engine=engine, prefill_python=python, decode_engine=engine, decode_python=python,
                 startup_timeout_s=600)
 

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def vllm_python() -> str:
+    """The interpreter of vLLM workers: PDMESH_VLLM_PYTHON, else the venv `make setup-vllm` builds."""
+    return os.environ.get("PDMESH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+
+
 @dataclass(frozen=True)
 class MeshSpec:
     num_prefill: int = 1
@@ -69,6 +74,7 @@ class Process:
     info: dict = field(default_factory=dict)
     args: list[str] = field(default_factory=list)  # how it was started (restart() reuses them)
     env: dict = field(default_factory=dict)
+    python: str = sys.executable
 
 
 @dataclass
@@ -157,7 +163,7 @@ def _spawn(name: str, args: list[str], run: pathlib.Path, env: dict, python: str
     with open(log, "w") as log_out:
         popen = subprocess.Popen([python, *args, "--ready-file", str(ready)], cwd=ROOT, env=env,
                                  stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Process(name, popen, ready, log, args=args, env=env)
+    return Process(name, popen, ready, log, args=args, env=env, python=python)
 
 
 def restart(mesh: Mesh, process: Process, timeout_s: float = 120.0) -> Process:
@@ -166,7 +172,7 @@ def restart(mesh: Mesh, process: Process, timeout_s: float = 120.0) -> Process:
     if process.popen.poll() is None:
         raise RuntimeError(f"{process.name} is still running")
     args = [*process.args, "--port", str(process.info["port"])]  # the last --port wins
-    fresh = _spawn(process.name, args, mesh.run_dir, process.env)
+    fresh = _spawn(process.name, args, mesh.run_dir, process.env, process.python)
     _wait_ready([fresh], timeout_s, lambda *_: None)
     mesh.processes[mesh.processes.index(process)] = fresh
     return fresh
