@@ -180,12 +180,8 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_batch_db() -> str:
-    import os
-    return os.path.expanduser(os.environ.get("PDMESH_BATCH_DB", "~/.local/share/pdmesh/batch.sqlite3"))
-
-
 def main(argv: list[str] | None = None) -> int:
+    from services.router.config import DEFAULT_BATCH_DB
     parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start router + prefill + decode workers locally")
@@ -208,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="mutual TLS between all processes with the certificates in DIR (from `pdmesh certs`); "
                          "without DIR, make them in the run directory. Default: plaintext")
     up.add_argument("--api-keys-file", default="", help="router API keys: YAML/JSON mapping key -> tenant")
-    up.add_argument("--batch-db", default=_default_batch_db(), help="SQLite file of batch jobs (env PDMESH_BATCH_DB)")
+    up.add_argument("--batch-db", default=os.environ.get("PDMESH_BATCH_DB", DEFAULT_BATCH_DB),
+                    help=f"SQLite file of batch jobs (env PDMESH_BATCH_DB; default {DEFAULT_BATCH_DB})")
     up.add_argument("--engine", choices=["builtin", "vllm"], default="builtin",
                     help="engine of every worker; vllm runs them in .venv-vllm (make setup-vllm), KV over "
                          "vLLM's NixlConnector (env PDMESH_VLLM_PYTHON picks another interpreter)")

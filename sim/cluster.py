@@ -27,11 +27,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.router.placement.base import LoadView
-from services.router.placement.runner import NoCandidates
+from services.router.placement.runner import NoCandidates, load_profile
 from sim.costs import CostModel
 from sim.host import Host, slowdown_curve
 from sim.kv_cache import KvCache
-from sim.router import SimRouter, TraceRequest, seeded_profile
+from sim.router import SimRouter, TraceRequest
 from sim.trace import Request
 
 
@@ -92,7 +92,7 @@ class Cluster:
         self.prefill = {f"prefill-{i}": PrefillWorker(f"prefill-{i}", self, capacity) for i in range(num_prefill)}
         self.decode = {f"decode-{i}": DecodeWorker(f"decode-{i}", self, capacity) for i in range(num_decode)}
         roles = {**dict.fromkeys(self.prefill, "prefill"), **dict.fromkeys(self.decode, "decode")}
-        self.router = SimRouter(seeded_profile(profile, seed), roles, self._load_of, lambda: self.now,
+        self.router = SimRouter(load_profile(profile, seed), roles, self._load_of, lambda: self.now,
                                 report_interval_s)
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ real mesh (every report_interval_s); here a report is refreshed when the router 
 at least report_interval_s after the previous one, so it is at most that stale.
 """
 
-import random
 from collections.abc import Callable
 
 from services.router.placement.base import LoadView, PlacementRequest, WorkerView, with_router_counts
-from services.router.placement.runner import Placement, PlacementProfile, load_profile
+from services.router.placement.runner import Placement, PlacementProfile
 from services.router.prefix_index import PrefixIndex
 
 
@@ -27,15 +26,6 @@ class TraceRequest(PlacementRequest):
     @property
     def num_prompt_tokens(self) -> int:
         return self._num_prompt_tokens
-
-
-def seeded_profile(name_or_path: str, seed: int) -> PlacementProfile:
-    """load_profile, with every seedable picker re-seeded so a run repeats exactly."""
-    profile = load_profile(name_or_path)
-    for i, pool in enumerate((profile.decode, profile.prefill)):
-        if hasattr(pool.picker, "_rng"):
-            pool.picker._rng = random.Random(seed * 2 + i)
-    return profile
 
 
 class SimRouter:

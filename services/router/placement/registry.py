@@ -2,6 +2,7 @@
 with the list of known ones). Plugin modules are imported lazily on first lookup."""
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 KINDS = ("filter", "scorer", "picker", "decider")
@@ -28,6 +29,13 @@ def build(kind: str, name: str, **params):
     if name not in factories:
         raise ValueError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(sorted(factories))}")
     return factories[name](**params)
+
+
+def takes(kind: str, name: str, param: str) -> bool:
+    """Whether the plugin's factory has a parameter named param (e.g. a picker's seed)."""
+    _load_plugins()
+    factory = _registry.get(kind, {}).get(name)
+    return factory is not None and param in inspect.signature(factory).parameters
 
 
 def known(kind: str) -> list[str]:

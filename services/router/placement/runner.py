@@ -132,14 +132,16 @@ def _with_confirmed(request: PlacementRequest, worker: WorkerView, index: Prefix
     return worker._replace(confirmed_prefix_blocks=confirmed[worker.worker_id])
 
 
-def load_profile(name_or_path: str) -> PlacementProfile:
-    """A profile by name (profiles/NAME.yaml) or by path to a YAML file."""
+def load_profile(name_or_path: str, seed: int | None = None) -> PlacementProfile:
+    """A profile by name (profiles/NAME.yaml) or by path to a YAML file. A seed seeds each pool's
+    picker that draws at random (unless the file gives it one), so a run repeats exactly."""
     name, spec = read_profile(name_or_path, PROFILES_DIR, "placement")
-    return PlacementProfile(name, _pool(spec["decode"]), _pool(spec["prefill"]),
+    decode_seed, prefill_seed = (None, None) if seed is None else (seed * 2, seed * 2 + 1)
+    return PlacementProfile(name, _pool(spec["decode"], decode_seed), _pool(spec["prefill"], prefill_seed),
                             _plugin("decider", spec.get("decider", "always_remote")))
 
 
-def _pool(spec: dict) -> PoolProfile:
+def _pool(spec: dict, seed: int | None = None) -> PoolProfile:
     filters = [_plugin("filter", f) for f in spec.get("filters", [])]
     scorers = []
     for s in spec.get("scorers", []):
@@ -147,7 +149,12 @@ def _pool(spec: dict) -> PoolProfile:
         if weight < 0:
             raise ValueError(f"scorer weights must be >= 0, got {weight}")
         scorers.append((_plugin("scorer", s), weight))
-    return PoolProfile(filters, scorers, _plugin("picker", spec.get("picker", "max_score")))
+    picker = spec.get("picker", "max_score")
+    if isinstance(picker, str):
+        picker = {"name": picker}
+    if seed is not None and registry.takes("picker", picker["name"], "seed"):
+        picker = {"seed": seed, **picker}
+    return PoolProfile(filters, scorers, _plugin("picker", picker))
 
 
 def _plugin(kind: str, spec):

@@ -74,6 +74,17 @@ def test_no_decode_worker_raises():
         load_profile("round_robin").place(REQ, workers(("p0", "prefill", True), ("d0", "decode", False)))
 
 
+def test_a_seeded_profile_repeats_its_random_picks_and_leaves_unseedable_pickers_alone():
+    pool = workers(*[(f"d{i}", "decode", True) for i in range(8)], *[(f"p{i}", "prefill", True) for i in range(8)])
+
+    def picks(profile):
+        return [(p.decode.worker.worker_id, p.prefill.worker.worker_id)
+                for p in (profile.place(PlacementRequest(f"r{i}", [2] * 64, "interactive"), pool) for i in range(20))]
+    assert picks(load_profile("random", seed=3)) == picks(load_profile("random", seed=3))
+    assert picks(load_profile("random", seed=3)) != picks(load_profile("random", seed=4))
+    assert picks(load_profile("round_robin", seed=3))[:2] == [("d0", "p0"), ("d1", "p1")]
+
+
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="known pickers: .*round_robin"):
         registry.build("picker", "nope")
