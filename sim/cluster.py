@@ -14,7 +14,10 @@ Decode steps are not simulated one by one: while a decode worker's batch does no
 steps are identical but for the context growing by the batch size each step, so a run of n steps
 is one event (time from a closed form). A sequence joining mid-run cuts the run at the end of the
 step in progress, where the real engine would admit it. Prefill workers run chunked prefill
-steps like the engine's scheduler (PrefillWorker). Every step or run is computed on the worker's
+steps like the engine's scheduler (PrefillWorker). Every call the services make into an engine
+runs on its engine thread between two steps (services/common/engine_runner.py), so it waits for
+the step in flight: a finished prompt's blocks are collected for lending, and a pulled prompt's
+blocks reserved and then handed to the decode engine, only at a step boundary (`_command`). Every step or run is computed on the worker's
 Host (sim/host.py): its own device, or one CPU shared by all workers when the cost profile says so
 (host_cores), where a step stretches while other workers compute. Modelling choices, stated: a
 decode worker reserves KV for the whole output when it admits a sequence (no preemption);
@@ -180,6 +183,7 @@ class PrefillWorker:
         self.busy_s = 0.0
         self._step_start = 0.0
         self._queued_tokens = 0
+        self._collecting: list[Job] = []  # finished prompts whose collect waits for the step in flight
 
     def load(self) -> LoadView:
         return LoadView(len(self.waiting), len(self.running), self.cache.used_blocks, self.cache.capacity,
@@ -237,22 +241,33 @@ class PrefillWorker:
         return n
 
     def _end_step(self, chunks) -> None:
+        """A prompt's last chunk is done: its first token is handed out, and the service then asks
+        the engine thread for its blocks (PrefillWorker.prefill's collect). The engine thread
+        goes straight into the next step when it has work, so that collect, and the RPC's return,
+        wait for the end of that step."""
         self.busy_s += self.cluster.now - self._step_start
+        finished = []
         for seq, n in chunks:
             seq[2] += n
             if seq[2] >= seq[1]:
                 self.running.remove(seq)
-                self._done(seq[0])
+                _store_computed(self.cache, self.id, seq[0])
+                self._queued_tokens -= seq[0].req.prompt_tokens
+                finished.append(seq[0])
+        collected, self._collecting = self._collecting, []
+        for job in collected:
+            self.cluster.prefilled(job)
         self._step()
-
-    def _done(self, job: Job) -> None:
-        _store_computed(self.cache, self.id, job)
-        self._queued_tokens -= job.req.prompt_tokens
-        self.cluster.prefilled(job)
+        if self.stepping:
+            self._collecting = finished
+        else:
+            for job in finished:
+                self.cluster.prefilled(job)
 
 
 class DecodeWorker:
-    """Continuous batching: runs of identical steps, cut when the batch changes."""
+    """Continuous batching: runs of identical steps, cut when the batch changes or the engine
+    thread has a command to run."""
 
     def __init__(self, worker_id: str, cluster: Cluster, capacity_blocks: int):
         self.id, self.cluster, self.costs = worker_id, cluster, cluster.costs
@@ -266,21 +281,35 @@ class DecodeWorker:
         self.busy_s = 0.0
         self._run = None  # (steps planned, first step s, growth per step s, local job or None)
         self._run_start = 0.0
+        self._commands: list = []  # (fn, args) waiting for the step in flight to end
 
     def load(self) -> LoadView:
         queued = sum(j.req.prompt_tokens for j in self.local)
         return LoadView(len(self.local) + len(self.joining), len(self.running), self.cache.used_blocks,
                         self.cache.capacity, queued, max_running=self.costs.max_batch)
 
-    # -- arrivals ---------------------------------------------------------------------------------
+    # -- arrivals: each is a call into the engine (DecodeWorker.decode in services/decode) -------
 
     def submit_import(self, job: Job) -> None:
-        self.imports.append(job)
-        self._reserve_imports()
+        self._command(self._reserve, job)
 
     def submit_local(self, job: Job) -> None:
-        self.local.append(job)
-        self._wake()
+        self._command(self.local.append, job)
+
+    def _command(self, fn, *args) -> None:
+        """fn(*args) runs on the engine thread: now when it is idle, else once the step in flight
+        ends (the run is cut there), before the next step is planned."""
+        if self._run is None:
+            fn(*args)
+            self._next_run()
+        else:
+            self._commands.append((fn, args))
+            self._cut()
+
+    def _reserve(self, job: Job) -> None:
+        """reserve_for_import: blocks for the prompt and its output (a retry once blocks free up)."""
+        self.imports.append(job)
+        self._reserve_imports()
 
     def _reserve_imports(self) -> None:
         bs, now = self.cluster.block_size, self.cluster.now
@@ -297,17 +326,23 @@ class DecodeWorker:
             self.cluster.at(self.link_free_s, self._imported, job)
 
     def _imported(self, job: Job) -> None:
+        """The pull is done: the lease is released (an RPC to the holder, awaited), then
+        add_imported runs on the engine thread and the first token goes out."""
         self.cluster.prefill[job.prefill_id].release(job)
+        self.cluster.at(self.cluster.now + self.costs.rpc_s, self._command, self._add_imported, job)
+
+    def _add_imported(self, job: Job) -> None:
         _store_computed(self.cache, self.id, job)
         job.first_token_s = self.cluster.now
-        self._first_token_out(job)
+        self._join(job)
 
-    def _first_token_out(self, job: Job) -> None:
+    def _join(self, job: Job) -> None:
+        """job's first token is out: it decodes from the next step on (or is done)."""
         if job.req.output_tokens <= 1:
             self._finish(job)
         else:
             self.joining.append([job, job.req.output_tokens - 1, job.req.prompt_tokens + 1])
-        self._wake()
+            self._cut()
 
     def _finish(self, job: Job) -> None:
         self.cache.release(*job.held.pop(self.id))
@@ -316,10 +351,9 @@ class DecodeWorker:
 
     # -- steps ------------------------------------------------------------------------------------
 
-    def _wake(self) -> None:
-        """Something can join: start stepping if idle, else end the current run after its step."""
+    def _cut(self) -> None:
+        """Ends the run in flight after its current step (no-op when idle or already so)."""
         if self._run is None:
-            self._next_run()
             return
         steps, first, growth, local = self._run
         if local is not None or steps <= 1:
@@ -330,6 +364,8 @@ class DecodeWorker:
             self.host.resize(self.id, _run_s(done + 1, first, growth))
 
     def _next_run(self) -> None:
+        if self._run is not None:
+            return
         costs = self.costs
         while self.joining and len(self.running) < costs.max_batch:
             self.running.append(self.joining.popleft())
@@ -349,8 +385,6 @@ class DecodeWorker:
         elif batch:
             steps = min(s[1] for s in self.running)
             self._schedule(steps, decode_s, costs.decode_growth_s(batch), None)
-        else:
-            self._run = None
 
     def _admit_local(self) -> Job | None:
         if not self.local:
@@ -366,7 +400,10 @@ class DecodeWorker:
         self.host.start(self.id, _run_s(steps, first, growth), self._end_run)
 
     def _end_run(self) -> None:
+        """Between two steps: sequences advance or finish, a local prompt's first token goes out,
+        the commands that waited run, then the next run is planned."""
         steps, _, _, local = self._run
+        self._run = None
         self.busy_s += self.cluster.now - self._run_start
         still = []
         for s in self.running:
@@ -380,9 +417,10 @@ class DecodeWorker:
         if local is not None:
             _store_computed(self.cache, self.id, local)
             local.first_token_s = self.cluster.now
-            self._run = None
-            self._first_token_out(local)  # wakes: starts the next run
-            return
+            self._join(local)
+        commands, self._commands = self._commands, []
+        for fn, args in commands:
+            fn(*args)
         self._next_run()
 
 

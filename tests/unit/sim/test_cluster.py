@@ -30,18 +30,48 @@ def test_one_request_ttft_is_prefill_plus_transfer():
 
 
 def test_two_arrivals_queue_on_prefill_then_batch_on_decode():
-    cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
-    first, second = cluster.run([request(1, 0.0, 128, 21), request(2, 0.0625, 136, 5)])
-    assert first.first_token_s == pytest.approx(0.15625)
-    # The second waits for the prefill worker (free at 0.125), prefills 136 tokens, then transfers.
-    assert second.first_token_s == pytest.approx(0.125 + 136 * 2**-10 + 2**-5)  # 0.2890625
-    # It joins the first's decode run after the step in progress: 9 steps of 1/64 s after 0.15625.
-    # Then 4 steps at batch 2 (3/128 s each) finish the second; the first needs 7 more at batch 1.
-    joined = 0.15625 + 9 * 2**-6
+    costs = dataclasses.replace(FIXED, transfer_latency_s=3 * 2**-7)  # a pull is 1.5 decode steps
+    cluster = Cluster(costs, 1, 1, "round_robin", block_size=16)
+    first, second = cluster.run([request(1, 0.0, 96, 41), request(2, 0.26, 136, 5)])
+    steps_from = 96 * 2**-10 + 3 * 2**-7  # the first's first token; its decode steps of 1/64 s follow
+    assert first.first_token_s == pytest.approx(steps_from)
+    # The second prefills alone (until 0.3928125, in the first's 18th step); the decode engine
+    # reserves its blocks when that step ends, the pull ends in the 20th step, and add_imported
+    # runs when that one ends: the run is cut there and the second joins the next step.
+    joined = steps_from + 20 * 2**-6
+    assert second.first_token_s == pytest.approx(joined)
+    # 4 steps at batch 2 (3/128 s each) finish the second; the first needs 16 more at batch 1.
     assert second.end_s == pytest.approx(joined + 4 * 3 * 2**-7)
-    assert first.end_s == pytest.approx(joined + 4 * 3 * 2**-7 + 7 * 2**-6)
-    stats = summarize([first, second], cluster, Slo(ttft_s=0.2, tpot_s=1.0))
-    assert stats["completed"] == 2 and stats["slo_attainment"] == 0.5  # the second's TTFT is 0.227
+    assert first.end_s == pytest.approx(joined + 4 * 3 * 2**-7 + 16 * 2**-6)
+    stats = summarize([first, second], cluster, Slo(ttft_s=0.15, tpot_s=1.0))
+    assert stats["completed"] == 2 and stats["slo_attainment"] == 0.5  # the second's TTFT is 0.17
+
+
+def test_a_finished_prompt_returns_after_the_prefill_step_that_follows_it():
+    # The prefill service collects a finished prompt's blocks with a call into the engine thread,
+    # which has already started the next prompt's step: the RPC returns when that step ends.
+    cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
+    first, second = cluster.run([request(1, 0.0, 128, 2), request(2, 0.0625, 136, 2)])
+    both_prefilled = 128 * 2**-10 + 136 * 2**-10  # 0.2578125: the end of the second's step
+    assert first.first_token_s == pytest.approx(both_prefilled + 2**-5)
+    # The second's collect finds the engine idle; its pull waits for the first's on the link.
+    assert second.first_token_s == pytest.approx(both_prefilled + 2 * 2**-5)
+
+
+def test_an_imported_prompt_waits_for_the_decode_step_in_flight_twice():
+    # reserve_for_import and add_imported are calls into the decode engine thread: each runs
+    # only between two steps, so the pull starts, and the first token goes out, at step ends.
+    costs = dataclasses.replace(FIXED, transfer_latency_s=3 * 2**-7)  # a pull is 1.5 decode steps
+    cluster = Cluster(costs, 1, 1, "round_robin", block_size=16)
+    a, b = cluster.run([request(1, 0.0, 128, 21), request(2, 0.2, 64, 2)])
+    steps_from = 0.125 + 3 * 2**-7  # a's first token: its decode steps of 1/64 s start here
+    assert a.first_token_s == pytest.approx(steps_from)
+    prefilled = 0.2 + 64 * 2**-10  # 0.2625, in a's 8th step (ends 0.2734375)
+    reserved = steps_from + 8 * 2**-6
+    assert reserved > prefilled
+    pulled = reserved + 3 * 2**-7  # 0.296875, in the 10th step (ends 0.3046875)
+    assert b.first_token_s == pytest.approx(steps_from + 10 * 2**-6)
+    assert b.first_token_s > pulled
 
 
 def test_local_prefill_reuses_the_decode_workers_cache():
@@ -88,8 +118,10 @@ def test_long_prompts_are_chunked_at_the_token_budget():
     costs = dataclasses.replace(FIXED, prefill_chunk_tokens=128)
     cluster = Cluster(costs, 1, 1, "round_robin", block_size=16)
     a, b = cluster.run([request(1, 0.0, 256, 2), request(2, 0.0, 64, 2)])
-    assert a.first_token_s == pytest.approx(256 * 2**-10 + 2**-5)  # two full chunks
-    assert b.first_token_s == pytest.approx(320 * 2**-10 + 2**-5)  # admitted once the budget allows
+    # a's two full chunks, then b's step (admitted once the budget allows), which a's collect
+    # waits for; b's pull waits for a's on the link.
+    assert a.first_token_s == pytest.approx(320 * 2**-10 + 2**-5)
+    assert b.first_token_s == pytest.approx(320 * 2**-10 + 2 * 2**-5)
 
 
 def test_a_local_prefill_joining_a_decoding_batch_pays_the_steps_fixed_cost_once():
