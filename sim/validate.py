@@ -123,13 +123,24 @@ async def _replay(address: str, phases: list[list[Request]], tokens: dict, cpu: 
         out = []
         for phase in phases:
             start = time.perf_counter() + gap_s
-            cpu0 = sum(cpu.read().values())
+            await asyncio.sleep(max(0.0, start - time.perf_counter() - 0.05))
+            cpu0, busy0 = cpu.read(), machine_busy_s()
             measured = await asyncio.gather(*(_first_token(stub, tokens[r.request_id], r.output_tokens,
                                                            start + r.arrival_s) for r in phase))
             wall = time.perf_counter() - start
-            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": sum(cpu.read().values()) - cpu0,
-                        "requests": list(measured)})
+            cpu1, busy1 = cpu.read(), machine_busy_s()
+            by_process = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu1}
+            out.append({"offset_s": start - t0, "wall_s": wall, "cpu_s": sum(by_process.values()),
+                        "cpu_s_by_process": by_process, "machine_busy_s": busy1 - busy0, "requests": list(measured)})
         return out, probes
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on this machine has used (all cores; /proc/stat minus idle and
+    iowait): with the mesh's own CPU seconds, what other tenants of the machine took meanwhile."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict:
@@ -188,9 +199,13 @@ def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dic
     measured = [r["ttft_s"] for r in run["requests"]]
     m50, m90 = percentile(measured, 0.5), percentile(measured, 0.9)
     pulled = [(q, r) for q, r in zip(phase, run["requests"]) if r["decision"] == "remote_prefill"]
-    out = {"rate": rate, "requests": len(phase), "measured_ttft_p50_s": round(m50, 3),
+    out = {"rate": rate, "requests": len(phase), "offset_s": round(run["offset_s"], 3),
+           "measured_ttft_p50_s": round(m50, 3),
            "measured_ttft_p90_s": round(m90, 3), "wall_s": round(run["wall_s"], 1),
            "host_cpu_utilisation": round(run["cpu_s"] / run["wall_s"] / os.cpu_count(), 3),
+           "cpu_s_by_process": run["cpu_s_by_process"],
+           "other_tenants_cpu_utilisation": round(max(0.0, run["machine_busy_s"] - run["cpu_s"]) / run["wall_s"]
+                                                  / os.cpu_count(), 3),
            "kv_pull_ms_mean": {"measured": round(sum(r["kv_transfer_ms"] for _, r in pulled) / max(len(pulled), 1), 1),
                                "model": round(sum(costs.transfer_s(q.prompt_tokens) for q, _ in pulled) * 1000
                                               / max(len(pulled), 1), 1)}}
@@ -247,7 +262,8 @@ def print_report(out: dict) -> None:
               f"{q['ttft_p50_s']:>6.2f}/{q['ttft_p90_s']:<6.2f}")
     for r in out["phases"]:
         print(f"KV pull at {r['rate']} req/s, mean: measured {r['kv_pull_ms_mean']['measured']} ms, "
-              f"model {r['kv_pull_ms_mean']['model']} ms")
+              f"model {r['kv_pull_ms_mean']['model']} ms; CPU s by process {r['cpu_s_by_process']}, other "
+              f"tenants of the machine {r['other_tenants_cpu_utilisation']:.0%} of its cores")
     c = out["costs"]
     print(f"serving overhead in the profile: prefill x{c['prefill_overhead']}, decode x{c['decode_overhead']}")
     print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "

@@ -1,11 +1,20 @@
 """How the validation slices the trace and times its arrivals (no mesh here: that is bench.sim)."""
 
+import time
+
 import pytest
 
 from sim.calibrate import host_slowdown
 from sim.costs import load_costs
 from sim.trace import MOONCAKE_TRACE, Request
-from sim.validate import Slice, at_rate, scaled_phases, slowed, spread_ticks
+from sim.validate import (
+    Slice,
+    at_rate,
+    machine_busy_s,
+    scaled_phases,
+    slowed,
+    spread_ticks,
+)
 
 
 def at(t):
@@ -44,3 +53,10 @@ def test_slowed_multiplies_compute_times_only():
     assert slow.decode_step_s(4, 2048) == pytest.approx(1.5 * costs.decode_step_s(4, 2048))
     assert slow.attention_s([(64, 0), (128, 32)]) == pytest.approx(1.5 * costs.attention_s([(64, 0), (128, 32)]))
     assert slow.transfer_s(1000) == costs.transfer_s(1000) and slow.rpc_s == costs.rpc_s
+
+
+def test_machine_busy_counts_this_process_computing():
+    before, cpu_before = machine_busy_s(), time.process_time()
+    while time.process_time() - cpu_before < 0.3:
+        pass
+    assert machine_busy_s() - before >= 0.25  # every process's CPU, ours included
