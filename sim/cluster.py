@@ -184,6 +184,7 @@ class PrefillWorker:
         self._step_start = 0.0
         self._queued_tokens = 0
         self._collecting: list[Job] = []  # finished prompts whose collect waits for the step in flight
+        self._arrived_during_step = False  # a prompt's add_request is queued for the engine thread
 
     def load(self) -> LoadView:
         return LoadView(len(self.waiting), len(self.running), self.cache.used_blocks, self.cache.capacity,
@@ -192,6 +193,7 @@ class PrefillWorker:
     def submit(self, job: Job) -> None:
         self.waiting.append(job)
         self._queued_tokens += job.req.prompt_tokens
+        self._arrived_during_step = True
         self._kick()
 
     def release(self, job: Job) -> None:
@@ -232,6 +234,7 @@ class PrefillWorker:
         step_s += costs.attention_s([(n, seq[0].cached_tokens + seq[2]) for seq, n in chunks])
         self.stepping = True
         self._step_start = self.cluster.now
+        self._arrived_during_step = False
         self.host.start(self.id, step_s, self._end_step, chunks)
 
     @staticmethod
@@ -242,9 +245,11 @@ class PrefillWorker:
 
     def _end_step(self, chunks) -> None:
         """A prompt's last chunk is done: its first token is handed out, and the service then asks
-        the engine thread for its blocks (PrefillWorker.prefill's collect). The engine thread
-        goes straight into the next step when it has work, so that collect, and the RPC's return,
-        wait for the end of that step."""
+        the engine thread for its blocks (PrefillWorker.prefill's collect), a moment later. The
+        engine thread first runs the calls queued during the step (prompts that arrived), and
+        the collect makes it into that batch; with none queued but work left in the engine
+        (chunks of a long prompt, prompts admitted earlier), the thread goes straight into the
+        next step and the collect, with the RPC's return, waits for that step to end."""
         self.busy_s += self.cluster.now - self._step_start
         finished = []
         for seq, n in chunks:
@@ -254,11 +259,12 @@ class PrefillWorker:
                 _store_computed(self.cache, self.id, seq[0])
                 self._queued_tokens -= seq[0].req.prompt_tokens
                 finished.append(seq[0])
+        calls_queued = self._arrived_during_step
         collected, self._collecting = self._collecting, []
         for job in collected:
             self.cluster.prefilled(job)
         self._step()
-        if self.stepping:
+        if self.stepping and not calls_queued:
             self._collecting = finished
         else:
             for job in finished:

@@ -47,15 +47,26 @@ def test_two_arrivals_queue_on_prefill_then_batch_on_decode():
     assert stats["completed"] == 2 and stats["slo_attainment"] == 0.5  # the second's TTFT is 0.17
 
 
-def test_a_finished_prompt_returns_after_the_prefill_step_that_follows_it():
-    # The prefill service collects a finished prompt's blocks with a call into the engine thread,
-    # which has already started the next prompt's step: the RPC returns when that step ends.
+def test_a_finished_prompts_collect_runs_with_the_calls_queued_during_its_step():
+    # The prefill service collects a finished prompt's blocks with a call into the engine thread
+    # a moment after the step; the thread first runs the calls queued meanwhile (the second
+    # prompt's add_request), and the collect makes it into that batch: no wait.
     cluster = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
     first, second = cluster.run([request(1, 0.0, 128, 2), request(2, 0.0625, 136, 2)])
-    both_prefilled = 128 * 2**-10 + 136 * 2**-10  # 0.2578125: the end of the second's step
+    assert first.first_token_s == pytest.approx(128 * 2**-10 + 2**-5)
+    assert second.first_token_s == pytest.approx(264 * 2**-10 + 2**-5)
+
+
+def test_a_finished_prompts_collect_waits_when_the_engine_steps_on_without_calls():
+    # The second prompt was queued before the first's step (no room in its token budget), so
+    # nothing is queued for the engine thread when that step ends: it goes straight into the
+    # second's step, and the first's collect (its RPC's return) waits for that step to end.
+    costs = dataclasses.replace(FIXED, prefill_chunk_tokens=128)
+    cluster = Cluster(costs, 1, 1, "round_robin", block_size=16)
+    first, second = cluster.run([request(1, 0.0, 128, 2), request(2, 0.0, 64, 2)])
+    both_prefilled = 192 * 2**-10
     assert first.first_token_s == pytest.approx(both_prefilled + 2**-5)
-    # The second's collect finds the engine idle; its pull waits for the first's on the link.
-    assert second.first_token_s == pytest.approx(both_prefilled + 2 * 2**-5)
+    assert second.first_token_s == pytest.approx(both_prefilled + 2 * 2**-5)  # its pull waits for the link
 
 
 def test_an_imported_prompt_waits_for_the_decode_step_in_flight_twice():
