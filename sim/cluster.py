@@ -90,8 +90,8 @@ class Cluster:
         self._seq = 0
         capacity = costs.kv_capacity_blocks(block_size)
         # One shared host when the profile says workers share a CPU, else a device per worker.
-        self._shared_host = Host(lambda: self.now, self.at, slowdown_curve(costs.host_slowdown, costs.host_cores)) \
-            if costs.host_cores else None
+        shared = costs.host_cores and slowdown_curve(costs.host_slowdown, costs.host_cores, costs.host_background_cores)
+        self._shared_host = Host(lambda: self.now, self.at, shared) if shared else None
         self.prefill = {f"prefill-{i}": PrefillWorker(f"prefill-{i}", self, capacity) for i in range(num_prefill)}
         self.decode = {f"decode-{i}": DecodeWorker(f"decode-{i}", self, capacity) for i in range(num_decode)}
         roles = {**dict.fromkeys(self.prefill, "prefill"), **dict.fromkeys(self.decode, "decode")}

@@ -56,6 +56,10 @@ class CostModel:
     # while n of them compute at once (measured for n = 1 .. len; processor sharing beyond).
     host_cores: float = 0.0
     host_slowdown: tuple[float, ...] = (1.0,)
+    # Cores' worth of the host's CPU that other processes take meanwhile (other tenants of a shared
+    # machine, the router): not a property of the hardware, so no profile sets it; a validation
+    # run measures it and predicts with it (sim/validate.py).
+    host_background_cores: float = 0.0
     prefill_overhead: float = 1.0  # served / bare-engine prefill time
     decode_overhead: float = 1.0  # served / bare-engine decode step time
 
@@ -69,7 +73,7 @@ class CostModel:
         if min(self.prefill_overhead, self.decode_overhead) <= 0:
             raise ValueError(f"{self.name}: serving overheads are positive factors (1.0 = none)")
         if self.host_cores:
-            slowdown_curve(self.host_slowdown, self.host_cores)  # raises ValueError when malformed
+            slowdown_curve(self.host_slowdown, self.host_cores, self.host_background_cores)  # ValueError if malformed
 
     def prefill_s(self, uncached: int, cached: int = 0) -> float:
         """One prompt prefilled alone in one step."""

@@ -14,18 +14,29 @@ rescheduled at the new rate (stale end events are recognised by their version an
 from collections.abc import Callable, Sequence
 
 
-def slowdown_curve(measured: Sequence[float], cores: float) -> Callable[[int], float]:
+def slowdown_curve(measured: Sequence[float], cores: float, background: float = 0.0) -> Callable[[int], float]:
     """slowdown(n) from factors measured with 1..len(measured) workers computing together; past
     the table, processor sharing of the cores grows it in proportion to n (never below the
-    last measured factor)."""
+    last measured factor).
+
+    background: cores' worth of CPU that other processes on the host use meanwhile (other
+    tenants, the router, a client). The workers then share what is left: the measured factor's
+    core-sharing part, max(1, n / cores), becomes max(1, n / (cores - background)); the rest of it
+    (memory bandwidth, caches) stays. At least a quarter of a core is left to the workers."""
     if not measured or measured[0] != 1.0 or cores <= 0:
         raise ValueError("host_slowdown must start at 1.0 (one worker alone) and host_cores must be positive")
+    if background < 0:
+        raise ValueError("background cores cannot be negative")
     last = len(measured)
+    left = max(0.25, cores - background)
 
-    def slowdown(n: int) -> float:
+    def table(n: int) -> float:
         if n <= last:
             return measured[max(n, 1) - 1]
         return max(measured[-1], measured[-1] * n / max(last, cores))
+
+    def slowdown(n: int) -> float:
+        return table(n) * max(1.0, n / left) / max(1.0, n / cores)
     return slowdown
 
 

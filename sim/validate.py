@@ -180,15 +180,29 @@ def slowed(costs: CostModel, factor: float) -> CostModel:
                                decode_overhead=costs.decode_overhead * factor)
 
 
-def predict(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int) -> list[list[float]]:
-    """Every request's simulated TTFT, phase by phase, with each phase starting at its offset."""
+def predict(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int,
+            background_cores: list[float] | None = None) -> list[list[float]]:
+    """Every request's simulated TTFT, phase by phase, with each phase starting at its offset.
+    With background_cores (one per phase), phase i is taken from a run of phases 0..i in which
+    the host's other processes take background_cores[i] cores (the earlier phases warm the caches)."""
+    if background_cores is None:
+        ttft = _ttfts(costs, phases, offsets, seed)
+        starts = [sum(len(p) for p in phases[:i]) for i in range(len(phases))]
+        return [ttft[start:start + len(p)] for start, p in zip(starts, phases)]
+    return [_ttfts(dataclasses.replace(costs, host_background_cores=b), phases[:i + 1], offsets, seed)[-len(phases[i]):]
+            for i, b in enumerate(background_cores)]
+
+
+def _ttfts(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int) -> list[float]:
     schedule = [r._replace(arrival_s=r.arrival_s + off) for phase, off in zip(phases, offsets) for r in phase]
-    ttft = simulate(schedule, costs, 2, 2, "prefix_aware", seed=seed, block_size=ENGINE_BLOCK)["ttft_each_s"]
-    out, i = [], 0
-    for phase in phases:
-        out.append(ttft[i:i + len(phase)])
-        i += len(phase)
-    return out
+    return simulate(schedule, costs, 2, 2, "prefix_aware", seed=seed, block_size=ENGINE_BLOCK)["ttft_each_s"]
+
+
+def background_cores(run: dict) -> float:
+    """Cores' worth of CPU that processes other than the four workers used during a phase: the
+    machine's other tenants (/proc/stat) plus the router and the client."""
+    workers = sum(v for name, v in run["cpu_s_by_process"].items() if name.startswith(("prefill", "decode")))
+    return round(max(0.0, run["machine_busy_s"] - workers) / run["wall_s"], 3)
 
 
 def _error(predicted: float, measured: float) -> float:
@@ -203,7 +217,7 @@ def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dic
            "measured_ttft_p50_s": round(m50, 3),
            "measured_ttft_p90_s": round(m90, 3), "wall_s": round(run["wall_s"], 1),
            "host_cpu_utilisation": round(run["cpu_s"] / run["wall_s"] / os.cpu_count(), 3),
-           "cpu_s_by_process": run["cpu_s_by_process"],
+           "cpu_s_by_process": run["cpu_s_by_process"], "background_cores": background_cores(run),
            "other_tenants_cpu_utilisation": round(max(0.0, run["machine_busy_s"] - run["cpu_s"]) / run["wall_s"]
                                                   / os.cpu_count(), 3),
            "kv_pull_ms_mean": {"measured": round(sum(r["kv_transfer_ms"] for _, r in pulled) / max(len(pulled), 1), 1),
@@ -220,21 +234,23 @@ def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dic
 
 def validate(costs: CostModel, s: Slice, progress) -> dict:
     """Measures the phases on the real mesh and predicts them: `predicted` with the profile as
-    calibrated (host sharing and serving overhead included), `no_serving_overhead` with the bare
-    engine's times (what the simulator assumed before), `no_host_sharing` with a core per worker,
-    and `probe_scaled` with every compute time scaled by the slowdown
-    of a probe prompt timed alone on the live mesh before the replay (how much slower this
-    machine is now than when it was calibrated)."""
+    calibrated (host sharing and serving overhead included) on a host whose other processes take
+    the cores' worth of CPU they were measured to take during each phase (background_cores: an
+    input measured alongside, like the arrival times; nothing is fitted to the TTFTs),
+    `no_background` with the profile alone (the workers have the host to themselves),
+    `no_host_sharing` with a core per worker, and `probe_scaled` with the profile alone and every
+    compute time scaled by the slowdown of a probe prompt timed alone on the live mesh before the
+    replay (how much slower this machine is now than when it was calibrated)."""
     phases, tokens = scaled_phases(s)
     costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
     runs, probes = measure_mesh(s, phases, tokens, progress)
     offsets = [run["offset_s"] for run in runs]
+    background = [background_cores(run) for run in runs]
     slowdown = min(probes) / costs.prefill_s(PROBE_TOKENS)
-    variants = {"predicted": costs,
-                "no_serving_overhead": dataclasses.replace(costs, prefill_overhead=1.0, decode_overhead=1.0),
-                "no_host_sharing": dataclasses.replace(costs, host_cores=0.0),
-                "probe_scaled": slowed(costs, slowdown)}
-    by_variant = {name: predict(c, phases, offsets, s.seed) for name, c in variants.items()}
+    variants = {"predicted": (costs, background), "no_background": (costs, None),
+                "no_host_sharing": (dataclasses.replace(costs, host_cores=0.0), None),
+                "probe_scaled": (slowed(costs, slowdown), None)}
+    by_variant = {name: predict(c, phases, offsets, s.seed, b) for name, (c, b) in variants.items()}
     reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, costs)
                for i, (rate, phase, run) in enumerate(zip(s.rates, phases, runs))]
     worst = lambda key: max(r["predicted"][key] for r in reports)
@@ -251,14 +267,14 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
 
 
 def print_report(out: dict) -> None:
-    print(f"{'rate':>6} {'host CPU':>9} {'measured p50/p90':>17} {'predicted':>13} {'error':>11} "
-          f"{'no serving overhead':>20} {'no host sharing':>16} {'probe-scaled':>13}")
+    print(f"{'rate':>6} {'host CPU':>9} {'background':>11} {'measured p50/p90':>17} {'predicted':>13} "
+          f"{'error':>11} {'no background':>14} {'no host sharing':>16} {'probe-scaled':>13}")
     for r in out["phases"]:
-        p, e, n, q = r["predicted"], r["no_serving_overhead"], r["no_host_sharing"], r["probe_scaled"]
-        print(f"{r['rate']:>6} {r['host_cpu_utilisation']:>9.0%} {r['measured_ttft_p50_s']:>8.2f}/"
-              f"{r['measured_ttft_p90_s']:<8.2f} {p['ttft_p50_s']:>6.2f}/{p['ttft_p90_s']:<6.2f} "
-              f"{p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} {e['ttft_p50_s']:>11.2f}/{e['ttft_p90_s']:<8.2f} "
-              f"{n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
+        p, e, n, q = r["predicted"], r["no_background"], r["no_host_sharing"], r["probe_scaled"]
+        print(f"{r['rate']:>6} {r['host_cpu_utilisation']:>9.0%} {r['background_cores']:>6.2f} core "
+              f"{r['measured_ttft_p50_s']:>8.2f}/{r['measured_ttft_p90_s']:<8.2f} {p['ttft_p50_s']:>6.2f}/"
+              f"{p['ttft_p90_s']:<6.2f} {p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} "
+              f"{e['ttft_p50_s']:>6.2f}/{e['ttft_p90_s']:<7.2f} {n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
               f"{q['ttft_p50_s']:>6.2f}/{q['ttft_p90_s']:<6.2f}")
     for r in out["phases"]:
         print(f"KV pull at {r['rate']} req/s, mean: measured {r['kv_pull_ms_mean']['measured']} ms, "

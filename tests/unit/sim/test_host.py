@@ -86,3 +86,15 @@ def test_a_prefill_and_a_decode_on_one_shared_host_slow_each_other():
     dedicated = Cluster(FIXED, 1, 1, "round_robin", block_size=16)
     _, alone = dedicated.run([request(1, 0.0, 128, 3), request(2, 0.15625, 64, 2)])
     assert alone.first_token_s == pytest.approx(0.15625 + 2**-4 + 2**-5)
+
+
+def test_background_load_leaves_the_workers_the_rest_of_the_cores():
+    measured = (1.0, 1.1, 1.65, 2.4)  # on 2 cores: 3 workers share them (1.5x) and interfere (1.1x)
+    alone = slowdown_curve(measured, cores=2)
+    busy = slowdown_curve(measured, cores=2, background=0.5)  # 1.5 cores left
+    assert busy(1) == alone(1) == 1.0  # one worker still has a whole core
+    assert busy(2) == pytest.approx(1.1 * 2 / 1.5)
+    assert busy(3) == pytest.approx(1.65 * 3 / 1.5 / 1.5)
+    assert slowdown_curve(measured, cores=2, background=5.0)(1) == 4.0  # a quarter of a core at least
+    with pytest.raises(ValueError):
+        slowdown_curve(measured, cores=2, background=-0.1)

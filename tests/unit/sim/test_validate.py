@@ -10,7 +10,9 @@ from sim.trace import MOONCAKE_TRACE, Request
 from sim.validate import (
     Slice,
     at_rate,
+    background_cores,
     machine_busy_s,
+    predict,
     scaled_phases,
     slowed,
     spread_ticks,
@@ -60,3 +62,22 @@ def test_machine_busy_counts_this_process_computing():
     while time.process_time() - cpu_before < 0.3:
         pass
     assert machine_busy_s() - before >= 0.25  # every process's CPU, ours included
+
+
+def test_background_is_what_the_machine_used_beside_the_four_workers():
+    run = {"wall_s": 10.0, "machine_busy_s": 14.0,
+           "cpu_s_by_process": {"prefill-0": 3.0, "prefill-1": 2.0, "decode-0": 2.5, "decode-1": 1.5,
+                                "router": 0.6, "client": 0.4}}
+    assert background_cores(run) == 0.5  # 14 - 9 worker seconds over 10 s: tenants, router and client
+
+
+@pytest.mark.skipif(not MOONCAKE_TRACE.exists(), reason="shared/data trace not present")
+def test_a_busier_host_predicts_later_first_tokens_phase_by_phase():
+    costs = load_costs("cpu-local")
+    phases, _ = scaled_phases(Slice(n=10, rates=(0.8, 1.6)))
+    offsets = [0.0, 60.0]
+    quiet = predict(costs, phases, offsets, 0, [0.0, 0.0])
+    busy = predict(costs, phases, offsets, 0, [0.0, 1.0])
+    assert quiet == predict(costs, phases, offsets, 0)  # no background: one run of both phases
+    assert busy[0] == quiet[0]  # the first phase's background is unchanged
+    assert sum(busy[1]) > sum(quiet[1])
