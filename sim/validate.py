@@ -17,10 +17,13 @@ Phases: the replay runs one phase per rate in `rates`, each with the next `n` re
 trace, one after the other on one mesh (a phase starts `gap_s` after the previous one's last
 request finished; the caches carry over). TTFT is measured by the client from each request's
 scheduled arrival, and the mesh's CPU use (utime + stime of every mesh process and the client)
-over each phase gives the host's utilisation. The simulator runs exactly that schedule (each
-phase at the offset where it really started) on 2 prefill + 2 decode workers with the workers'
-KV size and the cpu-local profile: its costs, its host sharing (2 cores, measured slowdown), the
-engine's chunked prefill and padded attention, the transfer and RPC costs.
+over each phase gives the host's utilisation; the machine's busy time (/proc/stat) minus the four
+workers' CPU gives the cores' worth of CPU everything else took meanwhile (other tenants of this
+shared machine, the router, the client): the phase's background. The simulator runs exactly
+that schedule (each phase at the offset where it really started) on 2 prefill + 2 decode workers
+with the workers' KV size and the cpu-local profile: its costs, its host sharing (2 cores,
+measured slowdown, less the phase's background), the engine's chunked prefill and padded
+attention, the engine-thread handoffs of the services, the transfer and RPC costs.
 """
 
 import asyncio
