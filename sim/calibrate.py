@@ -144,10 +144,11 @@ def fit(rows: list[list[float]], y: list[float]) -> list[float]:
 
 
 def fit_coefficients(prefill: list[dict], decode: list[dict]) -> dict:
-    p = fit([[1, r["uncached"], r["uncached"] * (r["cached"] + r["uncached"] / 2)] for r in prefill],
+    p = fit([[1, r["uncached"], r["uncached"] * r["cached"], r["uncached"] ** 2] for r in prefill],
             [r["seconds"] for r in prefill])
     d = fit([[1, r["batch"], r["batch"] * r["context_per_seq"]] for r in decode], [r["seconds"] for r in decode])
     return {"prefill_base_s": p[0], "prefill_per_token_s": p[1], "prefill_per_token_ctx_s": p[2],
+            "prefill_per_token_sq_s": p[3],
             "decode_base_s": d[0], "decode_per_seq_s": d[1], "decode_per_ctx_token_s": d[2]}
 
 

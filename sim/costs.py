@@ -1,7 +1,7 @@
 """The cost model of one hardware profile: how long prefill, a decode step and a KV transfer take.
 
     prefill_s(uncached u, cached c) = prefill_base_s + prefill_per_token_s * u
-                                      + prefill_per_token_ctx_s * u * (c + u / 2)
+                                      + prefill_per_token_ctx_s * u * c + prefill_per_token_sq_s * u * u
     decode_step_s(batch B, context C) = decode_base_s + decode_per_seq_s * B + decode_per_ctx_token_s * C
     transfer_s(bytes) = transfer_latency_s + bytes / transfer_bytes_per_s
 
@@ -11,9 +11,12 @@ prefill time is multiplied by prefill_overhead and every decode step by decode_o
 on a live 1 prefill + 1 decode mesh by `sim.calibrate --serving-only`; 1.0 when a profile has no
 measurement, as the GPU profiles, whose figures are published engine throughputs).
 
-The quadratic prefill term is attention: new token i attends to c + i earlier tokens, so u new
-tokens after c cached ones cost u * (c + u/2) token-pairs. C in decode is the batch's total
-context (the KV a step reads).
+The quadratic prefill terms are attention: new token i attends to c + i earlier tokens, so u new
+tokens after c cached ones make u * c pairs with the cache and u * u / 2 among themselves. On a
+GPU every pair costs alike (prefill_per_token_sq_s = prefill_per_token_ctx_s / 2, the default:
+u * (c + u/2) pairs); our CPU engine's cost is not one per pair (5 of 6 layers see only a
+512-token window of the cache, and a step materialises its u x (c + u) masks and scores), so
+sim.calibrate fits the two apart. C in decode is the batch's total context (the KV a step reads).
 
 A profile YAML (sim/profiles/NAME.yaml) gives the coefficients directly (`coefficients:`, e.g.
 fitted by sim.calibrate from measurements) or the published figures they follow from (`derive:`
@@ -36,7 +39,7 @@ class CostModel:
     name: str
     prefill_base_s: float
     prefill_per_token_s: float
-    prefill_per_token_ctx_s: float
+    prefill_per_token_ctx_s: float  # per (new token, cached token) pair
     decode_base_s: float
     decode_per_seq_s: float
     decode_per_ctx_token_s: float
@@ -60,6 +63,8 @@ class CostModel:
     # machine, the router): not a property of the hardware, so no profile sets it; a validation
     # run measures it and predicts with it (sim/validate.py).
     host_background_cores: float = 0.0
+    # per (new token, new token) in a step; None = prefill_per_token_ctx_s / 2 (every pair alike)
+    prefill_per_token_sq_s: float | None = None
     prefill_overhead: float = 1.0  # served / bare-engine prefill time
     decode_overhead: float = 1.0  # served / bare-engine decode step time
 
@@ -91,10 +96,9 @@ class CostModel:
         """The attention term of one step over (new tokens, context before them) per sequence."""
         if self.attention == "padded" and len(chunks) > 1:
             longest = max(n for n, _ in chunks)
-            pairs = len(chunks) * longest * (max(c for _, c in chunks) + longest / 2)
-        else:
-            pairs = sum(n * (c + n / 2) for n, c in chunks)
-        return self.prefill_overhead * self.prefill_per_token_ctx_s * pairs
+            chunks = [(longest, max(c for _, c in chunks))] * len(chunks)
+        sq = self.prefill_per_token_ctx_s / 2 if self.prefill_per_token_sq_s is None else self.prefill_per_token_sq_s
+        return self.prefill_overhead * sum(n * (self.prefill_per_token_ctx_s * c + sq * n) for n, c in chunks)
 
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
         return self.decode_overhead * (self.decode_base_s + self.decode_per_seq_s * batch

@@ -47,3 +47,25 @@ def test_padded_attention_pays_for_the_longest_sequence_in_a_step():
     assert padded.attention_s([(900, 100)]) == varlen.attention_s([(900, 100)])  # one sequence: no padding
     with pytest.raises(ValueError):
         dataclasses.replace(varlen, attention="dense")
+
+
+def test_pairs_among_new_tokens_can_cost_apart_from_pairs_with_the_cache():
+    varlen = load_costs("h100-llama3-8b")
+    k = varlen.prefill_per_token_ctx_s
+    apart = dataclasses.replace(varlen, prefill_per_token_sq_s=3 * k)
+    assert apart.attention_s([(100, 40), (20, 0)]) == pytest.approx(k * 100 * 40 + 3 * k * (100 * 100 + 20 * 20))
+    padded = dataclasses.replace(apart, attention="padded")  # both sequences as (100 new, 40 cached)
+    assert padded.attention_s([(100, 40), (20, 0)]) == pytest.approx(2 * (k * 100 * 40 + 3 * k * 100 * 100))
+    assert apart.prefill_s(100, 40) - varlen.prefill_s(100, 40) == pytest.approx((3 * k - k / 2) * 100 * 100)
+
+
+def test_calibration_fits_cache_pairs_and_new_token_pairs_apart():
+    from sim.calibrate import fit_coefficients
+    prefill = [{"uncached": u, "cached": c, "seconds": 0.1 + 1e-3 * u + 2e-7 * u * c + 9e-7 * u * u}
+               for c in (0, 512, 1024) for u in (32, 128, 512, 1024, 2048)]
+    decode = [{"batch": b, "context_per_seq": c, "seconds": 0.08 + 0.007 * b + 2e-6 * b * c}
+              for b in (1, 4, 16) for c in (128, 1024)]
+    got = fit_coefficients(prefill, decode)
+    assert [got[k] for k in ("prefill_base_s", "prefill_per_token_s", "prefill_per_token_ctx_s",
+                             "prefill_per_token_sq_s")] == pytest.approx([0.1, 1e-3, 2e-7, 9e-7], rel=1e-6)
+    assert load_costs("cpu-local").prefill_per_token_sq_s > load_costs("cpu-local").prefill_per_token_ctx_s / 2
