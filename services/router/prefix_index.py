@@ -13,7 +13,7 @@ Expectations live apart from the confirmed index, which stays exactly what the w
 """
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 
 
 class PrefixIndex:
@@ -81,23 +81,41 @@ class PrefixIndex:
                        include_expected: bool = True) -> dict[str, int]:
         """For each worker, how many leading blocks of the prompt it holds or (with
         include_expected) is expected to hold; 0 when none."""
-        matched = dict.fromkeys(worker_ids, 0)
-        alive = set(matched)  # workers holding every block so far
+        worker_ids = list(worker_ids)
+        found = self.prefix_matches(block_hashes, set(worker_ids), include_expected)
+        return {w: found.get(w, 0) for w in worker_ids}
+
+    def prefix_matches(self, block_hashes: list[int], among: Container[str],
+                       include_expected: bool = True) -> dict[str, int]:
+        """The workers among `among` that hold (or, with include_expected, are expected to hold)
+        at least the prompt's first block -> how many leading blocks. Only those: most of a large
+        pool matches nothing, and this walk costs per block what the workers still matching cost,
+        never the pool's size."""
+        matched: dict[str, int] = {}
+        alive: set[str] = set()  # workers holding every block so far
         now = self._clock()
         for i, h in enumerate(block_hashes):
-            still = alive.intersection(self._holders.get(h, ()))  # walks the smaller side
+            holders = self._holders.get(h, ())
+            still = alive.intersection(holders) if i else {w for w in holders if w in among}
             pending = self._expected.get(h) if include_expected else None
             if pending:
-                still |= {w for w, expiry in pending.items() if expiry > now and w in alive}
-            if i:  # a worker dropping out at the first block keeps its 0: no walk over the whole pool
-                for w in alive - still:
-                    matched[w] = i
+                still |= {w for w, expiry in pending.items() if expiry > now and (w in alive if i else w in among)}
+            for w in alive - still:
+                matched[w] = i
             alive = still
             if not alive:
                 break
         for w in alive:
             matched[w] = len(block_hashes)
         return matched
+
+    def confirmed_blocks(self, block_hashes: list[int], worker_id: str) -> int:
+        """How many leading blocks of the prompt the worker has confirmed with KV events."""
+        held = self._blocks_of.get(worker_id, ())
+        for i, h in enumerate(block_hashes):
+            if h not in held:
+                return i
+        return len(block_hashes)
 
     def snapshot(self) -> dict[str, frozenset[int]]:
         """worker id -> blocks it holds (tests compare a rebuilt index with this)."""

@@ -65,3 +65,17 @@ def test_expectations_count_until_confirmed_or_expired():
     index.expect("b", hashes)
     index.cleared("b")  # a worker that goes away takes its expectations with it
     assert index.matched_blocks(hashes, ["b"]) == {"b": 0}
+
+
+def test_prefix_matches_names_only_the_candidates_that_match():
+    index = PrefixIndex()
+    hashes = block_hashes(list(range(160)), 16)  # 10 blocks
+    index.stored("a", hashes[:6])
+    index.stored("b", hashes[:2])
+    index.stored("c", hashes[3:])
+    index.expect("d", hashes[:4])
+    assert index.prefix_matches(hashes, {"a", "b", "c", "d", "e"}) == {"a": 6, "b": 2, "d": 4}
+    assert index.prefix_matches(hashes, {"b", "c"}) == {"b": 2}
+    assert index.prefix_matches(hashes, {"a", "d"}, include_expected=False) == {"a": 6}
+    assert index.prefix_matches([], {"a"}) == {}
+    assert (index.confirmed_blocks(hashes, "a"), index.confirmed_blocks(hashes, "d")) == (6, 0)
