@@ -114,10 +114,11 @@ class PlacementProfile:
 def _prefix_column(request: PlacementRequest, table: WorkerTable, index: PrefixIndex) -> np.ndarray:
     """prefix_blocks for every row of the table, from one walk of the index. (The confirmed
     count is filled in only for a chosen worker, by _with_confirmed: the one view a decider reads.)"""
-    matches = index.prefix_matches(request.block_hashes, table)
+    rows = table.rows
+    matches = index.prefix_matches(request.block_hashes, rows)
     prefix = np.zeros(len(table), dtype=np.int64)
     if matches:
-        prefix[[table.row(w) for w in matches]] = list(matches.values())
+        prefix[[rows[w] for w in matches]] = list(matches.values())
     return prefix
 
 

@@ -9,7 +9,7 @@ request. A Pool is one role's rows for one request: the runner takes it from the
 request's prefix columns, and narrows it with each filter; scorers and pickers read its columns.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -75,8 +75,10 @@ class WorkerTable:
     def views(self) -> list[WorkerView]:
         return list(self._views)
 
-    def row(self, worker_id: str) -> int:
-        return self._row[worker_id]
+    @property
+    def rows(self) -> Mapping[str, int]:
+        """worker id -> its row (read only)."""
+        return self._row
 
     def pool(self, role: str | None = None, prefix_blocks: np.ndarray | None = None) -> Pool:
         """The rows of one role (None: every row), in table order. prefix_blocks: this request's
