@@ -42,9 +42,8 @@ class SimRouter:
         self.inflight = dict.fromkeys(roles, 0)
         self.inflight_tokens = dict.fromkeys(roles, 0)
         self.finished = dict.fromkeys(roles, 0)  # requests that ended since the worker's last report
-        self.table = WorkerTable()  # WorkerRegistry.table: a row rewritten whenever its worker's view changes
-        for worker_id in roles:
-            self._put(worker_id)
+        self.table = WorkerTable.of(WorkerView(w, w, role, True) for w, role in roles.items())  # (in roles' order)
+        self._changed: set[str] = set()  # workers whose row is rewritten before the router next reads the table
 
     def on_kv_event(self, worker_id: str, kind: str, block_hashes: list[int]) -> None:
         if kind == "stored":
@@ -56,11 +55,11 @@ class SimRouter:
 
     def views(self) -> list[WorkerView]:
         """WorkerRegistry.views(): each worker's last report plus this router's in-flight counts."""
-        self._refresh_reports()
+        self._refresh_table()
         return self.table.views()
 
     def place(self, request: PlacementRequest) -> Placement:
-        self._refresh_reports()
+        self._refresh_table()
         return self.profile.place(request, self.table, self.index)
 
     def track(self, worker_id: str, prompt_tokens: int, sign: int = 1) -> None:
@@ -69,19 +68,21 @@ class SimRouter:
         self.inflight_tokens[worker_id] += sign * prompt_tokens
         if sign < 0:
             self.finished[worker_id] += 1
-        self._put(worker_id)
+        self._changed.add(worker_id)
 
-    def _refresh_reports(self) -> None:
-        """A worker's report arrives when the router looks at least report_interval_s after the last."""
+    def _refresh_table(self) -> None:
+        """A worker's report arrives when the router looks at least report_interval_s after the
+        last; then the rows of the workers that changed since the last look are rewritten (the
+        registry rewrites a row at each change: the same rows when placement reads them)."""
         now = self._clock()
         for worker_id in self._roles:
             if now - self._reported_at[worker_id] >= self._interval:
                 self._reports[worker_id] = self._load_of(worker_id)
                 self._reported_at[worker_id] = now
                 self.finished[worker_id] = 0
-                self._put(worker_id)
-
-    def _put(self, worker_id: str) -> None:
-        load = with_router_counts(self._reports[worker_id], self.inflight[worker_id],
-                                  self.inflight_tokens[worker_id], self.finished[worker_id])
-        self.table.put(WorkerView(worker_id, worker_id, self._roles[worker_id], True, load))
+                self._changed.add(worker_id)
+        for worker_id in self._changed:
+            load = with_router_counts(self._reports[worker_id], self.inflight[worker_id],
+                                      self.inflight_tokens[worker_id], self.finished[worker_id])
+            self.table.put(WorkerView(worker_id, worker_id, self._roles[worker_id], True, load))
+        self._changed.clear()
