@@ -118,7 +118,9 @@ class Pool:
 
     def take(self, keep: np.ndarray) -> "Pool":
         """The candidates where the boolean mask keep is True, order kept."""
-        return Pool(self._views, self._rows[keep], self._ids[keep], self.columns[:, keep], self.healthy[keep])
+        kept = np.flatnonzero(keep)  # (take() with indices: faster than indexing with the mask)
+        return Pool(self._views, self._rows.take(kept), self._ids.take(kept), self.columns.take(kept, axis=1),
+                    self.healthy.take(kept))
 
     def view(self, i: int) -> WorkerView:
         """Candidate i's view, its prefix fields this request's."""

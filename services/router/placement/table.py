@@ -84,10 +84,10 @@ class WorkerTable:
         """The rows of one role (None: every row), in table order. prefix_blocks: this request's
         match, one entry per row of the table; without it the pool keeps what the views said."""
         rows = self._rows_of(role)
-        columns = self._columns[:, rows]  # a copy: the request's prefix never reaches the table
+        columns = self._columns.take(rows, axis=1)  # a copy: the request's prefix never reaches the table
         if prefix_blocks is not None:
-            columns[COLUMNS.index("prefix_blocks")] = prefix_blocks[rows]
-        return Pool(self._views, rows, self._ids[rows], columns, self._healthy[rows])
+            columns[COLUMNS.index("prefix_blocks")] = prefix_blocks.take(rows)
+        return Pool(self._views, rows, self._ids.take(rows), columns, self._healthy.take(rows))
 
     def _rows_of(self, role: str | None) -> np.ndarray:
         if self._role_rows is None:
