@@ -3,10 +3,10 @@
 It mirrors services/router/workers.py: a PrefixIndex rebuilt only from the workers' KV events
 (stored / removed, as they happen), a LoadView per worker from its last load report plus this
 router's in-flight counts (WorkerEndpoint.view), kept in a WorkerTable as the registry keeps its
-own, and `load_profile(name).place(...)` — the very runner, filters, scorers, pickers and
-decider the router uses. Load reports are periodic in the
-real mesh (every report_interval_s); here a report is refreshed when the router looks at a worker
-at least report_interval_s after the previous one, so it is at most that stale.
+own, and `load_profile(name).place(...)` — the very runner, filters, scorers, pickers and decider
+the router uses. Load reports are periodic in the real mesh (every report_interval_s); here a
+report is refreshed when the router looks at a worker at least report_interval_s after the
+previous one, so it is at most that stale.
 """
 
 from collections.abc import Callable

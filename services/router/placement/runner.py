@@ -59,7 +59,7 @@ class PoolProfile:
         timings: dict[str, float] = {}
         known = len(pool)
         for f in self.filters:
-            keep = _timed(timings, f"filter.{f.name}", f.filter, request, pool)
+            keep = _checked(_timed(timings, f"filter.{f.name}", f.filter, request, pool), bool, len(pool), f.name)
             if not keep.all():
                 pool = pool.take(keep)
         if not len(pool):
@@ -67,7 +67,7 @@ class PoolProfile:
         totals = np.zeros(len(pool))
         for scorer, weight in self.scorers:
             raw = _timed(timings, f"scorer.{scorer.name}", scorer.score, request, pool)
-            totals += weight * _clamped(raw, len(pool), scorer.name)
+            totals += weight * _clamped(_checked(raw, np.float64, len(pool), scorer.name))
         chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, pool, totals)
         return PoolChoice(pool.view(chosen), dict(zip(pool.ids, totals.tolist())), timings)
 
@@ -122,11 +122,16 @@ def _prefix_column(request: PlacementRequest, table: WorkerTable, index: PrefixI
     return prefix
 
 
-def _clamped(raw, n: int, scorer: str) -> np.ndarray:
-    """A scorer's values as floats, NaN -> 0, clamped into [0, 1] (fmax/fmin ignore NaN)."""
-    values = np.array(raw, dtype=np.float64)
+def _checked(values, dtype, n: int, plugin: str) -> np.ndarray:
+    """A plugin's answer as a new array of dtype, one entry per candidate (else ValueError)."""
+    values = np.array(values, dtype=dtype)
     if values.shape != (n,):
-        raise ValueError(f"scorer {scorer} returned {values.shape} scores for {n} candidates")
+        raise ValueError(f"{plugin} returned {values.shape} values for {n} candidates")
+    return values
+
+
+def _clamped(values: np.ndarray) -> np.ndarray:
+    """Scores clamped into [0, 1] in place, NaN -> 0 (fmax/fmin ignore NaN)."""
     return np.fmin(np.fmax(values, 0.0, out=values), 1.0, out=values)
 
 

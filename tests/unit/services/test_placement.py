@@ -85,8 +85,31 @@ def test_runner_rejects_a_scorer_that_skips_candidates():
     one_score = FixedScorer({})
     one_score.score = lambda request, pool: [1.0]
     profile = PoolProfile([], [(one_score, 1.0)], registry.build("picker", "max_score"))
-    with pytest.raises(ValueError, match=r"scorer fixed returned \(1,\) scores for 2 candidates"):
+    with pytest.raises(ValueError, match=r"fixed returned \(1,\) values for 2 candidates"):
         profile.choose("decode", REQ, pool_of(workers(("a", "decode", True), ("b", "decode", True))))
+
+
+class ListFilter:
+    """Keeps the candidates whose id is in `ids`, answering with a plain list."""
+
+    name = "list_filter"
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def filter(self, request, pool):
+        return [w in self.ids for w in pool.ids]
+
+
+def test_filters_run_in_turn_on_what_the_previous_kept():
+    pool = pool_of(workers(("a", "decode", True), ("b", "decode", False), ("c", "decode", True)))
+    profile = PoolProfile([registry.build("filter", "healthy"), ListFilter({"b", "c"})], [],
+                          registry.build("picker", "max_score"))
+    choice = profile.choose("decode", REQ, pool)
+    assert choice.worker.worker_id == "c" and choice.scores == {"c": 0.0}
+    with pytest.raises(NoCandidates, match=r"no decode worker is available \(3 known"):
+        PoolProfile([registry.build("filter", "healthy"), ListFilter({"b"})], [],
+                    registry.build("picker", "max_score")).choose("decode", REQ, pool)
 
 
 def test_profile_places_decode_then_prefill():
