@@ -15,7 +15,8 @@ model time stays small in both arms. Added TTFT = router percentile - direct per
 
 Part 2 (in process): the real prefix_aware profile places a 4,096-token prompt among 500 decode
 and 500 prefill workers whose prefix index holds 100,000 blocks; timed with the block hashing it
-does inside, and with the hashes already computed.
+does inside, and with the hashes already computed. The workers are in a WorkerTable, as the
+router's registry keeps them (a row rewritten per load report, not per decision).
 """
 
 import argparse
@@ -238,6 +239,7 @@ def run_decision(quick: bool, progress=_progress) -> dict:
     from engine.hashing import block_hashes
     from services.router.placement.base import PlacementRequest
     from services.router.placement.runner import load_profile
+    from services.router.placement.table import WorkerTable
 
     rng = random.Random(0)
     reps, warmup = (200 if quick else 1000), 20
@@ -247,6 +249,7 @@ def run_decision(quick: bool, progress=_progress) -> dict:
     prompts = [shared + [rng.randrange(3, 262_144) for _ in range(DECISION_PROMPT_TOKENS - len(shared))]
                for _ in range(2 * (reps + warmup))]
     index, views = _synthetic_mesh(block_hashes(shared, 16), rng)
+    table = WorkerTable.of(views)
     profile = load_profile("prefix_aware")
     progress(f"decision: profile prefix_aware, {NUM_WORKERS} workers (500 decode, 500 prefill), "
              f"{sum(index.num_blocks(v.worker_id) for v in views):,} indexed blocks, {DECISION_PROMPT_TOKENS}-token prompts")
@@ -256,14 +259,14 @@ def run_decision(quick: bool, progress=_progress) -> dict:
     for rep in range(reps + warmup):
         request = PlacementRequest(f"r{rep}", prompts[2 * rep], "interactive")
         start = time.perf_counter()
-        placement = profile.place(request, views, index)
+        placement = profile.place(request, table, index)
         full = (time.perf_counter() - start) * 1000
         request = PlacementRequest(f"h{rep}", prompts[2 * rep + 1], "interactive")
         start = time.perf_counter()
         request.block_hashes  # noqa: B018 - the cached property computes the hashes
         hashing = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        profile.place(request, views, index)
+        profile.place(request, table, index)
         precomputed = (time.perf_counter() - start) * 1000
         if rep < warmup:
             continue

@@ -159,7 +159,7 @@ class RequestFlow:
     def _place(self, job: GenerateJob):
         request = PlacementRequest(job.request_id, job.prompt, job.priority, self._registry.block_size)
         try:
-            placement = self._profile.place(request, self._registry.views(), self._registry.index)
+            placement = self._profile.place(request, self._registry.table, self._registry.index)
         except NoCandidates as exc:
             metrics.ROUTING.labels("rejected").inc()
             if self._registry.has_healthy("decode"):

@@ -19,6 +19,7 @@ from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_state_pb2, worke
 from services.common.server import CHANNEL_OPTIONS
 from services.common.tls import TlsConfig, aio_channel
 from services.router.placement.base import LoadView, WorkerView, with_router_counts
+from services.router.placement.table import WorkerTable
 from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class WorkerEndpoint:
     inflight: int = 0
     inflight_tokens: int = 0
     finished_since_report: int = 0
+    removed: bool = False  # no longer followed (its placed requests may still be running)
 
     def __post_init__(self) -> None:
         self.prefill_stub = prefill_pb2_grpc.PrefillServiceStub(self.channel)
@@ -59,7 +61,10 @@ class WorkerEndpoint:
 
 class WorkerRegistry:
     """Endpoints come from the constructor's lists and, while running, from `add`/`remove` (driven by
-    services.router.discovery.follow). Each endpoint has one follow task and one channel."""
+    services.router.discovery.follow). Each endpoint has one follow task and one channel.
+
+    `table` holds every endpoint's view as columns, the form placement reads: each change to an
+    endpoint (load report, health, this router's placements) rewrites its row at once."""
 
     def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], max_backoff_s: float = 2.0,
                  remove_grace_s: float = 30.0, tls: TlsConfig | None = None):
@@ -69,6 +74,7 @@ class WorkerRegistry:
         self._endpoints = [WorkerEndpoint(a, "prefill", self._channel(a)) for a in prefill_addresses]
         self._endpoints += [WorkerEndpoint(a, "decode", self._channel(a)) for a in decode_addresses]
         self._by_key = {e.key: e for e in self._endpoints}
+        self.table = WorkerTable.of(e.view() for e in self._endpoints)
         self._tasks: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
         self._started = False
@@ -102,7 +108,7 @@ class WorkerRegistry:
         if self._started:
             self._tasks[address] = asyncio.create_task(self._follow(endpoint))
         log.info("following %s worker at %s", role, address)
-        self._notify()
+        self._notify(endpoint)
 
     def remove(self, address: str) -> None:
         """Stop following the worker at address: placement no longer sees it and its prefix-index
@@ -112,10 +118,12 @@ class WorkerRegistry:
         if endpoint is None:
             return
         self._endpoints.remove(endpoint)
+        endpoint.removed = True
         task = self._tasks.pop(address, None)
         if task is not None:
             task.cancel()
         self._mark_down(endpoint)
+        self.table.remove(endpoint.key)
         closing = asyncio.create_task(endpoint.channel.close(grace=self._remove_grace_s))
         self._closing.add(closing)
         closing.add_done_callback(lambda task: self._forget(endpoint, task))
@@ -132,13 +140,16 @@ class WorkerRegistry:
         return aio_channel(address, self._tls, [*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS])
 
     def views(self) -> list[WorkerView]:
-        return [e.view() for e in self._endpoints]
+        return self.table.views()
 
     def add_listener(self, callback) -> None:
         """Calls callback() whenever a load report, a worker's health or this router's placements change."""
         self._listeners.append(callback)
 
-    def _notify(self) -> None:
+    def _notify(self, endpoint: WorkerEndpoint) -> None:
+        """endpoint changed: rewrite its row, then wake whoever waits for load changes."""
+        if not endpoint.removed:
+            self.table.put(endpoint.view())
         self.changed.set()
         for callback in self._listeners:
             callback()
@@ -158,14 +169,14 @@ class WorkerRegistry:
         endpoint = self.endpoint(worker_id)
         endpoint.inflight += 1
         endpoint.inflight_tokens += prompt_tokens
-        self._notify()
+        self._notify(endpoint)
         try:
             yield
         finally:
             endpoint.inflight -= 1
             endpoint.inflight_tokens -= prompt_tokens
             endpoint.finished_since_report += 1
-            self._notify()
+            self._notify(endpoint)
 
     def has_healthy(self, role: str) -> bool:
         return any(e.healthy and e.role == role for e in self._endpoints)
@@ -195,8 +206,9 @@ class WorkerRegistry:
             if endpoint.worker_id:
                 self.index.cleared(endpoint.worker_id)
             self._by_key.pop(endpoint.key, None)
-            endpoint.worker_id = update.worker_id
+            old_key, endpoint.worker_id = endpoint.key, update.worker_id
             self._by_key[endpoint.key] = endpoint
+            self.table.rename(old_key, endpoint.view())
         endpoint.healthy, endpoint.last_seen = True, time.monotonic()
         kind = update.WhichOneof("update")
         if kind == "load_report":
@@ -214,11 +226,11 @@ class WorkerRegistry:
                     self.index.removed(update.worker_id, event.removed.block_hashes)
                 else:
                     self.index.cleared(update.worker_id)
-        self._notify()
+        self._notify(endpoint)
 
     def _mark_down(self, endpoint: WorkerEndpoint) -> None:
         endpoint.healthy = False
         if endpoint.worker_id:
             self.index.cleared(endpoint.worker_id)
-        self._notify()
+        self._notify(endpoint)
 

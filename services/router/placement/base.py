@@ -1,9 +1,15 @@
-"""Contracts of the placement plugins. Plugins are pure: they read the views, never mutate them,
-and do no I/O. The runner (not the plugin) fills each view's prefix match from the router's
-prefix index, clamps scores to [0, 1], weights them, times each plugin and logs."""
+"""Contracts of the placement plugins. Plugins are pure: they read a Pool (one role's candidate
+workers as columns, row i of every column is pool.ids[i]), never mutate it, and do no I/O. The
+runner (not the plugin) fills the pool's prefix columns from the router's prefix index, narrows
+the pool with each filter's mask, clamps scores to [0, 1], weights them, times each plugin and
+logs. Plugins work on whole columns (numpy), not per worker: a pool can hold a thousand workers
+and a decision should take well under a millisecond."""
 
+from collections.abc import Sequence
 from functools import cached_property
 from typing import NamedTuple, Protocol
+
+import numpy as np
 
 from engine.hashing import block_hashes
 
@@ -62,6 +68,69 @@ class WorkerView(NamedTuple):
     confirmed_prefix_blocks: int = 0
 
 
+# A Pool's (and the WorkerTable's) integer columns: the load fields, then the two prefix fields.
+COLUMNS = (*LoadView._fields, "prefix_blocks", "confirmed_prefix_blocks")
+
+
+def _column(name: str) -> property:
+    i = COLUMNS.index(name)
+    return property(lambda pool: pool.columns[i], doc=f"int64 array: each candidate's {name}")
+
+
+class Pool:
+    """One role's candidate workers for one request, as columns (built by the runner from a
+    WorkerTable; plugins only read it). Row i of every column belongs to ids[i] and view(i). The
+    prefix columns hold this request's match when the profile uses the prefix index."""
+
+    def __init__(self, views: Sequence[WorkerView], rows: np.ndarray, ids: np.ndarray, columns: np.ndarray,
+                 healthy: np.ndarray):
+        self._views, self._rows = views, rows  # the table's views, and which of them each row is
+        self._ids, self.columns, self.healthy = ids, columns, healthy
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return self._ids.tolist()
+
+    waiting = _column("waiting")
+    running = _column("running")
+    kv_blocks_used = _column("kv_blocks_used")
+    kv_blocks_total = _column("kv_blocks_total")
+    queued_prefill_tokens = _column("queued_prefill_tokens")
+    router_inflight = _column("router_inflight")
+    router_inflight_tokens = _column("router_inflight_tokens")
+    max_running = _column("max_running")
+    router_finished = _column("router_finished")
+    prefix_blocks = _column("prefix_blocks")
+    confirmed_prefix_blocks = _column("confirmed_prefix_blocks")
+
+    @property
+    def queue_depth(self) -> np.ndarray:
+        """LoadView.queue_depth for every candidate."""
+        return np.maximum(self.waiting + self.running - self.router_finished, self.router_inflight)
+
+    @property
+    def pending_prefill_tokens(self) -> np.ndarray:
+        """LoadView.pending_prefill_tokens for every candidate."""
+        return np.maximum(self.queued_prefill_tokens, self.router_inflight_tokens)
+
+    def take(self, keep: np.ndarray) -> "Pool":
+        """The candidates where the boolean mask keep is True, order kept."""
+        kept = np.flatnonzero(keep)  # (take() with indices: faster than indexing with the mask)
+        return Pool(self._views, self._rows.take(kept), self._ids.take(kept), self.columns.take(kept, axis=1),
+                    self.healthy.take(kept))
+
+    def view(self, i: int) -> WorkerView:
+        """Candidate i's view, its prefix fields this request's."""
+        w = self._views[self._rows[i]]
+        prefix, confirmed = int(self.prefix_blocks[i]), int(self.confirmed_prefix_blocks[i])
+        if (prefix, confirmed) == (w.prefix_blocks, w.confirmed_prefix_blocks):
+            return w
+        return w._replace(prefix_blocks=prefix, confirmed_prefix_blocks=confirmed)
+
+
 class PlacementRequest:
     """One request as placement sees it. Block hashes are computed on first use, with the very
     function the engine uses, so the router and the workers name blocks the same way."""
@@ -86,27 +155,29 @@ class PlacementRequest:
 
 
 class Filter(Protocol):
-    """Drops workers that must not get the request. Returns a subset, order kept."""
+    """Says which candidates may get the request: a boolean array, one entry per row of the pool
+    (True: keep). The runner narrows the pool before the next filter."""
 
     name: str
 
-    def filter(self, request: PlacementRequest, workers: list[WorkerView]) -> list[WorkerView]: ...
+    def filter(self, request: PlacementRequest, pool: Pool) -> np.ndarray: ...
 
 
 class Scorer(Protocol):
-    """Scores each worker; higher is better. Values outside [0, 1] are clamped by the runner."""
+    """Scores every candidate, higher is better: floats (a numpy array or a sequence), one per
+    row of the pool. The runner clamps them into [0, 1] (NaN counts as 0)."""
 
     name: str
 
-    def score(self, request: PlacementRequest, workers: list[WorkerView]) -> dict[str, float]: ...
+    def score(self, request: PlacementRequest, pool: Pool) -> np.ndarray: ...
 
 
 class Picker(Protocol):
-    """Chooses one worker from a non-empty list of (worker, total score), best-first not assumed."""
+    """Chooses one row of a non-empty pool given each row's weighted total score; returns its index."""
 
     name: str
 
-    def pick(self, request: PlacementRequest, scored: list[tuple[WorkerView, float]]) -> WorkerView: ...
+    def pick(self, request: PlacementRequest, pool: Pool, totals: np.ndarray) -> int: ...
 
 
 class Decision(NamedTuple):

@@ -1,16 +1,18 @@
 """Runs a placement profile: per pool, filters -> weighted scorers -> picker; decode first, then
 the decider, then (if remote prefill pays) the prefill pool.
 
-The runner owns the cross-cutting work: it fills each candidate's prefix match from the prefix
-index (only when a plugin of the profile uses it), clamps every score to [0, 1], combines them as
-a weighted sum, times each plugin, and records the scores and decision for the request (tracing
-puts them on spans). An empty candidate list after filtering raises NoCandidates.
+The runner owns the cross-cutting work: it takes each pool from the WorkerTable as columns, fills
+their prefix columns from the prefix index (one walk for both pools, only when a plugin of the
+profile uses it), narrows the pool with each filter's mask, clamps every score to [0, 1],
+combines them as a weighted sum, times each plugin, and records every candidate's total and the
+decision for the request (tracing puts them on spans). An empty pool after filtering raises
+NoCandidates.
 """
 
-import itertools
 import logging
 import pathlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -18,7 +20,8 @@ import numpy as np
 
 from services.common.profiles import read_profile
 from services.router.placement import registry
-from services.router.placement.base import Decision, PlacementRequest, WorkerView
+from services.router.placement.base import Decision, PlacementRequest, Pool, WorkerView
+from services.router.placement.table import WorkerTable
 from services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ class NoCandidates(Exception):
 
 class PoolChoice(NamedTuple):
     worker: WorkerView
-    scores: dict[str, float]  # worker_id -> weighted total
+    scores: dict[str, float]  # worker_id -> weighted total, every candidate that passed the filters
     plugin_ms: dict[str, float]
 
 
@@ -52,21 +55,21 @@ class PoolProfile:
         return any(getattr(p, "uses_prefix_index", False) for p in [*self.filters, *(s for s, _ in self.scorers),
                                                                     self.picker])
 
-    def choose(self, pool: str, request: PlacementRequest, workers: list[WorkerView]) -> PoolChoice:
+    def choose(self, role: str, request: PlacementRequest, pool: Pool) -> PoolChoice:
         timings: dict[str, float] = {}
-        candidates = workers
+        known = len(pool)
         for f in self.filters:
-            candidates = _timed(timings, f"filter.{f.name}", f.filter, request, candidates)
-        if not candidates:
-            raise NoCandidates(f"no {pool} worker is available ({len(workers)} known, none passed the filters)")
-        ids = [w.worker_id for w in candidates]
-        totals = np.zeros(len(ids))
+            keep = _checked(_timed(timings, f"filter.{f.name}", f.filter, request, pool), bool, len(pool), f.name)
+            if not keep.all():
+                pool = pool.take(keep)
+        if not len(pool):
+            raise NoCandidates(f"no {role} worker is available ({known} known, none passed the filters)")
+        totals = np.zeros(len(pool))
         for scorer, weight in self.scorers:
-            raw = _timed(timings, f"scorer.{scorer.name}", scorer.score, request, candidates)
-            totals += weight * _clamped(raw, ids)
-        totals = totals.tolist()
-        chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, list(zip(candidates, totals)))
-        return PoolChoice(chosen, dict(zip(ids, totals)), timings)
+            raw = _timed(timings, f"scorer.{scorer.name}", scorer.score, request, pool)
+            totals += weight * _clamped(_checked(raw, np.float64, len(pool), scorer.name))
+        chosen = _timed(timings, f"picker.{self.picker.name}", self.picker.pick, request, pool, totals)
+        return PoolChoice(pool.view(chosen), dict(zip(pool.ids, totals.tolist())), timings)
 
 
 @dataclass
@@ -77,24 +80,24 @@ class PlacementProfile:
     decider: object
     counts: dict[str, int] = field(default_factory=dict)
 
-    def place(self, request: PlacementRequest, workers: list[WorkerView], index: PrefixIndex | None = None) -> Placement:
-        decode_pool = [w for w in workers if w.role == "decode"]
-        prefill_pool = [w for w in workers if w.role == "prefill"]
+    def place(self, request: PlacementRequest, workers: WorkerTable | Sequence[WorkerView],
+              index: PrefixIndex | None = None) -> Placement:
+        """workers: the router's WorkerTable (a list of views is turned into one, at a cost per worker)."""
+        table = workers if isinstance(workers, WorkerTable) else WorkerTable.of(workers)
         decode_uses_index = index is not None and (
             self.decode.uses_prefix_index or getattr(self.decider, "uses_prefix_index", False))
-        if decode_uses_index:
-            decode_pool = _with_prefix(request, decode_pool, index)
-        decode = self.decode.choose("decode", request, decode_pool)
+        prefill_uses_index = index is not None and self.prefill.uses_prefix_index
+        prefix = _prefix_column(request, table, index) if decode_uses_index or prefill_uses_index else None
+        decode = self.decode.choose("decode", request, table.pool("decode", prefix if decode_uses_index else None))
         if decode_uses_index:
             decode = decode._replace(worker=_with_confirmed(request, decode.worker, index))
         decision = self.decider.decide(request, decode.worker)
         prefill = None
         if decision.remote_prefill:
-            if index is not None and self.prefill.uses_prefix_index:
-                prefill_pool = _with_prefix(request, prefill_pool, index)
             try:
-                prefill = self.prefill.choose("prefill", request, prefill_pool)
-                if index is not None and self.prefill.uses_prefix_index:
+                prefill = self.prefill.choose("prefill", request,
+                                              table.pool("prefill", prefix if prefill_uses_index else None))
+                if prefill_uses_index:
                     prefill = prefill._replace(worker=_with_confirmed(request, prefill.worker, index))
             except NoCandidates as exc:
                 log.warning("%s: %s; prefilling on the decode worker", request.request_id, exc)
@@ -108,28 +111,32 @@ class PlacementProfile:
         return Placement(decode, prefill, decision)
 
 
-def _with_prefix(request: PlacementRequest, pool: list[WorkerView], index: PrefixIndex) -> list[WorkerView]:
-    matched = index.matched_blocks(request.block_hashes, [w.worker_id for w in pool])
-    # Most of a large pool matches nothing: keep those views as they are (no copy per worker).
-    return [w if (m := matched[w.worker_id]) == w.prefix_blocks else _with_prefix_blocks(w, m) for w in pool]
+def _prefix_column(request: PlacementRequest, table: WorkerTable, index: PrefixIndex) -> np.ndarray:
+    """prefix_blocks for every row of the table, from one walk of the index. (The confirmed
+    count is filled in only for a chosen worker, by _with_confirmed: the one view a decider reads.)"""
+    rows = table.rows
+    matches = index.prefix_matches(request.block_hashes, rows)
+    prefix = np.zeros(len(table), dtype=np.int64)
+    if matches:
+        prefix[[rows[w] for w in matches]] = list(matches.values())
+    return prefix
 
 
-def _with_prefix_blocks(w: WorkerView, prefix_blocks: int) -> WorkerView:
-    # Spelled out rather than w._replace(...), which costs several times more per call.
-    return WorkerView(w.worker_id, w.address, w.role, w.healthy, w.load, prefix_blocks, w.confirmed_prefix_blocks)
+def _checked(values, dtype, n: int, plugin: str) -> np.ndarray:
+    """A plugin's answer as a new array of dtype, one entry per candidate (else ValueError)."""
+    values = np.array(values, dtype=dtype)
+    if values.shape != (n,):
+        raise ValueError(f"{plugin} returned {values.shape} values for {n} candidates")
+    return values
 
 
-def _clamped(raw: dict[str, float], ids: list[str]) -> np.ndarray:
-    """A scorer's values in candidate order, missing -> 0, NaN -> 0, clamped into [0, 1]. (Vectorized:
-    this runs per scorer over every candidate, up to thousands of workers per request; fmax/fmin
-    ignore NaN, so NaN becomes 0.)"""
-    values = np.fromiter(map(raw.get, ids, itertools.repeat(0.0)), dtype=np.float64, count=len(ids))
+def _clamped(values: np.ndarray) -> np.ndarray:
+    """Scores clamped into [0, 1] in place, NaN -> 0 (fmax/fmin ignore NaN)."""
     return np.fmin(np.fmax(values, 0.0, out=values), 1.0, out=values)
 
 
 def _with_confirmed(request: PlacementRequest, worker: WorkerView, index: PrefixIndex) -> WorkerView:
-    confirmed = index.matched_blocks(request.block_hashes, [worker.worker_id], include_expected=False)
-    return worker._replace(confirmed_prefix_blocks=confirmed[worker.worker_id])
+    return worker._replace(confirmed_prefix_blocks=index.confirmed_blocks(request.block_hashes, worker.worker_id))
 
 
 def load_profile(name_or_path: str, seed: int | None = None) -> PlacementProfile:

@@ -144,3 +144,25 @@ def test_a_slot_freed_since_the_last_load_report_counts_as_free_at_once():
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_the_placement_table_follows_the_endpoints():
+    async def scenario():
+        registry = WorkerRegistry([], ["10.0.0.1:1", "10.0.0.2:1"], remove_grace_s=0.1)
+        registry._apply(registry.endpoint("10.0.0.1:1"), worker_state_pb2.StreamStateResponse(
+            worker_id="decode-0", role=worker_state_pb2.WORKER_ROLE_DECODE,
+            load_report=worker_state_pb2.LoadReport(running_sequences=2, kv_blocks_total=64)))
+        ids = [v.worker_id for v in registry.table.views()]  # the worker said its id: same row
+        with registry.track("decode-0", 100):
+            pool = registry.table.pool("decode")
+            inflight = dict(zip(pool.ids, pool.router_inflight.tolist()))
+            registry.remove("10.0.0.1:1")
+        after = [v.worker_id for v in registry.table.views()]  # its request ended after: not back
+        await registry.close()
+        return ids, pool, inflight, after
+
+    ids, pool, inflight, after = asyncio.run(scenario())
+    assert ids == ["decode-0", "10.0.0.2:1"]
+    assert inflight == {"decode-0": 1, "10.0.0.2:1": 0}
+    assert pool.running.tolist() == [2, 0] and pool.healthy.tolist() == [True, False]
+    assert after == ["10.0.0.2:1"]

@@ -1,10 +1,12 @@
 """Placement plugins (table tests) and the profile runner."""
 
+import numpy as np
 import pytest
 
 from services.router.placement import registry
 from services.router.placement.base import LoadView, PlacementRequest, WorkerView
 from services.router.placement.runner import NoCandidates, PoolProfile, load_profile
+from services.router.placement.table import WorkerTable
 
 REQ = PlacementRequest("r1", [2, 3, 4], "interactive")
 
@@ -13,27 +15,48 @@ def workers(*specs):
     return [WorkerView(wid, f"addr-{wid}", role, healthy) for wid, role, healthy in specs]
 
 
+def pool_of(views):
+    """The views as the runner hands them to plugins: a Pool of every row of a WorkerTable."""
+    return WorkerTable.of(views).pool()
+
+
+def kept_ids(filter_name, views, **params):
+    pool = pool_of(views)
+    keep = registry.build("filter", filter_name, **params).filter(REQ, pool)
+    return [w for w, k in zip(pool.ids, keep) if k]
+
+
+def scores_by_id(scorer_name, views, request=REQ):
+    pool = pool_of(views)
+    return dict(zip(pool.ids, np.asarray(registry.build("scorer", scorer_name).score(request, pool)).tolist()))
+
+
+def picked_ids(picker, scored, times):
+    pool = pool_of([w for w, _ in scored])
+    totals = np.array([score for _, score in scored])
+    return [pool.ids[picker.pick(REQ, pool, totals)] for _ in range(times)]
+
+
 @pytest.mark.parametrize("pool,expected", [
     ([("a", "decode", True), ("b", "decode", False), ("c", "decode", True)], ["a", "c"]),
     ([("a", "decode", False)], []),
     ([], []),
 ])
 def test_healthy_filter(pool, expected):
-    kept = registry.build("filter", "healthy").filter(REQ, workers(*pool))
-    assert [w.worker_id for w in kept] == expected
+    assert kept_ids("healthy", workers(*pool)) == expected
 
 
 def test_round_robin_cycles_in_id_order():
     picker = registry.build("picker", "round_robin")
     pool = [(w, 0.0) for w in workers(("b", "decode", True), ("a", "decode", True), ("c", "decode", True))]
-    assert [picker.pick(REQ, pool).worker_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    assert picked_ids(picker, pool, 6) == ["a", "b", "c", "a", "b", "c"]
 
 
 def test_max_score_picks_best_and_breaks_ties_among_best_only():
     picker = registry.build("picker", "max_score", seed=1)
     a, b, c = workers(("a", "decode", True), ("b", "decode", True), ("c", "decode", True))
-    assert picker.pick(REQ, [(a, 0.2), (b, 0.9), (c, 0.5)]).worker_id == "b"
-    assert {picker.pick(REQ, [(a, 0.7), (b, 0.7), (c, 0.1)]).worker_id for _ in range(50)} == {"a", "b"}
+    assert picked_ids(picker, [(a, 0.2), (b, 0.9), (c, 0.5)], 1) == ["b"]
+    assert set(picked_ids(picker, [(a, 0.7), (b, 0.7), (c, 0.1)], 50)) == {"a", "b"}
 
 
 class FixedScorer:
@@ -43,17 +66,50 @@ class FixedScorer:
         self.scores = scores
 
     def score(self, request, pool):
-        return self.scores
+        return [self.scores[w] for w in pool.ids]
 
 
 def test_runner_clamps_and_weights_scores():
-    pool = workers(("a", "decode", True), ("b", "decode", True))
-    profile = PoolProfile([], [(FixedScorer({"a": 5.0, "b": 0.5}), 2.0), (FixedScorer({"a": -3.0, "b": 0.25}), 1.0)],
+    pool = pool_of(workers(("a", "decode", True), ("b", "decode", True), ("c", "decode", True)))
+    profile = PoolProfile([], [(FixedScorer({"a": 5.0, "b": 0.5, "c": float("nan")}), 2.0),
+                               (FixedScorer({"a": -3.0, "b": 0.25, "c": 0.5}), 1.0)],
                           registry.build("picker", "max_score"))
     choice = profile.choose("decode", REQ, pool)
-    assert choice.scores == {"a": 2.0, "b": 1.25}  # a: 2*clamp(5)=2 + clamp(-3)=0; b: 2*0.5 + 0.25
+    # a: 2*clamp(5)=2 + clamp(-3)=0; b: 2*0.5 + 0.25; c: NaN counts as 0, + 0.5
+    assert choice.scores == {"a": 2.0, "b": 1.25, "c": 0.5}
     assert choice.worker.worker_id == "a"
     assert set(choice.plugin_ms) == {"scorer.fixed", "picker.max_score"}
+
+
+def test_runner_rejects_a_scorer_that_skips_candidates():
+    one_score = FixedScorer({})
+    one_score.score = lambda request, pool: [1.0]
+    profile = PoolProfile([], [(one_score, 1.0)], registry.build("picker", "max_score"))
+    with pytest.raises(ValueError, match=r"fixed returned \(1,\) values for 2 candidates"):
+        profile.choose("decode", REQ, pool_of(workers(("a", "decode", True), ("b", "decode", True))))
+
+
+class ListFilter:
+    """Keeps the candidates whose id is in `ids`, answering with a plain list."""
+
+    name = "list_filter"
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def filter(self, request, pool):
+        return [w in self.ids for w in pool.ids]
+
+
+def test_filters_run_in_turn_on_what_the_previous_kept():
+    pool = pool_of(workers(("a", "decode", True), ("b", "decode", False), ("c", "decode", True)))
+    profile = PoolProfile([registry.build("filter", "healthy"), ListFilter({"b", "c"})], [],
+                          registry.build("picker", "max_score"))
+    choice = profile.choose("decode", REQ, pool)
+    assert choice.worker.worker_id == "c" and choice.scores == {"c": 0.0}
+    with pytest.raises(NoCandidates, match=r"no decode worker is available \(3 known"):
+        PoolProfile([registry.build("filter", "healthy"), ListFilter({"b"})], [],
+                    registry.build("picker", "max_score")).choose("decode", REQ, pool)
 
 
 def test_profile_places_decode_then_prefill():
@@ -105,24 +161,22 @@ def loaded(wid, role="decode", waiting=0, running=0, used=0, total=100, queued=0
      {"a": 0.0, "b": 0.75, "c": 1.0}),
 ])
 def test_load_scorers(name, pool, expected):
-    assert registry.build("scorer", name).score(REQ, pool) == pytest.approx(expected)
+    assert scores_by_id(name, pool) == pytest.approx(expected)
 
 
 def test_prefix_overlap_is_the_share_of_prompt_blocks_held():
     request = PlacementRequest("r", list(range(64)), "interactive", block_size=16)  # 4 full blocks
-    scores = registry.build("scorer", "prefix_overlap").score(request, [loaded("a", prefix=4), loaded("b", prefix=1),
-                                                                        loaded("c")])
+    scores = scores_by_id("prefix_overlap", [loaded("a", prefix=4), loaded("b", prefix=1), loaded("c")], request)
     assert scores == {"a": 1.0, "b": 0.25, "c": 0.0}
     short = PlacementRequest("r", [1, 2, 3], "interactive", block_size=16)
-    assert registry.build("scorer", "prefix_overlap").score(short, [loaded("a")]) == {"a": 0.0}
+    assert scores_by_id("prefix_overlap", [loaded("a")], short) == {"a": 0.0}
 
 
 @pytest.mark.parametrize("pool,expected", [
     ([loaded("a", used=96), loaded("b", used=94), loaded("c", waiting=65), loaded("d", total=0)], ["b", "d"]),
 ])
 def test_has_capacity_filter(pool, expected):
-    kept = registry.build("filter", "has_capacity", max_kv_utilization=0.95, max_waiting=64).filter(REQ, pool)
-    assert [w.worker_id for w in kept] == expected
+    assert kept_ids("has_capacity", pool, max_kv_utilization=0.95, max_waiting=64) == expected
 
 
 @pytest.mark.parametrize("prompt_len,cached_blocks,remote", [
@@ -166,10 +220,10 @@ def test_prefix_aware_avoids_a_saturated_worker():
 def test_router_inflight_counts_when_load_reports_lag():
     # Reports say both idle, but this router just sent d0 three streams: the next goes to d1.
     pool = [loaded("d0")._replace(load=LoadView(kv_blocks_total=100, router_inflight=3)), loaded("d1")]
-    assert registry.build("scorer", "queue_depth").score(REQ, pool) == {"d0": 0.0, "d1": 1.0}
+    assert scores_by_id("queue_depth", pool) == {"d0": 0.0, "d1": 1.0}
     prefill = [loaded("p0", role="prefill")._replace(load=LoadView(router_inflight_tokens=900)),
                loaded("p1", role="prefill", queued=300)]
-    assert registry.build("scorer", "queued_prefill_tokens").score(REQ, prefill) == {"p0": 0.0, "p1": 1.0}
+    assert scores_by_id("queued_prefill_tokens", prefill) == {"p0": 0.0, "p1": 1.0}
 
 
 def test_burst_of_one_prefix_sticks_to_one_worker_before_any_kv_event():

@@ -68,9 +68,9 @@ class LastWorkerScorer:
 
     name = "sim_test_last_worker"
 
-    def score(self, request, workers):
-        last = max(w.worker_id for w in workers)
-        return {w.worker_id: float(w.worker_id == last) for w in workers}
+    def score(self, request, pool):
+        last = max(pool.ids)
+        return [float(w == last) for w in pool.ids]
 
 
 def test_a_new_scorer_changes_the_simulation(tmp_path):

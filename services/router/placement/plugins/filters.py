@@ -1,10 +1,12 @@
-"""Filters.
+"""Filters (each returns a keep-mask over the pool).
 
 - healthy: keep workers whose state stream is up.
 - has_capacity: keep workers with KV room and a short queue:
   kv_blocks_used / kv_blocks_total < max_kv_utilization and waiting <= max_waiting.
   A worker that has not reported its load yet (total 0) passes.
 """
+
+import numpy as np
 
 from services.router.placement.registry import register
 
@@ -13,8 +15,8 @@ from services.router.placement.registry import register
 class HealthyFilter:
     name = "healthy"
 
-    def filter(self, request, workers):
-        return [w for w in workers if w.healthy]
+    def filter(self, request, pool):
+        return pool.healthy
 
 
 @register("filter", "has_capacity")
@@ -26,6 +28,7 @@ class HasCapacityFilter:
             raise ValueError("has_capacity: max_kv_utilization must be in (0, 1] and max_waiting >= 0")
         self.max_kv_utilization, self.max_waiting = max_kv_utilization, max_waiting
 
-    def filter(self, request, workers):
-        return [w for w in workers if w.load.waiting <= self.max_waiting and
-                (w.load.kv_blocks_total == 0 or w.load.kv_blocks_used / w.load.kv_blocks_total < self.max_kv_utilization)]
+    def filter(self, request, pool):
+        total = pool.kv_blocks_total
+        utilization = np.divide(pool.kv_blocks_used, total, out=np.zeros(len(pool)), where=total > 0)
+        return (pool.waiting <= self.max_waiting) & (utilization < self.max_kv_utilization)

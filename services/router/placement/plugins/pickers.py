@@ -1,4 +1,4 @@
-"""Pickers.
+"""Pickers (each returns the index of the chosen row of the pool).
 
 - max_score: highest total score; ties broken at random (seedable).
 - round_robin: the next worker in a fixed cycle over the candidates' ids, ignoring scores.
@@ -7,6 +7,8 @@
 
 import itertools
 import random as _random
+
+import numpy as np
 
 from services.router.placement.registry import register
 
@@ -18,9 +20,8 @@ class MaxScorePicker:
     def __init__(self, seed: int | None = None):
         self._rng = _random.Random(seed)
 
-    def pick(self, request, scored):
-        best = max(score for _, score in scored)
-        return self._rng.choice([w for w, score in scored if score >= best - 1e-12])
+    def pick(self, request, pool, totals):
+        return int(self._rng.choice(np.flatnonzero(totals >= totals.max() - 1e-12)))
 
 
 @register("picker", "round_robin")
@@ -30,9 +31,9 @@ class RoundRobinPicker:
     def __init__(self):
         self._counter = itertools.count()
 
-    def pick(self, request, scored):
-        ordered = sorted(scored, key=lambda ws: ws[0].worker_id)
-        return ordered[next(self._counter) % len(ordered)][0]
+    def pick(self, request, pool, totals):
+        in_id_order = sorted(range(len(pool)), key=pool.ids.__getitem__)
+        return in_id_order[next(self._counter) % len(pool)]
 
 
 @register("picker", "random")
@@ -42,5 +43,5 @@ class RandomPicker:
     def __init__(self, seed: int | None = None):
         self._rng = _random.Random(seed)
 
-    def pick(self, request, scored):
-        return self._rng.choice(scored)[0]
+    def pick(self, request, pool, totals):
+        return self._rng.choice(range(len(pool)))

@@ -1,4 +1,4 @@
-"""Scorers, each in [0, 1], higher is better. Formulas:
+"""Scorers, each in [0, 1], higher is better; each returns one score per row of the pool. Formulas:
 
 - prefix_overlap: prefix_blocks / prompt_blocks — the share of the prompt's full blocks the
   worker already holds (0 for a prompt shorter than one block).
@@ -10,17 +10,17 @@
   prompt tokens reported, prompt tokens of this router's prefills in flight); 1 when all equal.
 """
 
+import numpy as np
+
 from services.router.placement.registry import register
 
 
-def _lower_is_better(workers, values: list[float]) -> dict[str, float]:
-    """values[i] belongs to workers[i]; the lowest scores 1, the highest 0, linear between.
-    (Plain lists and one dict: scorers run over every candidate of a pool, per request.)"""
-    lo, hi = min(values), max(values)
+def _lower_is_better(values: np.ndarray) -> np.ndarray:
+    """The lowest value scores 1, the highest 0, linear between; all 1 when all equal."""
+    lo, hi = values.min(), values.max()
     if hi == lo:
-        return dict.fromkeys([w.worker_id for w in workers], 1.0)
-    span = hi - lo
-    return {w.worker_id: (hi - v) / span for w, v in zip(workers, values)}
+        return np.ones(len(values))
+    return (hi - values) / (hi - lo)
 
 
 @register("scorer", "prefix_overlap")
@@ -28,32 +28,31 @@ class PrefixOverlapScorer:
     name = "prefix_overlap"
     uses_prefix_index = True
 
-    def score(self, request, workers):
+    def score(self, request, pool):
         blocks = len(request.block_hashes)
-        per_block = 1.0 / blocks if blocks else 0.0
-        return {w.worker_id: w.prefix_blocks * per_block for w in workers}
+        return pool.prefix_blocks * (1.0 / blocks if blocks else 0.0)
 
 
 @register("scorer", "queue_depth")
 class QueueDepthScorer:
     name = "queue_depth"
 
-    def score(self, request, workers):
-        return _lower_is_better(workers, [w.load.queue_depth for w in workers])
+    def score(self, request, pool):
+        return _lower_is_better(pool.queue_depth)
 
 
 @register("scorer", "kv_utilization")
 class KvUtilizationScorer:
     name = "kv_utilization"
 
-    def score(self, request, workers):
-        return {w.worker_id: (1.0 - load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 1.0)
-                for w in workers for load in (w.load,)}
+    def score(self, request, pool):
+        total = pool.kv_blocks_total
+        return 1.0 - np.divide(pool.kv_blocks_used, total, out=np.zeros(len(pool)), where=total > 0)
 
 
 @register("scorer", "queued_prefill_tokens")
 class QueuedPrefillTokensScorer:
     name = "queued_prefill_tokens"
 
-    def score(self, request, workers):
-        return _lower_is_better(workers, [w.load.pending_prefill_tokens for w in workers])
+    def score(self, request, pool):
+        return _lower_is_better(pool.pending_prefill_tokens)
