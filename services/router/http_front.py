@@ -49,6 +49,7 @@ PRIORITY_HEADER, TENANT_HEADER, REQUEST_ID_HEADER = "x-pdmesh-priority", "x-pdme
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 _PRIORITIES = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_END = b"data: [DONE]\n\n"  # every event stream ends with it (_events)
 
 
 class FrontSettings(NamedTuple):
@@ -209,11 +210,10 @@ async def _events(first: tuple[str, str | None], pieces, relay: Relay, chunks: C
             text, finish = await anext(pieces)
             event = sse(chunks.piece(text, finish))
         # The last piece, the usage and [DONE] are known together: one write (each write is a syscall).
-        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + "data: [DONE]\n\n"
+        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + _SSE_END.decode()
     except Exception as exc:
         log.warning("stream failed after it started: %s", exc)
-        yield sse(reply_for_exception(exc).body)
-        yield "data: [DONE]\n\n"
+        yield sse(reply_for_exception(exc).body) + _SSE_END.decode()
     finally:
         await pieces.aclose()
 
@@ -309,11 +309,15 @@ async def _stream(response: StreamingResponse, receive, send) -> None:
     listener.add_done_callback(on_disconnect)
     try:
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        last = b""
         async for chunk in response.body_iterator:
-            await send({"type": "http.response.body", "body": chunk.encode() if isinstance(chunk, str) else chunk,
-                        "more_body": True})
+            body = chunk.encode() if isinstance(chunk, str) else chunk
+            if body.endswith(_SSE_END):  # the stream's last event: one write with the chunked terminator
+                last = body
+                break
+            await send({"type": "http.response.body", "body": body, "more_body": True})
         state["streaming"] = False
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
     except asyncio.CancelledError:
         if not state["gone"]:
             raise
