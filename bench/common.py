@@ -75,3 +75,20 @@ def add_cpu_seconds(totals: dict[str, float], before: dict[str, float], after: d
     """Adds to totals, by process name, the CPU seconds used between two CpuMeter.read()s."""
     for name, seconds in after.items():
         totals[name] = totals.get(name, 0.0) + seconds - before[name]
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Restricts every thread of process pid (0: this one) to cpus; threads it starts later inherit
+    it. (os.sched_setaffinity on a pid reaches only its main thread: each thread id is set.)"""
+    for task in pathlib.Path(f"/proc/{pid or os.getpid()}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def core_split() -> tuple[set[int], set[int]] | None:
+    """The CPUs this process may use, split as (front, worker): the first for the router alone,
+    the rest for the worker and the load generator. None with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None

@@ -17,6 +17,11 @@ per-request CPU delays every request behind it, so the HTTP client is aiohttp (C
 parser; what aiperf uses; installed with the kubernetes client) reading raw bytes, not httpx
 (about 1.5 ms more client CPU per request here). To tell the front's cost from the client's, the
 CPU time the router process and the client spend per request is recorded for each arm.
+
+The 32-stream comparison runs in two core layouts on the same mesh, as in bench.router_overhead:
+first shared (nothing pinned: the figure this benchmark reported first, `*_shared_cores` in the
+JSON), then pinned, the headline (the router with both front doors alone on one core, the decode
+worker and this load generator on the other, so neither front's CPU is taken from the worker).
 """
 
 import argparse
@@ -30,7 +35,7 @@ import time
 import aiohttp
 import grpc
 
-from bench.common import CpuMeter, add_cpu_seconds, plot_cdf, write_results
+from bench.common import CpuMeter, add_cpu_seconds, core_split, pin_process, plot_cdf, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _text
@@ -141,50 +146,68 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
     progress(f"starting mesh: {setup['mesh']} ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
     pairs, rounds = (24, 3) if quick else (48, 4)
+    split, own_cpus = core_split(), os.sched_getaffinity(0)
+    setup["layouts"] = {"shared": "nothing pinned"}
+    if split:
+        setup["layouts"]["pinned"] = (f"router alone on CPU {sorted(split[0])}, decode worker and load generator on "
+                                      f"CPU {sorted(split[1])}")
     try:
         async def go():
+            router_pid = next(p.popen.pid for p in mesh.processes if p.name == "router")
+            decode_pid = mesh.workers("decode")[0].popen.pid
             arms = Arms(mesh.router_address, mesh.http_address)
-            cpu = CpuMeter({"router": next(p.popen.pid for p in mesh.processes if p.name == "router"),
-                            "decode": mesh.workers("decode")[0].popen.pid})
+            cpu = CpuMeter({"router": router_pid, "decode": decode_pid})
+            concurrent = {}
             try:
                 await arms.check_same_output(prompts[0])
                 await _measure(arms, prompts, 2, 1, STREAMS, cpu)  # warm-up: connections, prefix cache
-                progress(f"{pairs} HTTP/gRPC batch pairs of {STREAMS} streams x {rounds} requests")
-                concurrent = await _measure(arms, prompts, pairs, rounds, STREAMS, cpu)
                 progress("one stream alone (diagnostic)")
                 single = await _measure(arms, prompts, 40 if quick else 100, 1, 1, cpu)
+                for layout in ("shared", "pinned") if split else ("shared",):
+                    if layout == "pinned":
+                        pin_process(router_pid, split[0])
+                        pin_process(decode_pid, split[1])
+                        pin_process(0, split[1])
+                    progress(f"{layout} cores: {pairs} HTTP/gRPC batch pairs of {STREAMS} streams x {rounds} requests")
+                    concurrent[layout] = await _measure(arms, prompts, pairs, rounds, STREAMS, cpu)
                 return concurrent, single
             finally:
+                pin_process(0, own_cpus)
                 await arms.close()
         concurrent, single = asyncio.run(go())
     finally:
         mesh.stop()
-    return _summarize(concurrent), _summarize(single), concurrent, setup
+    return {layout: _summarize(samples) for layout, samples in concurrent.items()}, _summarize(single), concurrent, setup
 
 
-def _print_table(row: dict, single: dict) -> None:
+def _print_table(rows: dict[str, dict], single: dict) -> None:
     print()
-    print(f"{'':>22} {'n/arm':>6} | {'HTTP p50':>9} {'gRPC p50':>9} {'added p50':>9} | "
+    print(f"{'':>30} {'n/arm':>6} | {'HTTP p50':>9} {'gRPC p50':>9} {'added p50':>9} | "
           f"{'HTTP p99':>9} {'gRPC p99':>9} {'added p99':>9}")
-    for name, r in ((f"{STREAMS} streams", row), ("1 stream (diagnostic)", single)):
-        print(f"{name:>22} {r['requests_per_arm']:>6} | {r['http_p50_ms']:>9.2f} {r['grpc_p50_ms']:>9.2f} "
+    named = [(f"{STREAMS} streams, {layout} cores", r) for layout, r in rows.items()]
+    for name, r in [*named, ("1 stream (diagnostic)", single)]:
+        print(f"{name:>30} {r['requests_per_arm']:>6} | {r['http_p50_ms']:>9.2f} {r['grpc_p50_ms']:>9.2f} "
               f"{r['added_p50_ms']:>+9.2f} | {r['http_p99_ms']:>9.2f} {r['grpc_p99_ms']:>9.2f} {r['added_p99_ms']:>+9.2f}")
     print(f"TTFT in ms; target: added p50 <= {TARGETS['http_added_ttft_p50_ms']} ms at {STREAMS} streams")
-    pairs = sorted(row["pair_added_p50_ms"])
-    print(f"added p50 per HTTP/gRPC batch pair ({STREAMS} streams): median {row['median_pair_added_p50_ms']:+.2f} ms, "
-          f"range {pairs[0]:+.2f} .. {pairs[-1]:+.2f} ms over {len(pairs)} pairs")
-    print(f"CPU per request ({STREAMS} streams): router {row['http_router_cpu_ms_per_request']:.2f} ms HTTP vs "
-          f"{row['grpc_router_cpu_ms_per_request']:.2f} ms gRPC ({row['added_router_cpu_ms_per_request']:+.2f} ms); "
-          f"client {row['http_client_cpu_ms_per_request']:.2f} ms HTTP vs {row['grpc_client_cpu_ms_per_request']:.2f} ms gRPC")
+    for layout, row in rows.items():
+        pairs = sorted(row["pair_added_p50_ms"])
+        print(f"{layout} cores: added p50 per HTTP/gRPC batch pair: median {row['median_pair_added_p50_ms']:+.2f} ms, "
+              f"range {pairs[0]:+.2f} .. {pairs[-1]:+.2f} ms over {len(pairs)} pairs")
+        print(f"{layout} cores: CPU per request: router {row['http_router_cpu_ms_per_request']:.2f} ms HTTP vs "
+              f"{row['grpc_router_cpu_ms_per_request']:.2f} ms gRPC ({row['added_router_cpu_ms_per_request']:+.2f} ms); "
+              f"client {row['http_client_cpu_ms_per_request']:.2f} ms HTTP vs {row['grpc_client_cpu_ms_per_request']:.2f} "
+              f"ms gRPC; decode worker {row['http_decode_cpu_ms_per_request']:.2f} vs "
+              f"{row['grpc_decode_cpu_ms_per_request']:.2f} ms")
 
 
-def _plot(path: pathlib.Path, samples: dict) -> None:
+def _plot(path: pathlib.Path, samples: dict[str, dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, style in (("grpc", "-"), ("http", "--")):
-        plot_cdf(ax, samples[arm], style, arm)
+    for layout, layout_samples in samples.items():
+        for arm, style in (("grpc", "-"), ("http", "--")):
+            plot_cdf(ax, layout_samples[arm], style, f"{arm}, {layout} cores")
     ax.set_title(f"TTFT, HTTP front vs gRPC, {STREAMS} streams, tiny model")
     ax.set_xlabel("TTFT (ms)")
     ax.set_ylabel("fraction of requests")
@@ -202,14 +225,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default=None, help="PNG path (default: http_front.png beside --json)")
     args = p.parse_args(argv)
     _progress(f"load average {os.getloadavg()[0]:.2f} at start")
-    row, single, samples, setup = run(args.quick)
+    rows, single, samples, setup = run(args.quick)
+    layout = "pinned" if "pinned" in rows else "shared"  # the headline; shared cores without a second CPU
+    row, shared = rows[layout], rows["shared"]
     result = {
         "http_added_ttft_p50_ms": row["added_p50_ms"], "http_added_ttft_p99_ms": row["added_p99_ms"],
         "http_added_router_cpu_ms_per_request": row["added_router_cpu_ms_per_request"],
-        "concurrent": row, "single_stream": single, "setup": setup, "targets": TARGETS,
-        "load_average_end": os.getloadavg()[0], "quick": args.quick,
+        "headline_layout": layout,
+        "http_added_ttft_p50_ms_shared_cores": shared["added_p50_ms"],
+        "http_added_ttft_p99_ms_shared_cores": shared["added_p99_ms"],
+        "headline_note": ("http_added_ttft_* at 32 streams in the headline layout (pinned: the router alone on its "
+                          "core, decode worker and load generator on the other); *_shared_cores: the same with nothing "
+                          "pinned (the figure first reported)"),
+        "concurrent": row, "concurrent_shared_cores": shared, "single_stream": single, "setup": setup,
+        "targets": TARGETS, "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }
-    _print_table(row, single)
+    _print_table(rows, single)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "http_front.png", lambda png: _plot(png, samples), args.plot)

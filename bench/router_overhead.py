@@ -13,6 +13,23 @@ carry the same token ids (checked against the router's usage.prompt_tokens). A f
 per size are reused, so after warm-up the decode worker serves them from its prefix cache and
 model time stays small in both arms. Added TTFT = router percentile - direct percentile.
 
+Every size is measured in two core layouts, one after the other on the same mesh:
+- pinned (the headline): the router alone on one core; the decode worker and this load generator
+  on the other (bench.common.core_split; every thread of each process is pinned). This is the
+  deployment the figure is about (a router has its own Deployment, off the workers' cores) and
+  the layout of Dynamo's frontend benchmark (frontend pinned with taskset on its own cores,
+  workers and load generator on the rest). The load generator's CPU is the same in both arms
+  (it sends and reads the same streams), so it slows the worker alike in both.
+- shared (the figure this benchmark reported first; `*_shared_cores` in the JSON): nothing pinned,
+  three busy processes on 2 cores. In a saturated closed loop of 64 streams the router's CPU is
+  then taken from the decode worker, and TTFT grows by 64 x that loss per request, so the figure
+  mixes the worker's lost throughput into the router's latency.
+A closed loop of identical requests runs in lock-step: a decode batch ends, all 64 streams send
+at once, and the router (one Python event loop) takes the burst one request at a time, so the
+k-th waits for the k-1 before it. An open-loop diagnostic in the headline layout (`open_loop`,
+1 KB) sends Poisson arrivals at 60% of the direct arm's closed-loop rate, the same arrival times
+in both arms: the router's latency when requests do not arrive in bursts of 64.
+
 Part 2 (in process): the real prefix_aware profile places a 4,096-token prompt among 500 decode
 and 500 prefill workers whose prefix index holds 100,000 blocks; timed with the block hashing it
 does inside, and with the hashes already computed. The workers are in a WorkerTable, as the
@@ -31,7 +48,7 @@ import uuid
 
 import grpc
 
-from bench.common import CpuMeter, add_cpu_seconds, plot_cdf, write_results
+from bench.common import CpuMeter, add_cpu_seconds, core_split, pin_process, plot_cdf, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from pdmesh.v1 import (
@@ -44,6 +61,7 @@ from pdmesh.v1 import (
 
 STREAMS = 64
 PROMPT_KB = (1, 64)
+OPEN_LOOP_LOAD = 0.6  # the open-loop diagnostic offers this fraction of the direct arm's closed-loop rate
 MAX_TOKENS = 4
 NUM_WORKERS, INDEX_BLOCKS, DECISION_PROMPT_TOKENS, SHARED_PREFIX_TOKENS = 1000, 100_000, 4096, 1600
 TARGETS = {"added_ttft_p50_ms": 1.0, "added_ttft_p99_ms": 5.0, "decision_ms_1000_workers": 1.0}
@@ -135,7 +153,7 @@ async def _single_stream(arms: Arms, prompts, pairs: int) -> dict:
 
 
 async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMeter) -> dict:
-    samples = {"router": [], "direct": [], "cpu": {"router": {}, "direct": {}}}
+    samples = {"router": [], "direct": [], "cpu": {"router": {}, "direct": {}}, "seconds": {"router": 0.0, "direct": 0.0}}
     for prompt in prompts:  # one at a time: 64 uncached 64 KB prefills at once exhaust memory
         await arms.direct(*prompt)
     await _batch(arms.router, prompts, 1)  # warm-up: channels, tokenizer, detokenizer
@@ -143,8 +161,31 @@ async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMe
     for pair in range(pairs):
         order = ("router", "direct") if pair % 2 == 0 else ("direct", "router")
         for arm in order:
-            before = cpu.read()
+            before, start = cpu.read(), time.perf_counter()
             samples[arm] += await _batch(getattr(arms, arm), prompts, rounds)
+            samples["seconds"][arm] += time.perf_counter() - start
+            add_cpu_seconds(samples["cpu"][arm], before, cpu.read())
+    return samples
+
+
+async def _open_loop(arms: Arms, prompts, rate_per_s: float, seconds: float, pairs: int, cpu: CpuMeter) -> dict:
+    """Poisson arrivals at rate_per_s for `seconds` per batch, router and direct batches alternating
+    (ABBA), each pair replaying the same arrival times: every request is sent at its time whether or
+    not the earlier ones are done, so streams never fall into the lock-step of a closed loop."""
+    samples = {"router": [], "direct": [], "cpu": {"router": {}, "direct": {}}}
+    loop = asyncio.get_running_loop()
+    for pair in range(pairs):
+        rng = random.Random(pair)
+        gaps = []
+        while sum(gaps) < seconds:
+            gaps.append(rng.expovariate(rate_per_s))
+        for arm in ("router", "direct") if pair % 2 == 0 else ("direct", "router"):
+            call, sent, due, before = getattr(arms, arm), [], loop.time(), cpu.read()
+            for i, gap in enumerate(gaps):
+                due += gap
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                sent.append(asyncio.ensure_future(call(*prompts[i % len(prompts)])))
+            samples[arm] += await asyncio.gather(*sent)
             add_cpu_seconds(samples["cpu"][arm], before, cpu.read())
     return samples
 
@@ -156,12 +197,14 @@ def _summarize_size(kb: int, num_tokens: int, samples: dict) -> dict:
         row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
         for name, seconds in samples.get("cpu", {}).get(arm, {}).items():
             row[f"{arm}_{name}_cpu_ms_per_request"] = seconds * 1000 / len(samples[arm])
+        if samples.get("seconds", {}).get(arm):
+            row[f"{arm}_requests_per_s"] = len(samples[arm]) / samples["seconds"][arm]
     row["added_p50_ms"] = row["router_p50_ms"] - row["direct_p50_ms"]
     row["added_p99_ms"] = row["router_p99_ms"] - row["direct_p99_ms"]
     return row
 
 
-def run_added_ttft(quick: bool, progress=_progress) -> tuple[list[dict], dict, dict]:
+def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict]], dict, dict, dict]:
     from engine.tokenizer import load_tokenizer
     from pdmesh.launcher import MeshSpec, start_mesh
 
@@ -184,32 +227,55 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[list[dict], dict, d
     progress(f"starting mesh: {setup['mesh']}, max_model_len {max_model_len}, {num_blocks} blocks ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
     pairs, rounds = (4, 2) if quick else (10, 3)
-    rows, raw = [], {}
+    rows, raw, open_loop = {"shared": [], "pinned": []}, {}, {}
+    split, own_cpus = core_split(), os.sched_getaffinity(0)
+    setup["layouts"] = {"shared": "nothing pinned"}
+    if split:
+        setup["layouts"]["pinned"] = (f"router alone on CPU {sorted(split[0])}, decode worker and load generator on "
+                                      f"CPU {sorted(split[1])}")
     try:
         async def go():
+            router_pid = next(p.popen.pid for p in mesh.processes if p.name == "router")
+            decode_pid = mesh.workers("decode")[0].popen.pid
             arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
-            cpu = CpuMeter({"router": next(p.popen.pid for p in mesh.processes if p.name == "router"),
-                            "decode": mesh.workers("decode")[0].popen.pid})
+            cpu = CpuMeter({"router": router_pid, "decode": decode_pid})
             try:
-                for kb in PROMPT_KB:
-                    n = statistics.median(len(ids) for _, ids in prompts[kb])
-                    progress(f"{kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch pairs of "
-                             f"{STREAMS} streams x {rounds} requests")
-                    samples = await _measure_size(arms, prompts[kb], pairs, rounds, cpu)
-                    rows.append(_summarize_size(kb, int(n), samples))
-                    raw[kb] = samples
-                    single = _summarize_size(kb, int(n), await _single_stream(arms, prompts[kb], 40 if quick else 100))
-                    rows[-1]["single_stream"] = {k: v for k, v in single.items() if k.endswith("_ms")}
-                    r = rows[-1]
-                    progress(f"  router p50 {r['router_p50_ms']:.2f} ms, direct p50 {r['direct_p50_ms']:.2f} ms, "
-                             f"added p50 {r['added_p50_ms']:+.2f} ms, added p99 {r['added_p99_ms']:+.2f} ms; "
-                             f"one stream alone: added p50 {r['single_stream']['added_p50_ms']:+.2f} ms")
+                for layout in ("shared", "pinned") if split else ("shared",):
+                    if layout == "pinned":
+                        front, worker = split
+                        pin_process(router_pid, front)
+                        pin_process(decode_pid, worker)
+                        pin_process(0, worker)
+                    for kb in PROMPT_KB:
+                        n = statistics.median(len(ids) for _, ids in prompts[kb])
+                        progress(f"{layout} cores, {kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch "
+                                 f"pairs of {STREAMS} streams x {rounds} requests")
+                        samples = await _measure_size(arms, prompts[kb], pairs, rounds, cpu)
+                        row = _summarize_size(kb, int(n), samples)
+                        rows[layout].append(row)
+                        if layout == "shared":  # one stream alone: the router's own latency, no queueing
+                            single = _summarize_size(kb, int(n), await _single_stream(
+                                arms, prompts[kb], 40 if quick else 100))
+                            row["single_stream"] = {k: v for k, v in single.items() if k.endswith("_ms")}
+                        raw[layout, kb] = samples
+                        progress(f"  router p50 {row['router_p50_ms']:.2f} ms, direct p50 {row['direct_p50_ms']:.2f} ms, "
+                                 f"added p50 {row['added_p50_ms']:+.2f} ms, added p99 {row['added_p99_ms']:+.2f} ms")
+                    if layout == "pinned" or not split:  # open loop at 1 KB, in the headline layout
+                        rate = OPEN_LOOP_LOAD * rows[layout][0]["direct_requests_per_s"]
+                        progress(f"{layout} cores, 1 KB prompts, open loop: Poisson arrivals at {rate:.0f}/s "
+                                 f"({OPEN_LOOP_LOAD:.0%} of the direct closed-loop rate), {pairs} router/direct pairs")
+                        samples = await _open_loop(arms, prompts[1], rate, 5.0 if quick else 15.0, pairs, cpu)
+                        row = _summarize_size(1, rows[layout][0]["prompt_tokens"], samples)
+                        open_loop.update(row, rate_per_s=rate, load=OPEN_LOOP_LOAD, layout=layout)
+                        progress(f"  router p50 {row['router_p50_ms']:.2f} ms, direct p50 {row['direct_p50_ms']:.2f} ms, "
+                                 f"added p50 {row['added_p50_ms']:+.2f} ms, added p99 {row['added_p99_ms']:+.2f} ms")
             finally:
+                pin_process(0, own_cpus)
                 await arms.close()
         asyncio.run(go())
     finally:
         mesh.stop()
-    return rows, raw, setup
+    return rows, raw, setup, open_loop
 
 
 # ---- part 2: decision cost ---------------------------------------------------------------------
@@ -291,25 +357,34 @@ def run_decision(quick: bool, progress=_progress) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------
 
-def _print_table(rows: list[dict], decision: dict, per_kb: float) -> None:
+def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict) -> None:
     print()
-    print(f"{'prompt':>7} {'tokens':>7} {'n/arm':>6} | {'router p50':>10} {'direct p50':>10} {'added p50':>9} | "
-          f"{'router p99':>10} {'direct p99':>10} {'added p99':>9}")
-    for r in rows:
-        print(f"{r['prompt_kb']:>5}KB {r['prompt_tokens']:>7} {r['requests_per_arm']:>6} | {r['router_p50_ms']:>10.2f} "
-              f"{r['direct_p50_ms']:>10.2f} {r['added_p50_ms']:>+9.2f} | {r['router_p99_ms']:>10.2f} "
-              f"{r['direct_p99_ms']:>10.2f} {r['added_p99_ms']:>+9.2f}")
-    for r in rows:
-        if "router_decode_cpu_ms_per_request" in r:
-            print(f"{r['prompt_kb']:>5}KB, CPU ms per request ({STREAMS} streams): decode worker "
+    print(f"{'cores':>7} {'prompt':>7} {'tokens':>7} {'n/arm':>6} | {'router p50':>10} {'direct p50':>10} "
+          f"{'added p50':>9} | {'router p99':>10} {'direct p99':>10} {'added p99':>9}")
+    for layout, layout_rows in rows.items():
+        for r in layout_rows:
+            print(f"{layout:>7} {r['prompt_kb']:>5}KB {r['prompt_tokens']:>7} {r['requests_per_arm']:>6} | "
+                  f"{r['router_p50_ms']:>10.2f} {r['direct_p50_ms']:>10.2f} {r['added_p50_ms']:>+9.2f} | "
+                  f"{r['router_p99_ms']:>10.2f} {r['direct_p99_ms']:>10.2f} {r['added_p99_ms']:>+9.2f}")
+    for layout, layout_rows in rows.items():
+        for r in layout_rows:
+            print(f"{layout:>7} {r['prompt_kb']:>5}KB, CPU ms per request ({STREAMS} streams): decode worker "
                   f"{r['router_decode_cpu_ms_per_request']:.2f} via router vs {r['direct_decode_cpu_ms_per_request']:.2f} "
-                  f"direct; router process {r['router_router_cpu_ms_per_request']:.2f}")
-    for r in rows:
+                  f"direct; router process {r['router_router_cpu_ms_per_request']:.2f}; load generator "
+                  f"{r['router_client_cpu_ms_per_request']:.2f} via router vs {r['direct_client_cpu_ms_per_request']:.2f}")
+    for r in rows["shared"]:
         one = r["single_stream"]
         print(f"{r['prompt_kb']:>5}KB, 1 stream alone (diagnostic): router p50 {one['router_p50_ms']:.2f} ms, direct p50 "
               f"{one['direct_p50_ms']:.2f} ms, added p50 {one['added_p50_ms']:+.2f} ms, added p99 {one['added_p99_ms']:+.2f} ms")
-    if rows:
+    if rows["shared"]:
         print(f"added per KB of prompt (slope of the one-stream added p50, 1 -> 64 KB): {per_kb:+.3f} ms/KB")
+    if open_loop:
+        o = open_loop
+        print(f"    1KB, open loop ({o['layout']} cores, Poisson {o['rate_per_s']:.0f}/s = {o['load']:.0%} of the direct "
+              f"closed-loop rate, {o['requests_per_arm']} per arm): router p50 {o['router_p50_ms']:.2f} ms, direct p50 "
+              f"{o['direct_p50_ms']:.2f} ms, added p50 {o['added_p50_ms']:+.2f} ms, added p99 {o['added_p99_ms']:+.2f} ms; "
+              f"CPU ms per request: decode worker {o['router_decode_cpu_ms_per_request']:.2f} via router vs "
+              f"{o['direct_decode_cpu_ms_per_request']:.2f} direct, router {o['router_router_cpu_ms_per_request']:.2f}")
     print()
     print(f"placement decision, {NUM_WORKERS} workers, {INDEX_BLOCKS:,} indexed blocks, {DECISION_PROMPT_TOKENS} tokens:")
     print(f"  {'incl. block hashing':<28} p50 {decision['place_incl_hashing_p50_ms']:.3f} ms  "
@@ -325,10 +400,13 @@ def _plot(path: pathlib.Path, raw: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(raw), figsize=(5 * len(raw), 3.8))
-    for ax, (kb, samples) in zip(axes, raw.items()):
-        for arm, style in (("direct", "-"), ("router", "--")):
-            plot_cdf(ax, samples[arm], style, arm)
+    fig, axes = plt.subplots(1, len(PROMPT_KB), figsize=(5 * len(PROMPT_KB), 3.8))
+    for ax, kb in zip(axes, PROMPT_KB):
+        for (layout, size), samples in raw.items():
+            if size != kb:
+                continue
+            for arm, style in (("direct", "-"), ("router", "--")):
+                plot_cdf(ax, samples[arm], style, f"{arm}, {layout} cores")
         ax.set_title(f"{kb} KB prompt, {STREAMS} streams")
         ax.set_xlabel("TTFT (ms)")
         ax.set_ylabel("fraction of requests")
@@ -348,24 +426,36 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _progress(f"load average {os.getloadavg()[0]:.2f} at start")
     decision = run_decision(args.quick)
-    rows, raw, setup = ([], {}, {}) if args.skip_mesh else run_added_ttft(args.quick)
-    by_kb = {r["prompt_kb"]: r for r in rows}
+    rows, raw, setup, open_loop = ({"shared": [], "pinned": []}, {}, {}, {}) if args.skip_mesh else \
+        run_added_ttft(args.quick)
+    shared = {r["prompt_kb"]: r for r in rows["shared"]}
+    # The headline: the pinned layout (the router off the worker's core); shared cores without a second CPU.
+    headline = {r["prompt_kb"]: r for r in rows["pinned"]} or shared
     # Per KB from one stream alone: the router's own cost of a longer prompt. (The 64-stream slope
     # mixes in how the decode worker batches the arrivals, and can even come out negative.)
-    per_kb = ((by_kb[64]["single_stream"]["added_p50_ms"] - by_kb[1]["single_stream"]["added_p50_ms"]) / 63
-              if rows else float("nan"))
-    per_kb_saturated = ((by_kb[64]["added_p50_ms"] - by_kb[1]["added_p50_ms"]) / 63) if rows else None
+    per_kb = ((shared[64]["single_stream"]["added_p50_ms"] - shared[1]["single_stream"]["added_p50_ms"]) / 63
+              if shared else float("nan"))
     result = {
-        "added_ttft_p50_ms": by_kb[1]["added_p50_ms"] if rows else None,
-        "added_ttft_p99_ms": by_kb[1]["added_p99_ms"] if rows else None,
-        "added_ms_per_kb": per_kb if rows else None,
-        "added_ms_per_kb_64_streams": per_kb_saturated,
+        "added_ttft_p50_ms": headline[1]["added_p50_ms"] if headline else None,
+        "added_ttft_p99_ms": headline[1]["added_p99_ms"] if headline else None,
+        "added_ms_per_kb": per_kb if shared else None,
+        "added_ms_per_kb_64_streams": ((headline[64]["added_p50_ms"] - headline[1]["added_p50_ms"]) / 63
+                                       if headline else None),
+        "headline_layout": "pinned" if rows["pinned"] else "shared",
+        "added_ttft_p50_ms_shared_cores": shared[1]["added_p50_ms"] if shared else None,
+        "added_ttft_p99_ms_shared_cores": shared[1]["added_p99_ms"] if shared else None,
+        "added_ttft_p50_ms_open_loop": open_loop.get("added_p50_ms"),
+        "added_ttft_p99_ms_open_loop": open_loop.get("added_p99_ms"),
         "decision_ms_1000_workers": decision["place_incl_hashing_p50_ms"],
-        "headline_note": "added_ttft_* are at 1 KB prompts; the 64 KB row is in sizes",
-        "sizes": rows, "setup": setup, "decision": decision, "targets": TARGETS,
-        "load_average_end": os.getloadavg()[0], "quick": args.quick,
+        "headline_note": ("added_ttft_* are at 1 KB prompts, 64 streams, in the headline layout (pinned: the router "
+                          "alone on its core, decode worker and load generator on the other); *_shared_cores: the "
+                          "same with nothing pinned (the figure first reported); *_open_loop: Poisson arrivals at 60% of the "
+                          "direct closed-loop rate, headline layout, 1 KB; added_ms_per_kb: one stream alone"),
+        "sizes": rows["pinned"] or rows["shared"], "sizes_shared_cores": rows["shared"], "open_loop": open_loop,
+        "setup": setup,
+        "decision": decision, "targets": TARGETS, "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }
-    _print_table(rows, decision, per_kb)
+    _print_table(rows, decision, per_kb, open_loop)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,

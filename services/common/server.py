@@ -6,6 +6,7 @@ new work), then `server.stop(grace)` lets streams already accepted run to their 
 """
 
 import asyncio
+import gc
 import inspect
 import json
 import logging
@@ -32,20 +33,45 @@ CHANNEL_OPTIONS = [
 ServiceBinding = tuple[Callable, object, str]
 
 
-class RejectUndecodable(grpc.aio.ServerInterceptor):
+def guard_undecodable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A request that does not parse (random bytes, invalid UTF-8 in a string field) is answered
     with INVALID_ARGUMENT naming the message type; gRPC alone answers UNKNOWN. Unary-request
-    methods only (every pdmesh RPC); the servicer never sees the bad request."""
+    async methods only (every pdmesh RPC); the servicer never sees the bad request. Applied once
+    when a handler is registered (_GuardingServer), not per call: a grpc.aio server interceptor
+    runs its chain on every RPC (measured here: 0.1-0.3 ms of CPU per streaming RPC)."""
+    if handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        return handler
+    guarded = {"unary_stream" if handler.response_streaming else "unary_unary": _reject_undecodable(behavior)}
+    return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **guarded)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
-            return handler
-        guarded = {"unary_stream" if handler.response_streaming else "unary_unary": _reject_undecodable(behavior)}
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **guarded)
+
+class _GuardingServer:
+    """The server as generated add_XServicer_to_server functions see it: every method handler
+    they register goes through guard_undecodable first."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(
+            service_name, {method: guard_undecodable(h) for method, h in handlers.items()})
+
+
+class _GuardedGenericHandler(grpc.GenericRpcHandler):
+    """The lookup gRPC falls back to for methods not registered by name."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler):
+        self._inner = inner
+
+    def service(self, handler_call_details):
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else guard_undecodable(handler)
 
 
 class _Undecodable(str):
@@ -116,7 +142,7 @@ async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]],
     (servicers that advertise their own address need the port), adds health and reflection, starts.
     tls: a services.common.tls.TlsConfig (mutual TLS: clients need a certificate from its CA), or
     None for plaintext."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[RejectUndecodable()])
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
     if tls is not None:
         from services.common.tls import server_credentials
         bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
@@ -125,11 +151,12 @@ async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]],
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     names = []
+    guarding = _GuardingServer(server)
     for add_to_server, servicer, name in make_bindings(bound):
-        add_to_server(servicer, server)
+        add_to_server(servicer, guarding)
         names.append(name)
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, guarding)
     reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
     await server.start()
@@ -145,6 +172,15 @@ def stop_event_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def freeze_startup_heap() -> None:
+    """Call once start-up is done: the objects built so far (torch, protobuf descriptors, the web
+    framework: over 200,000 in the router) leave the garbage collector's generations, so a full
+    collection no longer walks them all, a 60-200 ms pause of the event loop here that landed in
+    the latency tail of every stream in flight."""
+    gc.collect()
+    gc.freeze()
 
 
 def announce_ready(ready_file: str | None, **facts) -> None:

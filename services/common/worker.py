@@ -15,7 +15,8 @@ from pdmesh.v1 import worker_state_pb2, worker_state_pb2_grpc
 from services.common import tracing
 from services.common.engine_runner import EngineRunner
 from services.common.metrics import register_worker, start_metrics_server
-from services.common.server import ServiceBinding, announce_ready, start_server, stop_event_on_signals
+from services.common.server import (ServiceBinding, announce_ready, freeze_startup_heap, start_server,
+                                    stop_event_on_signals)
 from services.common.worker_config import WorkerConfig
 from services.common.worker_state import WorkerStateHub, WorkerStateServicer
 
@@ -73,6 +74,7 @@ async def run_worker(config: WorkerConfig,
     server = await start_server(bindings, config.host, config.port, config.tls)
     register_worker(config.role, config.worker_id, hub)
     metrics_port = start_metrics_server(config.metrics_port, config.host)
+    freeze_startup_heap()
     announce_ready(config.ready_file, role=config.role, worker_id=config.worker_id, port=server.port,
                    address=ctx.advertise_address,
                    metrics_address=f"{config.advertise_host}:{metrics_port}" if metrics_port else "")

@@ -9,7 +9,8 @@ from engine.tokenizer import load_tokenizer
 from pdmesh.v1 import router_pb2, router_pb2_grpc
 from services.common import tracing
 from services.common.metrics import start_metrics_server
-from services.common.server import announce_ready, configure_logging, start_server, stop_event_on_signals
+from services.common.server import (announce_ready, configure_logging, freeze_startup_heap, start_server,
+                                    stop_event_on_signals)
 from services.common.tls import add_tls_flags, tls_from_args
 from services.router.auth import ApiKeys
 from services.router.batch.wiring import BatchService, build_admission
@@ -122,6 +123,7 @@ async def serve(config: RouterConfig) -> None:
     await batch.start()  # resumes the jobs a previous router left unfinished
     serving.set()
     metrics_port = start_metrics_server(config.metrics_port, config.host)
+    freeze_startup_heap()
     announce_ready(config.ready_file, role="router", port=server.port, address=f"{config.host}:{server.port}",
                    http_address=http.address if http else "",
                    metrics_address=f"{config.host}:{metrics_port}" if metrics_port else "")

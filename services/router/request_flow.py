@@ -14,7 +14,6 @@ import uuid
 from typing import NamedTuple
 
 import grpc
-from opentelemetry.trace import SpanKind
 
 from engine.tokenizer import IncrementalDetokenizer
 from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2
@@ -119,8 +118,7 @@ class RequestFlow:
         """Streams one decode attempt through relay; raises _WorkerLost when the worker goes away.
         The attempt's span ends before the final event is handed on."""
         final = None
-        with tracing.tracer().start_as_current_span("router.decode", kind=SpanKind.CLIENT,
-                                                    attributes={"pdmesh.worker_id": decode_id}) as span:
+        with tracing.client_span("router.decode", {"pdmesh.worker_id": decode_id}) as span:
             relay.span = span
             stream = self._registry.decode_stub(decode_id).Decode(
                 request, timeout=remaining(relay.job, relay.t0), metadata=tracing.outgoing_metadata())
@@ -171,8 +169,7 @@ class RequestFlow:
     async def _prefill(self, job: GenerateJob, worker_id: str, timeout: float | None):
         request = prefill_pb2.PrefillRequest(request_id=job.request_id, prompt_token_ids=job.prompt,
                                              sampling=job.sampling, priority=_PRIORITY[job.priority])
-        with tracing.tracer().start_as_current_span("router.prefill", kind=SpanKind.CLIENT,
-                                                    attributes={"pdmesh.worker_id": worker_id}) as span:
+        with tracing.client_span("router.prefill", {"pdmesh.worker_id": worker_id}) as span:
             try:
                 response = await self._registry.prefill_stub(worker_id).Prefill(
                     request, timeout=timeout, metadata=tracing.outgoing_metadata())

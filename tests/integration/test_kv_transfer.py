@@ -197,7 +197,7 @@ def test_nixl_stale_peer_is_re_handshaken_once(holder, holder_data):
 
 def test_prefill_server_serves_pull_kv_pre_encoded_and_still_rejects_undecodable(holder_data):
     """The binding a prefill worker serves, on the server every service is built with: bytes arrive
-    exact through the pre-encoded PullKv, and the server's interceptor still guards that method."""
+    exact through the pre-encoded PullKv, and the guard every registered handler gets still covers that method."""
     from kvtransfer.source import KvSource
     from services.common.server import start_server
     from services.prefill.main import kv_transfer_binding

@@ -98,6 +98,25 @@ def test_a_stop_string_ends_the_generation_and_frees_the_kv(client, mesh, stream
     assert after.generated_tokens_total - baseline.generated_tokens_total < 100, "decoding went on after the stop"
 
 
+def test_a_client_leaving_mid_stream_frees_the_kv_and_the_front_keeps_serving(client, mesh):
+    baseline = idle(mesh)
+    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{mesh.http_address}/v1/completions", json=body,
+                                                       headers={"authorization": f"Bearer {KEY}"}) as response:
+        events = 0
+        for line in response.iter_lines():
+            events += line.startswith("data:")
+            if events == 3:
+                during = decode_load(mesh)
+                break
+    assert during.running_sequences == 1 and during.kv_blocks_used > baseline.kv_blocks_used
+    after = idle(mesh)
+    assert after.running_sequences == 0 and after.kv_blocks_used == baseline.kv_blocks_used
+    assert after.generated_tokens_total - baseline.generated_tokens_total < 200, "it decoded on after the client left"
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
 def test_a_failure_after_the_stream_started_is_an_error_event(client, mesh):
     """Last in this module: it kills the decode worker."""
     stream = client.completions.create(stream=True, **LONG)

@@ -56,7 +56,11 @@ def test_incremental_detokenizer_holds_back_a_partial_character(tokenizer):
     assert [detok.push([i]) for i in ids] == ["", "", "", RARE[0]]
 
 
-def test_encode_without_gil_gives_the_same_ids(tokenizer):
-    text = pathlib.Path(__file__).read_text() * 3 + " héllo 🤖 你好\n\n"
+@pytest.mark.parametrize("text", TEXTS + [RARE, "<start_of_turn>user\nhi<end_of_turn>",
+                                  pathlib.Path(__file__).read_text() * 3 + " héllo 🤖 你好\n\n"])
+def test_encode_gives_the_ids_of_the_librarys_full_encode(tokenizer, text):
+    """encode() takes the library's offset-free batch path; the ids are those of its plain encode()."""
+    full = tokenizer._tokenizer.encode(text, add_special_tokens=False).ids
+    assert tokenizer.encode(text, add_bos=False) == full
+    assert tokenizer.encode(text) == [tokenizer.bos_token_id, *full]
     assert tokenizer.encode_without_gil(text) == tokenizer.encode(text)
-    assert tokenizer.encode_without_gil(text, add_bos=False) == tokenizer.encode(text, add_bos=False)

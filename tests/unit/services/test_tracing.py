@@ -13,6 +13,10 @@ with tracing.server_span("x", {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e47
     assert tracing.outgoing_metadata() == ()
     assert tracing.trace_id_of(span) == "4bf92f3577b34da6a3ce929d0e0e4736"  # the caller's trace carries through
     tracing.record_span("y", 0.0, 1.0)
+    with tracing.client_span("z", {"a": 1}) as child:  # off: no span of its own, nothing to propagate
+        assert not child.get_span_context().is_valid and tracing.outgoing_metadata() == ()
+with tracing.server_span("x", {"user-agent": "grpc"}) as untraced:  # no caller's context: the invalid span
+    assert not untraced.get_span_context().is_valid and tracing.trace_id_of(untraced) == ""
 print("ok", type(span).__name__)
 """
 
