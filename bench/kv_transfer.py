@@ -231,7 +231,7 @@ def _report(rows: list[dict], reps: int) -> dict:
         report["fallback_vs_nixl_tcp"] = round(at[("grpc", 2048)]["gbps"] / at[("nixl_tcp", 2048)]["gbps"], 3)
         report["fallback_vs_nixl_tcp_by_tokens"] = {
             t: round(at[("grpc", t)]["gbps"] / at[("nixl_tcp", t)]["gbps"], 3) for t in SIZES_TOKENS}
-        # Both ends share 2 cores here, so a transport's speed follows the CPU one pull costs.
+        # Both ends share the host's cores: what a pull costs in CPU, beside how fast it is.
         report["pull_cpu_ms_2048"] = {m: at[(m, 2048)]["pull_cpu_ms"] for m in ("grpc", "nixl_tcp", "nixl")}
         row = at[("nixl", 2048)]
         report["handoff_ms_2048"] = row["handoff_ms"]
