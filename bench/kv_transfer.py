@@ -76,14 +76,25 @@ async def _handoff(holder, puller, tokens: int) -> dict:
     start = time.perf_counter()
     handle, lend_ms = holder.lend(list(range(n)), num_tokens=tokens)
     lent = time.perf_counter()
+    cpu_before = _cpu_seconds(os.getpid()) + _cpu_seconds(holder.proc.pid)
     result = await puller.pull(handle, list(range(DST_OFFSET_BLOCKS, DST_OFFSET_BLOCKS + n)))
     pulled = time.perf_counter()
+    pull_cpu_ms = (_cpu_seconds(os.getpid()) + _cpu_seconds(holder.proc.pid) - cpu_before) * 1000
     await puller.release(handle)
     released = time.perf_counter()
     return {"bytes": result.num_bytes, "transfer_s": result.seconds - result.verify_seconds,
             "verify_s": result.verify_seconds, "lend_ms": lend_ms, "control_ms": (lent - start) * 1000 - lend_ms,
-            "pull_ms": (pulled - lent) * 1000, "release_ms": (released - pulled) * 1000,
+            "pull_ms": (pulled - lent) * 1000, "pull_cpu_ms": pull_cpu_ms, "release_ms": (released - pulled) * 1000,
             "handoff_ms": lend_ms + (released - lent) * 1000}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time so far of process pid, all its threads (also those that ended), from the kernel's
+    per-process CPU clock (Linux); 0 when the process is gone."""
+    try:
+        return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    except OSError:
+        return 0.0
 
 
 def _answer(payload: dict) -> None:
@@ -153,7 +164,7 @@ def _summarize(samples: dict, sizes, modes) -> list[dict]:
             row = {"tokens": tokens, "mode": mode, "bytes": runs[0]["bytes"], "gbps": round(gbps, 3),
                    "transfer_ms": round(statistics.median(r["transfer_s"] for r in runs) * 1000, 3),
                    "vs_memcpy": round(gbps / memcpy_gbps, 3), "reps": len(runs)}
-            for key in ("lend_ms", "pull_ms", "release_ms", "handoff_ms"):
+            for key in ("lend_ms", "pull_ms", "pull_cpu_ms", "release_ms", "handoff_ms"):
                 if key in runs[0]:
                     row[key] = round(statistics.median(r[key] for r in runs), 3)
             if "verify_s" in runs[0]:
@@ -168,11 +179,11 @@ def _gbps(runs: list[dict]) -> float:
 
 def _print_table(rows: list[dict]) -> None:
     print(f"\n{'tokens':>6} {'mode':<15} {'MiB':>7} {'GB/s':>7} {'x memcpy':>9} {'xfer ms':>8} "
-          f"{'verify ms':>9} {'lend ms':>8} {'handoff ms':>10}")
+          f"{'verify ms':>9} {'lend ms':>8} {'handoff ms':>10} {'pull cpu ms':>11}")
     for r in rows:
         print(f"{r['tokens']:>6} {r['mode']:<15} {r['bytes'] / 2**20:>7.1f} {r['gbps']:>7.2f} {r['vs_memcpy']:>9.2f} "
               f"{r['transfer_ms']:>8.2f} {r.get('verify_ms', 0):>9.2f} {r.get('lend_ms', 0):>8.2f} "
-              f"{r.get('handoff_ms', 0):>10.2f}")
+              f"{r.get('handoff_ms', 0):>10.2f} {r.get('pull_cpu_ms', 0):>11.1f}")
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -220,6 +231,8 @@ def _report(rows: list[dict], reps: int) -> dict:
         report["fallback_vs_nixl_tcp"] = round(at[("grpc", 2048)]["gbps"] / at[("nixl_tcp", 2048)]["gbps"], 3)
         report["fallback_vs_nixl_tcp_by_tokens"] = {
             t: round(at[("grpc", t)]["gbps"] / at[("nixl_tcp", t)]["gbps"], 3) for t in SIZES_TOKENS}
+        # Both ends share the host's cores: what a pull costs in CPU, beside how fast it is.
+        report["pull_cpu_ms_2048"] = {m: at[(m, 2048)]["pull_cpu_ms"] for m in ("grpc", "nixl_tcp", "nixl")}
         row = at[("nixl", 2048)]
         report["handoff_ms_2048"] = row["handoff_ms"]
         report["handoff_breakdown_2048"] = {k: row[k] for k in ("lend_ms", "pull_ms", "verify_ms", "release_ms")}
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     report = _run(args)
     _print_table(report["table"])
     for key in ("nixl_vs_memcpy", "nixl_vs_memcpy_by_tokens", "nixl_vs_memcpy_1thread_2048", "nixl_vs_nixl_1thread_2048", "nixl_coalesced_vs_prepped_2048", "fallback_vs_nixl_tcp",
-                "fallback_vs_nixl_tcp_by_tokens", "handoff_ms_2048", "handoff_breakdown_2048", "handoff_ms_2048_grpc",
+                "fallback_vs_nixl_tcp_by_tokens", "pull_cpu_ms_2048", "handoff_ms_2048", "handoff_breakdown_2048", "handoff_ms_2048_grpc",
                 "targets"):
         if key in report:
             print(f"{key}: {report[key]}")

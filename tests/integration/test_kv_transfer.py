@@ -105,6 +105,35 @@ def test_concurrent_pulls_on_one_puller(holder, holder_data, transport):
     assert torch.equal(pool[[5, 6, 7, 20, 1]], holder_data[[1, 2, 3, 9, 8]])
 
 
+def test_cancelled_grpc_pull_writes_nothing_after_it_returns(holder):
+    """The caller may hand the dst blocks to another request as soon as pull() raises, so a
+    cancelled pull must stop writing before it returns (a reader thread that outlives the
+    cancellation fails this: measured against one that did not wait)."""
+    src = list(range(36))
+    handle, _ = holder.lend(src)
+
+    async def cancel_mid_stream():
+        pool = _local_pool()
+        puller = make_puller("grpc", pool, LAYOUT, chunk_bytes=64 << 10)  # ~340 messages: slow enough
+        try:
+            pull = asyncio.ensure_future(puller.pull(handle, src))
+            while bool((pool[0] == -7.0).all()) and not pull.done():
+                await asyncio.sleep(0.0005)
+            pull.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pull
+            after_return = pool.clone()
+            await asyncio.sleep(0.3)
+            return after_return, pool, await puller.release(handle)
+        finally:
+            await puller.close()
+
+    after_return, pool, released = asyncio.run(cancel_mid_stream())
+    assert torch.equal(pool, after_return)
+    assert bool((pool[src[-1]] == -7.0).all())  # cancelled before the last block landed
+    assert released and handle.lease_id in holder.freed()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_block_corrupted_after_lend_is_detected(holder, transport):
     src = [40 + i for i in range(len(DST))]  # blocks no other test reads: the corruption stays
