@@ -20,15 +20,14 @@ numbers drift with the neighbours, ratios much less.
 """
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import progress, write_results
 from engine.attention_metadata import AttentionMetadata
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_pool import allocate_kv_pool
@@ -36,10 +35,6 @@ from engine.model import Gemma3ForCausalLM
 
 BLOCK_SIZE = 16
 BATCH_SIZES = (1, 8)
-
-
-def progress(message: str) -> None:
-    print(f"[bench.engine] {message}", file=sys.stderr, flush=True)
 
 
 class OurDecoder:
@@ -266,8 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args)
     print_table(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        progress(f"wrote {args.json}")
+        write_results(args.json, report)
 
 
 if __name__ == "__main__":

@@ -21,24 +21,19 @@ profiled step and scaled onto the unprofiled median (both are printed).
 
 import argparse
 import functools
-import json
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from bench.common import progress, write_results
 from bench.engine import memcpy_bandwidth
 
 PROMPT_LEN = 32
 RANGES = ("schedule", "forward", "plan", "logits", "sample", "advance")
-
-
-def progress(message: str) -> None:
-    print(f"[bench.profile_decode] {message}", file=sys.stderr, flush=True)
 
 
 class Instrumented:
@@ -242,8 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print_report(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        progress(f"wrote {args.json}")
+        write_results(args.json, report)
 
 
 if __name__ == "__main__":

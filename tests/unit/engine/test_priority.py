@@ -12,6 +12,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Sequence
+from tests.unit.engine.steps import finish_step, run_steps
 
 BS = 4
 GREEDY = SamplingParams()
@@ -75,24 +76,17 @@ def test_a_running_batch_sequence_gives_its_slot_to_interactive():
     assert [q.request_id for q in s.waiting] == ["batch1"] and s.num_preemptions == 1
 
 
-def _advance(batch):
-    for seq, n in zip(batch.seqs, batch.query_lens):
-        seq.num_computed_tokens += n
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.token_ids.append(7)
-
-
 def test_an_interactive_prompt_runs_alone_then_decodes_beside_batch():
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64), BlockManager(64, BS))
     for i in range(2):
         s.add(_seq(f"batch{i}", 6, PRIORITY_BATCH))
-    _advance(s.schedule())  # both batch prompts, then they decode
+    finish_step(s.schedule())  # both batch prompts, then they decode
     s.add(_seq("live", 10, PRIORITY_INTERACTIVE))
     s.add(_seq("batch2", 6, PRIORITY_BATCH))
     assert s.urgent_floor() == PRIORITY_INTERACTIVE
     first = s.schedule()
     assert [q.request_id for q in first.seqs] == ["live"] and first.query_lens == [10]
-    _advance(first)
+    finish_step(first)
     assert s.urgent_floor() is None  # live decodes now: batch shares the step again
     second = s.schedule()
     assert [q.request_id for q in second.seqs] == ["live", "batch0", "batch1", "batch2"]
@@ -102,13 +96,9 @@ def test_an_interactive_prompt_runs_alone_then_decodes_beside_batch():
 def test_a_chunked_interactive_prompt_keeps_batch_out_until_its_last_chunk():
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=8), BlockManager(64, BS))
     s.add(_seq("batch", 4, PRIORITY_BATCH))
-    _advance(s.schedule())
+    finish_step(s.schedule())
     s.add(_seq("live", 20, PRIORITY_INTERACTIVE))
-    steps = []
-    for _ in range(4):
-        batch = s.schedule()
-        steps.append([(q.request_id, n) for q, n in zip(batch.seqs, batch.query_lens)])
-        _advance(batch)
+    steps = run_steps(s, 4)
     assert steps == [[("live", 8)], [("live", 8)], [("live", 4)], [("live", 1), ("batch", 1)]]
 
 
@@ -263,14 +253,10 @@ def test_batch_prompts_are_chunked_small_while_a_live_sequence_decodes():
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
                                   max_prompt_tokens_beside_urgent=16), BlockManager(64, BS))
     s.add(_seq("live", 6, PRIORITY_INTERACTIVE))
-    _advance(s.schedule())  # live decodes from now on
+    finish_step(s.schedule())  # live decodes from now on
     s.add(_seq("batch0", 20, PRIORITY_BATCH))
     s.add(_seq("batch1", 10, PRIORITY_BATCH))
-    steps = []
-    for _ in range(4):
-        batch = s.schedule()
-        steps.append([(q.request_id, n) for q, n in zip(batch.seqs, batch.query_lens)])
-        _advance(batch)
+    steps = run_steps(s, 4)
     assert steps == [[("live", 1), ("batch0", 16)],                  # 16 prompt tokens beside it
                      [("live", 1), ("batch0", 4), ("batch1", 10)],
                      [("live", 1), ("batch0", 1), ("batch1", 1)],

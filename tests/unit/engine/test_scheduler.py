@@ -5,6 +5,7 @@ from engine.config import SchedulerConfig
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from tests.unit.engine.steps import finish_step
 
 BS = 4
 
@@ -17,21 +18,13 @@ def _seq(rid, n):
     return Sequence(rid, list(range(100, 100 + n)), SamplingParams(), max_tokens=50)
 
 
-def _finish_step(batch):
-    """What the engine does: advance, and give every fully computed sequence a token."""
-    for seq, n in zip(batch.seqs, batch.query_lens):
-        seq.num_computed_tokens += n
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.token_ids.append(7)
-
-
 def test_prompts_are_chunked_to_the_token_budget():
     s = _scheduler(max_batched=10)
     s.add(_seq("a", 8))
     s.add(_seq("b", 8))
     batch = s.schedule()
     assert [q.request_id for q in batch.seqs] == ["a", "b"] and batch.query_lens == [8, 2]
-    _finish_step(batch)
+    finish_step(batch)
     batch = s.schedule()  # a decodes (1 token), b continues its prompt
     assert batch.query_lens == [1, 6]
 
@@ -49,7 +42,7 @@ def test_preempts_newest_when_decode_cannot_grow():
     a, b = _seq("a", 4), _seq("b", 4)
     s.add(a)
     s.add(b)
-    _finish_step(s.schedule())  # both fill their only block and get a 5th token
+    finish_step(s.schedule())  # both fill their only block and get a 5th token
     batch = s.schedule()  # a needs a new block: b is preempted to make room
     assert batch.seqs == [a] and len(a.block_table) == 2
     assert list(s.waiting) == [b] and b.block_table == [] and b.num_computed_tokens == 0
