@@ -49,7 +49,8 @@ PRIORITY_HEADER, TENANT_HEADER, REQUEST_ID_HEADER = "x-pdmesh-priority", "x-pdme
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 _PRIORITIES = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_SSE_END = b"data: [DONE]\n\n"  # every event stream ends with it (_events)
+_SSE_END = "data: [DONE]\n\n"  # every event stream ends with it (_events)
+_SSE_END_BYTES = _SSE_END.encode()  # how _stream spots it
 
 
 class FrontSettings(NamedTuple):
@@ -210,10 +211,10 @@ async def _events(first: tuple[str, str | None], pieces, relay: Relay, chunks: C
             text, finish = await anext(pieces)
             event = sse(chunks.piece(text, finish))
         # The last piece, the usage and [DONE] are known together: one write (each write is a syscall).
-        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + _SSE_END.decode()
+        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + _SSE_END
     except Exception as exc:
         log.warning("stream failed after it started: %s", exc)
-        yield sse(reply_for_exception(exc).body) + _SSE_END.decode()
+        yield sse(reply_for_exception(exc).body) + _SSE_END
     finally:
         await pieces.aclose()
 
@@ -312,7 +313,7 @@ async def _stream(response: StreamingResponse, receive, send) -> None:
         last = b""
         async for chunk in response.body_iterator:
             body = chunk.encode() if isinstance(chunk, str) else chunk
-            if body.endswith(_SSE_END):  # the stream's last event: one write with the chunked terminator
+            if body.endswith(_SSE_END_BYTES):  # the stream's last event: one write with the chunked terminator
                 last = body
                 break
             await send({"type": "http.response.body", "body": body, "more_body": True})
