@@ -49,7 +49,8 @@ PRIORITY_HEADER, TENANT_HEADER, REQUEST_ID_HEADER = "x-pdmesh-priority", "x-pdme
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 _PRIORITIES = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_SSE_END = b"data: [DONE]\n\n"  # every event stream ends with it (_events)
+_SSE_END = "data: [DONE]\n\n"  # every event stream ends with it (_events)
+_SSE_END_BYTES = _SSE_END.encode()  # how _stream spots it
 
 
 class FrontSettings(NamedTuple):
@@ -210,10 +211,10 @@ async def _events(first: tuple[str, str | None], pieces, relay: Relay, chunks: C
             text, finish = await anext(pieces)
             event = sse(chunks.piece(text, finish))
         # The last piece, the usage and [DONE] are known together: one write (each write is a syscall).
-        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + _SSE_END.decode()
+        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + _SSE_END
     except Exception as exc:
         log.warning("stream failed after it started: %s", exc)
-        yield sse(reply_for_exception(exc).body) + _SSE_END.decode()
+        yield sse(reply_for_exception(exc).body) + _SSE_END
     finally:
         await pieces.aclose()
 
@@ -232,17 +233,10 @@ def create_app(front: OpenAIFront):
     app = FastAPI(title="pdmesh OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     auth = Depends(front.check_auth)
 
-    # POSTs to these two never reach FastAPI (see _GenerationRoutes); routed here as well, the app
-    # alone serves them the same way and other methods on the paths are answered 405.
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        await front.check_auth(request)
-        return await front.serve(_parse(CompletionRequest, await request.body()), request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        await front.check_auth(request)
-        return await front.serve(_parse(ChatCompletionRequest, await request.body()), request)
+    # POSTs to the generation paths never reach FastAPI (see _GenerationRoutes); routed here as
+    # well, the app alone serves them the same way and other methods on the paths are answered 405.
+    for path, model in _GenerationRoutes.ROUTES.items():
+        app.add_api_route(path, _generation_endpoint(front, model), methods=["POST"])
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> Response:
@@ -271,13 +265,13 @@ class _GenerationRoutes:
     their bodies are validated in one pass by pydantic-core (the request schemas are the models
     in openai_protocol)."""
 
-    _ROUTES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+    ROUTES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 
     def __init__(self, front: OpenAIFront, app: FastAPI):
         self.front, self.app = front, app
 
     async def __call__(self, scope, receive, send) -> None:
-        model = self._ROUTES.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        model = self.ROUTES.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "POST" else None
         if model is None:
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
@@ -290,6 +284,14 @@ class _GenerationRoutes:
             await _stream(response, receive, send)
         else:
             await response(scope, receive, send)
+
+
+def _generation_endpoint(front: OpenAIFront, model):
+    """The FastAPI endpoint serving a POST whose body is a `model` (what _GenerationRoutes does)."""
+    async def endpoint(request: Request) -> Response:
+        await front.check_auth(request)
+        return await front.serve(_parse(model, await request.body()), request)
+    return endpoint
 
 
 async def _stream(response: StreamingResponse, receive, send) -> None:
@@ -312,7 +314,7 @@ async def _stream(response: StreamingResponse, receive, send) -> None:
         last = b""
         async for chunk in response.body_iterator:
             body = chunk.encode() if isinstance(chunk, str) else chunk
-            if body.endswith(_SSE_END):  # the stream's last event: one write with the chunked terminator
+            if body.endswith(_SSE_END_BYTES):  # the stream's last event: one write with the chunked terminator
                 last = body
                 break
             await send({"type": "http.response.body", "body": body, "more_body": True})
