@@ -160,7 +160,7 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
                 await _measure(arms, prompts, 2, 1, STREAMS, cpu)  # warm-up: connections, prefix cache
                 progress("one stream alone (diagnostic)")
                 single = await _measure(arms, prompts, 40 if quick else 100, 1, 1, cpu)
-                for layout in ("shared", "pinned") if split else ("shared",):
+                for layout in setup["layouts"]:  # shared, then pinned when there are two CPUs
                     if layout == "pinned":
                         pin_router_apart(split, router_pid, decode_pid)
                     progress(f"{layout} cores: {pairs} HTTP/gRPC batch pairs of {STREAMS} streams x {rounds} requests")

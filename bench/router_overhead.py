@@ -237,7 +237,7 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
             arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
             cpu = CpuMeter({"router": router_pid, "decode": decode_pid})
             try:
-                for layout in ("shared", "pinned") if split else ("shared",):
+                for layout in setup["layouts"]:  # shared, then pinned when there are two CPUs
                     if layout == "pinned":
                         pin_router_apart(split, router_pid, decode_pid)
                     for kb in PROMPT_KB:
