@@ -92,3 +92,20 @@ def core_split() -> tuple[set[int], set[int]] | None:
     the rest for the worker and the load generator. None with fewer than two CPUs."""
     cpus = sorted(os.sched_getaffinity(0))
     return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
+
+
+def layout_names(split: tuple[set[int], set[int]] | None) -> dict[str, str]:
+    """The core layouts a router benchmark runs in, by name, each with what it pins (see core_split)."""
+    layouts = {"shared": "nothing pinned"}
+    if split:
+        layouts["pinned"] = (f"router alone on CPU {sorted(split[0])}, decode worker and load generator on "
+                             f"CPU {sorted(split[1])}")
+    return layouts
+
+
+def pin_router_apart(split: tuple[set[int], set[int]], router_pid: int, worker_pid: int) -> None:
+    """The pinned layout: the router on split's front CPU, the worker and this process on the rest."""
+    front, worker = split
+    pin_process(router_pid, front)
+    pin_process(worker_pid, worker)
+    pin_process(0, worker)

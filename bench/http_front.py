@@ -35,7 +35,7 @@ import time
 import aiohttp
 import grpc
 
-from bench.common import CpuMeter, add_cpu_seconds, core_split, pin_process, plot_cdf, write_results
+from bench.common import CpuMeter, add_cpu_seconds, core_split, layout_names, pin_process, pin_router_apart, plot_cdf, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from bench.router_overhead import LOCAL_PREFILL_PROFILE, _batch, _text
@@ -147,10 +147,7 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
     pairs, rounds = (24, 3) if quick else (48, 4)
     split, own_cpus = core_split(), os.sched_getaffinity(0)
-    setup["layouts"] = {"shared": "nothing pinned"}
-    if split:
-        setup["layouts"]["pinned"] = (f"router alone on CPU {sorted(split[0])}, decode worker and load generator on "
-                                      f"CPU {sorted(split[1])}")
+    setup["layouts"] = layout_names(split)
     try:
         async def go():
             router_pid = next(p.popen.pid for p in mesh.processes if p.name == "router")
@@ -163,11 +160,9 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
                 await _measure(arms, prompts, 2, 1, STREAMS, cpu)  # warm-up: connections, prefix cache
                 progress("one stream alone (diagnostic)")
                 single = await _measure(arms, prompts, 40 if quick else 100, 1, 1, cpu)
-                for layout in ("shared", "pinned") if split else ("shared",):
+                for layout in setup["layouts"]:  # shared, then pinned when there are two CPUs
                     if layout == "pinned":
-                        pin_process(router_pid, split[0])
-                        pin_process(decode_pid, split[1])
-                        pin_process(0, split[1])
+                        pin_router_apart(split, router_pid, decode_pid)
                     progress(f"{layout} cores: {pairs} HTTP/gRPC batch pairs of {STREAMS} streams x {rounds} requests")
                     concurrent[layout] = await _measure(arms, prompts, pairs, rounds, STREAMS, cpu)
                 return concurrent, single

@@ -48,7 +48,7 @@ import uuid
 
 import grpc
 
-from bench.common import CpuMeter, add_cpu_seconds, core_split, pin_process, plot_cdf, write_results
+from bench.common import CpuMeter, add_cpu_seconds, core_split, layout_names, pin_process, pin_router_apart, plot_cdf, write_results
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from pdmesh.v1 import (
@@ -229,10 +229,7 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
     pairs, rounds = (4, 2) if quick else (10, 3)
     rows, raw, open_loop = {"shared": [], "pinned": []}, {}, {}
     split, own_cpus = core_split(), os.sched_getaffinity(0)
-    setup["layouts"] = {"shared": "nothing pinned"}
-    if split:
-        setup["layouts"]["pinned"] = (f"router alone on CPU {sorted(split[0])}, decode worker and load generator on "
-                                      f"CPU {sorted(split[1])}")
+    setup["layouts"] = layout_names(split)
     try:
         async def go():
             router_pid = next(p.popen.pid for p in mesh.processes if p.name == "router")
@@ -240,12 +237,9 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
             arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
             cpu = CpuMeter({"router": router_pid, "decode": decode_pid})
             try:
-                for layout in ("shared", "pinned") if split else ("shared",):
+                for layout in setup["layouts"]:  # shared, then pinned when there are two CPUs
                     if layout == "pinned":
-                        front, worker = split
-                        pin_process(router_pid, front)
-                        pin_process(decode_pid, worker)
-                        pin_process(0, worker)
+                        pin_router_apart(split, router_pid, decode_pid)
                     for kb in PROMPT_KB:
                         n = statistics.median(len(ids) for _, ids in prompts[kb])
                         progress(f"{layout} cores, {kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch "

@@ -382,7 +382,7 @@ class NixlPuller(KvPuller):
         if self.descriptor_mode == "prepped":
             local_ids, remote_ids = np.asarray(dst, dtype=np.int32), np.asarray(src, dtype=np.int32)
             xfer = agent.make_prepped_xfer("READ", self._local_dlist, local_ids, peer.dlist, remote_ids,
-                                           **({"skip_desc_merge": True} if split else {}))  # keep one per block
+                                           skip_desc_merge=split)  # split: keep one descriptor per block
             return xfer, split and len(src) >= SPLIT_MIN_DESCRIPTORS
         # NIXL merges contiguous descriptors here (only prepped lists can skip that), so a
         # contiguous handoff is one descriptor: below the split threshold, on one thread.
