@@ -71,6 +71,15 @@ class CpuMeter:
         return used
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time so far of process pid, all its threads (also those that ended), from the kernel's
+    per-process CPU clock (Linux); 0 when the process is gone."""
+    try:
+        return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    except OSError:
+        return 0.0
+
+
 def add_cpu_seconds(totals: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
     """Adds to totals, by process name, the CPU seconds used between two CpuMeter.read()s."""
     for name, seconds in after.items():

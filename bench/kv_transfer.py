@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from bench.common import process_cpu_seconds
 from engine.kv_pool import allocate_host_pool
 from kvtransfer.layout import KvLayout
 
@@ -76,25 +77,16 @@ async def _handoff(holder, puller, tokens: int) -> dict:
     start = time.perf_counter()
     handle, lend_ms = holder.lend(list(range(n)), num_tokens=tokens)
     lent = time.perf_counter()
-    cpu_before = _cpu_seconds(os.getpid()) + _cpu_seconds(holder.proc.pid)
+    cpu_before = process_cpu_seconds(os.getpid()) + process_cpu_seconds(holder.proc.pid)
     result = await puller.pull(handle, list(range(DST_OFFSET_BLOCKS, DST_OFFSET_BLOCKS + n)))
     pulled = time.perf_counter()
-    pull_cpu_ms = (_cpu_seconds(os.getpid()) + _cpu_seconds(holder.proc.pid) - cpu_before) * 1000
+    pull_cpu_ms = (process_cpu_seconds(os.getpid()) + process_cpu_seconds(holder.proc.pid) - cpu_before) * 1000
     await puller.release(handle)
     released = time.perf_counter()
     return {"bytes": result.num_bytes, "transfer_s": result.seconds - result.verify_seconds,
             "verify_s": result.verify_seconds, "lend_ms": lend_ms, "control_ms": (lent - start) * 1000 - lend_ms,
             "pull_ms": (pulled - lent) * 1000, "pull_cpu_ms": pull_cpu_ms, "release_ms": (released - pulled) * 1000,
             "handoff_ms": lend_ms + (released - lent) * 1000}
-
-
-def _cpu_seconds(pid: int) -> float:
-    """CPU time so far of process pid, all its threads (also those that ended), from the kernel's
-    per-process CPU clock (Linux); 0 when the process is gone."""
-    try:
-        return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
-    except OSError:
-        return 0.0
 
 
 def _answer(payload: dict) -> None:

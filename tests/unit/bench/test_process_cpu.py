@@ -2,7 +2,7 @@ import os
 import threading
 import time
 
-from bench.kv_transfer import _cpu_seconds
+from bench.common import process_cpu_seconds
 
 
 def _spin(seconds: float) -> None:
@@ -12,14 +12,14 @@ def _spin(seconds: float) -> None:
 
 
 def test_cpu_seconds_counts_every_thread_of_the_process():
-    before = _cpu_seconds(os.getpid())
+    before = process_cpu_seconds(os.getpid())
     worker = threading.Thread(target=_spin, args=(0.15,))
     worker.start()
     _spin(0.15)
     worker.join()
-    spent = _cpu_seconds(os.getpid()) - before
+    spent = process_cpu_seconds(os.getpid()) - before
     assert 0.28 <= spent < 2.0  # both threads' 0.15 s, whatever else ran meanwhile
 
 
 def test_cpu_seconds_of_a_process_that_is_gone_is_zero():
-    assert _cpu_seconds(2**22 + 12345) == 0.0
+    assert process_cpu_seconds(2**22 + 12345) == 0.0
