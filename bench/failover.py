@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             s = results[-1]["streams"]
             _progress(f"trial {trial + 1}/{trials}: killed {results[-1]['victim'] or 'nothing'} at token "
                       f"{results[-1]['kill_at_tokens']}; wrong outputs {sum(r['wrong'] for r in s)}")
-        router = next(p for p in mesh.processes if p.name == "router")
+        router = mesh.process("router")
         failovers = metric(router, 'pdmesh_failovers_total{phase="decode"}')
     finally:
         channel.close()

@@ -150,7 +150,7 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
     setup["layouts"] = layout_names(split)
     try:
         async def go():
-            router_pid = next(p.popen.pid for p in mesh.processes if p.name == "router")
+            router_pid = mesh.process("router").popen.pid
             decode_pid = mesh.workers("decode")[0].popen.pid
             arms = Arms(mesh.router_address, mesh.http_address)
             cpu = CpuMeter({"router": router_pid, "decode": decode_pid})

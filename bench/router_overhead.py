@@ -232,7 +232,7 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
     setup["layouts"] = layout_names(split)
     try:
         async def go():
-            router_pid = next(p.popen.pid for p in mesh.processes if p.name == "router")
+            router_pid = mesh.process("router").popen.pid
             decode_pid = mesh.workers("decode")[0].popen.pid
             arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
             cpu = CpuMeter({"router": router_pid, "decode": decode_pid})

@@ -88,6 +88,10 @@ class Mesh:
     def workers(self, role: str) -> list[Process]:
         return [p for p in self.processes if p.info.get("role") == role]
 
+    def process(self, name: str) -> Process:
+        """The process named name ("router", "decode-0", ...)."""
+        return next(p for p in self.processes if p.name == name)
+
     def stop(self, grace_s: float = 15.0) -> None:
         for p in reversed(self.processes):  # router first, so nothing new reaches the workers
             if p.popen.poll() is None:

@@ -57,7 +57,7 @@ def test_router_sigkill_mid_job_then_restart_finishes_every_item_exactly_once(tm
     mesh = start_mesh(spec, str(tmp_path / "run"), progress=lambda *_: None)
     router2 = None
     try:
-        router = next(p for p in mesh.processes if p.name == "router")
+        router = mesh.process("router")
         with grpc.insecure_channel(mesh.router_address) as channel:
             stub = batch_pb2_grpc.BatchServiceStub(channel)
             job = stub.CreateBatchJob(batch_pb2.CreateBatchJobRequest(tenant_id="durable", items=_items())).job

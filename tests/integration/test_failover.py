@@ -79,7 +79,7 @@ def test_decode_worker_killed_mid_stream_loses_and_repeats_nothing(mesh):
     last = messages[-1]
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH and last.usage.completion_tokens == MAX_TOKENS
     assert last.placement.decode_worker_id != victim.name
-    router = next(p for p in mesh.processes if p.name == "router")
+    router = mesh.process("router")
     assert scrape(router)['pdmesh_failovers_total{phase="decode"}'] == 1
     # The mesh keeps serving on the surviving worker.
     again = [t for m in mesh.stub.Generate(request(20), timeout=60) for t in m.token_ids]

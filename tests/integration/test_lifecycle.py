@@ -46,7 +46,7 @@ def test_sigterm_drains_the_stream_in_flight_then_the_worker_is_gone(mesh):
                                          ignore_eos=True)
     stream = stub.Generate(request, timeout=120)
     received = list(next(stream).token_ids)
-    decode = next(p for p in mesh.processes if p.name == "decode-0")
+    decode = mesh.process("decode-0")
     decode.popen.send_signal(signal.SIGTERM)
     messages = list(stream)
     received += [t for m in messages for t in m.token_ids]

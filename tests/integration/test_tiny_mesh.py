@@ -79,7 +79,7 @@ def test_concurrent_streams_are_continuously_batched(tiny_mesh):
 
 def test_workers_report_who_computed_the_prompt(tiny_mesh):
     run(tiny_mesh.stub, PROMPTS[1], 3, common_pb2.SamplingParams())
-    decode = next(p for p in tiny_mesh.processes if p.name == "decode-0").info["address"]
+    decode = tiny_mesh.process("decode-0").info["address"]
     with grpc.insecure_channel(decode) as channel:
         stream = worker_state_pb2_grpc.WorkerStateServiceStub(channel).StreamState(
             worker_state_pb2.StreamStateRequest(load_report_interval_ms=50), timeout=10)

@@ -148,7 +148,7 @@ def test_bad_request_is_a_failed_span_and_counted(traced_mesh, receiver):
 
 
 def scrape(mesh, name):
-    process = next(p for p in mesh.processes if p.name == name)
+    process = mesh.process(name)
     body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=5).read().decode()
     samples = {}
     for line in body.splitlines():
