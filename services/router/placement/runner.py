@@ -9,6 +9,7 @@ decision for the request (tracing puts them on spans). An empty pool after filte
 NoCandidates.
 """
 
+import functools
 import logging
 import pathlib
 import time
@@ -50,8 +51,9 @@ class PoolProfile:
     scorers: list[tuple[object, float]]  # (scorer, weight)
     picker: object
 
-    @property
+    @functools.cached_property
     def uses_prefix_index(self) -> bool:
+        """Computed once: a profile's plugins do not change after loading (read on every placement)."""
         return any(getattr(p, "uses_prefix_index", False) for p in [*self.filters, *(s for s, _ in self.scorers),
                                                                     self.picker])
 
