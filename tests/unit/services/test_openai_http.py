@@ -148,7 +148,9 @@ def test_chunks_carry_usage_null_until_the_usage_chunk():
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_chunk_events_are_the_chunks_as_json_byte_for_byte(chat, include_usage):
     chunks = ChunkMaker(chat, 'cmpl-"id\u00e9', "m\\odel", include_usage)
-    as_event = lambda chunk: f"data: {json.dumps(chunk)}\n\n".encode()  # noqa: E731
+    def as_event(chunk: dict) -> bytes:
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
     for text in ("", "Hi", 'q"u\\o\n\u00e9\U0001F600'):
         for finish in (None, "stop", "length"):
             for first in (True, False):
