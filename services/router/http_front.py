@@ -21,7 +21,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
 import grpc
@@ -49,6 +49,8 @@ PRIORITY_HEADER, TENANT_HEADER, REQUEST_ID_HEADER = "x-pdmesh-priority", "x-pdme
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 _PRIORITIES = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_RAW_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))  # _SSE_HEADERS as sent
+_SSE_CONTENT_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 _SSE_END = "data: [DONE]\n\n"  # every event stream ends with it (_events)
 _SSE_END_BYTES = _SSE_END.encode()  # how _stream spots it
 
@@ -143,7 +145,7 @@ class OpenAIFront:
         return {"object": "list", "data": [{"id": self.settings.served_model_name, "object": "model", "created": 0,
                                             "owned_by": "pdmesh", "max_model_len": self.settings.max_model_len}]}
 
-    async def serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
+    async def serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> "Response | SseStream":
         chat = isinstance(body, ChatCompletionRequest)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         echo = {REQUEST_ID_HEADER: request_id}
@@ -173,8 +175,7 @@ class OpenAIFront:
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         if body.stream:
             chunks = ChunkMaker(chat, response_id, model, body.include_usage())
-            return StreamingResponse(_events(first, pieces, relay, chunks), media_type="text/event-stream",
-                                     headers={**_SSE_HEADERS, **echo})
+            return SseStream(echo, _events(first, pieces, relay, chunks))
         try:
             text, finish = await _collect(first, pieces)
         except Exception as exc:
@@ -202,19 +203,34 @@ class OpenAIFront:
         return prompt
 
 
+class SseStream(NamedTuple):
+    """A stream whose first token has arrived: the headers to echo and its events (bytes, each one
+    write; the last ends with [DONE])."""
+    echo: dict[str, str]
+    events: AsyncIterator[bytes]
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """What Starlette's StreamingResponse would send for it, in the same order."""
+        echoed = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.echo.items()]
+        return [*_SSE_RAW_HEADERS, *echoed, _SSE_CONTENT_TYPE]
+
+    def response(self) -> StreamingResponse:
+        return StreamingResponse(self.events, media_type="text/event-stream", headers={**_SSE_HEADERS, **self.echo})
+
+
 async def _events(first: tuple[str, str | None], pieces, relay: Relay, chunks: ChunkMaker):
     """The SSE body: one event per piece, usage if asked, then [DONE]; an error mid-stream is an event too."""
     try:
-        event, finish = sse(chunks.piece(*first, first=True)), first[1]
+        event, finish = chunks.piece_event(*first, first=True), first[1]
         while finish is None:  # Relay ends every stream with a finish piece (or raises)
             yield event
             text, finish = await anext(pieces)
-            event = sse(chunks.piece(text, finish))
+            event = chunks.piece_event(text, finish)
         # The last piece, the usage and [DONE] are known together: one write (each write is a syscall).
-        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else "") + _SSE_END
+        yield event + (chunks.usage_event(relay.usage) if chunks.include_usage else b"") + _SSE_END_BYTES
     except Exception as exc:
         log.warning("stream failed after it started: %s", exc)
-        yield sse(reply_for_exception(exc).body) + _SSE_END
+        yield (sse(reply_for_exception(exc).body) + _SSE_END).encode()
     finally:
         await pieces.aclose()
 
@@ -280,7 +296,7 @@ class _GenerationRoutes:
             response = await self.front.serve(_parse(model, await request.body()), request)
         except ApiError as exc:
             response = error_response(exc.reply)
-        if isinstance(response, StreamingResponse):
+        if isinstance(response, SseStream):
             await _stream(response, receive, send)
         else:
             await response(scope, receive, send)
@@ -290,15 +306,16 @@ def _generation_endpoint(front: OpenAIFront, model):
     """The FastAPI endpoint serving a POST whose body is a `model` (what _GenerationRoutes does)."""
     async def endpoint(request: Request) -> Response:
         await front.check_auth(request)
-        return await front.serve(_parse(model, await request.body()), request)
+        response = await front.serve(_parse(model, await request.body()), request)
+        return response.response() if isinstance(response, SseStream) else response
     return endpoint
 
 
-async def _stream(response: StreamingResponse, receive, send) -> None:
-    """Sends response's body as it is produced. The client going away cancels the sending (as
-    Starlette's task group would): the cancellation closes the body, which closes the mesh's
+async def _stream(stream: SseStream, receive, send) -> None:
+    """Sends the stream's events as they are produced. The client going away cancels the sending
+    (as Starlette's task group would): the cancellation closes the events, which closes the mesh's
     stream and frees the request's KV at once."""
-    task, state = asyncio.current_task(), {"streaming": True, "gone": False}
+    task, state, listener = asyncio.current_task(), {"streaming": True, "gone": False}, None
 
     def on_disconnect(listener: asyncio.Future) -> None:
         # Only while the body is being sent: once it is, uvicorn answers the pending receive() with
@@ -307,28 +324,28 @@ async def _stream(response: StreamingResponse, receive, send) -> None:
             state["gone"] = True
             task.cancel()
 
-    listener = asyncio.ensure_future(_until_disconnect(receive))
-    listener.add_done_callback(on_disconnect)
+    events = stream.events
     try:
-        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-        last = b""
-        async for chunk in response.body_iterator:
-            body = chunk.encode() if isinstance(chunk, str) else chunk
-            if body.endswith(_SSE_END_BYTES):  # the stream's last event: one write with the chunked terminator
-                last = body
-                break
+        await send({"type": "http.response.start", "status": 200, "headers": stream.raw_headers()})
+        body = await anext(events)  # ready: the first token is in (serve waited for it)
+        while not body.endswith(_SSE_END_BYTES):  # the stream's last event: one write with the chunked terminator
             await send({"type": "http.response.body", "body": body, "more_body": True})
+            if listener is None:  # watching from the first event on keeps its task off the first token's path
+                listener = asyncio.ensure_future(_until_disconnect(receive))
+                listener.add_done_callback(on_disconnect)
+            body = await anext(events)
         state["streaming"] = False
-        await send({"type": "http.response.body", "body": last, "more_body": False})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
     except asyncio.CancelledError:
         if not state["gone"]:
             raise
         task.uncancel()  # our own cancel: the client left, the response is over
     finally:
         state["streaming"] = False
-        listener.remove_done_callback(on_disconnect)
-        listener.cancel()
-        await response.body_iterator.aclose()
+        if listener is not None:
+            listener.remove_done_callback(on_disconnect)
+            listener.cancel()
+        await events.aclose()
 
 
 async def _until_disconnect(receive) -> None:
