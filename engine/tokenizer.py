@@ -79,8 +79,6 @@ class Tokenizer:
         ids = self._tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return [self.bos_token_id, *ids] if add_bos else ids
 
-    encode_without_gil = encode  # the name callers on other threads use
-
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

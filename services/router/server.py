@@ -21,7 +21,7 @@ from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.request_flow import GenerateJob, RequestFlow
 
-# Longer text is tokenized on one dedicated thread with the GIL released (encode_without_gil):
+# Longer text is tokenized on one dedicated thread with the GIL released (Tokenizer.encode):
 # other streams keep flowing, and a burst of long prompts cannot oversubscribe the cores.
 INLINE_TOKENIZE_MAX_CHARS = 8192
 
@@ -71,7 +71,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                   f"{self._config.max_model_len} tokens: shorten it")
         if len(text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
             return await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, self._tokenizer.encode_without_gil, text, add_bos)
+                self._tokenize_pool, self._tokenizer.encode, text, add_bos)
         return self._tokenizer.encode(text, add_bos=add_bos)
 
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,

@@ -63,4 +63,3 @@ def test_encode_gives_the_ids_of_the_librarys_full_encode(tokenizer, text):
     full = tokenizer._tokenizer.encode(text, add_special_tokens=False).ids
     assert tokenizer.encode(text, add_bos=False) == full
     assert tokenizer.encode(text) == [tokenizer.bos_token_id, *full]
-    assert tokenizer.encode_without_gil(text) == tokenizer.encode(text)
