@@ -9,7 +9,6 @@ scrape time, so the engine thread does no extra work for them.
 Prefix hit rate = rate(pdmesh_prompt_tokens_cached_total) / rate(pdmesh_prompt_tokens_total).
 """
 
-import functools
 import logging
 
 from prometheus_client import Counter, Histogram, disable_created_metrics, start_http_server
@@ -42,14 +41,6 @@ KV_FAILURES = Counter("pdmesh_kv_transfer_failures", "KV pulls that failed, by t
 BATCH_ITEMS = Counter("pdmesh_batch_items", "Batch job items with a stored result, by outcome (ok, failed)",
                       ["outcome"])
 BATCH_TOKENS = Counter("pdmesh_batch_tokens", "Tokens of stored batch results (prompt, completion)", ["kind"])
-
-
-@functools.cache
-def series(metric, *labels: str):
-    """metric.labels(*labels), looked up once per label set: each lookup validates the labels and
-    takes the metric's lock (~1 us), and the router made eight per request. (A series that a test
-    removes with metric.remove() or clear() would be orphaned here: nothing does.)"""
-    return metric.labels(*labels)
 
 
 def start_metrics_server(port: int | None, host: str = "0.0.0.0") -> int | None:

@@ -64,7 +64,7 @@ class RequestFlow:
             timings.queue_ms = queue_ms
             admitted_at = time.perf_counter()
             tracing.record_span("router.queue", queued_at, admitted_at, {"pdmesh.priority": job.priority})
-            metrics.series(metrics.ROUTER_QUEUE, job.priority).observe(queue_ms / 1000)
+            metrics.ROUTER_QUEUE.labels(job.priority).observe(queue_ms / 1000)
             placement, placed = self._place(job)
             held.enter_context(self._registry.track(placement.decode.worker.worker_id, 0))
             placed_at = time.perf_counter()
@@ -159,11 +159,11 @@ class RequestFlow:
         try:
             placement = self._profile.place(request, self._registry.table, self._registry.index)
         except NoCandidates as exc:
-            metrics.series(metrics.ROUTING, "rejected").inc()
+            metrics.ROUTING.labels("rejected").inc()
             if self._registry.has_healthy("decode"):
                 raise ResourceExhausted(f"{exc}: every decode worker is at capacity", retry_after_s=0.5) from exc
             raise Unavailable(str(exc)) from exc
-        metrics.series(metrics.ROUTING, "remote_prefill" if placement.prefill else "local_prefill").inc()
+        metrics.ROUTING.labels("remote_prefill" if placement.prefill else "local_prefill").inc()
         return placement, request
 
     async def _prefill(self, job: GenerateJob, worker_id: str, timeout: float | None):
@@ -213,7 +213,7 @@ class _Relay:
         self.sent: list[int] = []
         self.cached, self.transport, self.first_at, self.last_at = 0, "", None, 0.0
         self.span = None
-        self._ttft, self._itl = metrics.series(metrics.TTFT, job.priority), metrics.series(metrics.ITL, job.priority)
+        self._ttft, self._itl = metrics.TTFT.labels(job.priority), metrics.ITL.labels(job.priority)
 
     def _ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000
@@ -246,9 +246,9 @@ class _Relay:
         now, job, timings = self._ms(), self.job, self.timings
         timings.decode_ms = now - (self.first_at or now)
         timings.total_ms = now
-        metrics.series(metrics.E2E, job.priority).observe(now / 1000)
-        metrics.series(metrics.ROUTER_PROMPT_TOKENS, "true").inc(self.cached)
-        metrics.series(metrics.ROUTER_PROMPT_TOKENS, "false").inc(len(job.prompt) - self.cached)
+        metrics.E2E.labels(job.priority).observe(now / 1000)
+        metrics.ROUTER_PROMPT_TOKENS.labels("true").inc(self.cached)
+        metrics.ROUTER_PROMPT_TOKENS.labels("false").inc(len(job.prompt) - self.cached)
         if self.span is not None:
             tracing.set_attributes(self.span, {"pdmesh.kv.transport": self.transport or None,
                                                "gen_ai.usage.output_tokens": len(self.sent)})

@@ -16,7 +16,7 @@ from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common import tracing
 from services.common.convert import check_max_tokens, check_token_ids, sampling_from_proto
 from services.common.errors import InvalidArgument, abort_with, status_for
-from services.common.metrics import REQUESTS, series
+from services.common.metrics import REQUESTS
 from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.request_flow import GenerateJob, RequestFlow
@@ -109,7 +109,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 code = status_for(exc).name
                 raise
             finally:
-                series(REQUESTS, "router", "Generate", code).inc()
+                REQUESTS.labels("router", "Generate", code).inc()
 
     async def Generate(self, request, context):
         async def send_trace_id(trace_id: str) -> None:
