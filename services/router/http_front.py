@@ -49,10 +49,9 @@ PRIORITY_HEADER, TENANT_HEADER, REQUEST_ID_HEADER = "x-pdmesh-priority", "x-pdme
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 _PRIORITIES = {"interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE, "batch": common_pb2.PRIORITY_CLASS_BATCH}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_SSE_RAW_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))  # _SSE_HEADERS as sent
+_SSE_RAW_HEADERS = tuple((name.lower().encode(), value.encode()) for name, value in _SSE_HEADERS.items())  # as sent
 _SSE_CONTENT_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
-_SSE_END = "data: [DONE]\n\n"  # every event stream ends with it (_events)
-_SSE_END_BYTES = _SSE_END.encode()  # how _stream spots it
+_SSE_END = b"data: [DONE]\n\n"  # every event stream ends with it (_events); _stream spots it
 
 
 class FrontSettings(NamedTuple):
@@ -91,8 +90,9 @@ def error_response(reply: ErrorReply, headers: dict | None = None) -> Response:
     return json_response(reply.body, reply.status, {**reply.headers, **(headers or {})})
 
 
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+def sse(payload: dict) -> bytes:
+    """One server-sent event carrying payload as JSON, encoded."""
+    return f"data: {json.dumps(payload)}\n\n".encode()
 
 
 class Relay:
@@ -221,16 +221,16 @@ class SseStream(NamedTuple):
 async def _events(first: tuple[str, str | None], pieces, relay: Relay, chunks: ChunkMaker):
     """The SSE body: one event per piece, usage if asked, then [DONE]; an error mid-stream is an event too."""
     try:
-        event, finish = chunks.piece_event(*first, first=True), first[1]
+        event, finish = sse(chunks.piece(*first, first=True)), first[1]
         while finish is None:  # Relay ends every stream with a finish piece (or raises)
             yield event
             text, finish = await anext(pieces)
-            event = chunks.piece_event(text, finish)
+            event = sse(chunks.piece(text, finish))
         # The last piece, the usage and [DONE] are known together: one write (each write is a syscall).
-        yield event + (chunks.usage_event(relay.usage) if chunks.include_usage else b"") + _SSE_END_BYTES
+        yield event + (sse(chunks.usage(relay.usage)) if chunks.include_usage else b"") + _SSE_END
     except Exception as exc:
         log.warning("stream failed after it started: %s", exc)
-        yield (sse(reply_for_exception(exc).body) + _SSE_END).encode()
+        yield sse(reply_for_exception(exc).body) + _SSE_END
     finally:
         await pieces.aclose()
 
@@ -328,7 +328,7 @@ async def _stream(stream: SseStream, receive, send) -> None:
     try:
         await send({"type": "http.response.start", "status": 200, "headers": stream.raw_headers()})
         body = await anext(events)  # ready: the first token is in (serve waited for it)
-        while not body.endswith(_SSE_END_BYTES):  # the stream's last event: one write with the chunked terminator
+        while not body.endswith(_SSE_END):  # the stream's last event: one write with the chunked terminator
             await send({"type": "http.response.body", "body": body, "more_body": True})
             if listener is None:  # watching from the first event on keeps its task off the first token's path
                 listener = asyncio.ensure_future(_until_disconnect(receive))

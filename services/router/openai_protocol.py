@@ -6,7 +6,6 @@ they carry their neutral value); unknown extra fields are ignored, as vLLM does.
 taken from vLLM because benchmark tools send them: `ignore_eos`.
 """
 
-import json
 import time
 from typing import Literal
 
@@ -171,20 +170,12 @@ def chat_body(response_id: str, model: str, text: str, finish_reason: str, usage
 
 
 class ChunkMaker:
-    """Stream chunks of one response: same id, model and creation time on each.
-
-    `piece`/`usage` are the chunks as dicts; `piece_event`/`usage_event` the same chunks as SSE
-    events, byte for byte what json.dumps of the dicts gives, built from text encoded once per
-    response (the hot path: per event only the text and finish reason are encoded)."""
+    """Stream chunks of one response: same id, model and creation time on each."""
 
     def __init__(self, chat: bool, response_id: str, model: str, include_usage: bool):
         self.chat, self.include_usage = chat, include_usage
         self._head = {"id": response_id, "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": int(time.time()), "model": model}
-        head = json.dumps(self._head)[:-1]  # without its closing brace
-        self._choice_head = f'data: {head}, "choices": [{{"index": 0, '
-        self._choice_tail = '}], "usage": null}\n\n' if include_usage else "}]}\n\n"
-        self._usage_head = f'data: {head}, "choices": [], "usage": '
 
     def piece(self, text: str, finish_reason: str | None = None, first: bool = False) -> dict:
         if self.chat:
@@ -199,18 +190,3 @@ class ChunkMaker:
 
     def usage(self, usage: dict) -> dict:
         return {**self._head, "choices": [], "usage": usage}
-
-    def piece_event(self, text: str, finish_reason: str | None = None, first: bool = False) -> bytes:
-        """`data: <piece(...) as JSON>` and the blank line, encoded."""
-        if not self.chat:
-            content = f'"text": {json.dumps(text)}'
-        elif first:
-            content = f'"delta": {{"role": "assistant", "content": {json.dumps(text)}}}'
-        else:
-            content = f'"delta": {{"content": {json.dumps(text)}}}' if text else '"delta": {}'
-        finish = "null" if finish_reason is None else json.dumps(finish_reason)
-        return f'{self._choice_head}{content}, "logprobs": null, "finish_reason": {finish}{self._choice_tail}'.encode()
-
-    def usage_event(self, usage: dict) -> bytes:
-        """`data: <usage(usage) as JSON>` and the blank line, encoded."""
-        return f"{self._usage_head}{json.dumps(usage)}}}\n\n".encode()

@@ -1,8 +1,6 @@
 """The HTTP front's pure parts: the error table, stop strings, request mapping, the chat template,
 header extraction, and the app's own answers (validation, auth, health) before any mesh is involved."""
 
-import json
-
 import grpc
 import pytest
 from starlette.datastructures import Headers
@@ -142,21 +140,6 @@ def test_chunks_carry_usage_null_until_the_usage_chunk():
     last = chunks.usage({"prompt_tokens": 1})
     assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 1} and last["id"] == "chatcmpl-1"
     assert "usage" not in ChunkMaker(False, "cmpl-1", "m", include_usage=False).piece("x")
-
-
-@pytest.mark.parametrize("chat", [True, False])
-@pytest.mark.parametrize("include_usage", [True, False])
-def test_chunk_events_are_the_chunks_as_json_byte_for_byte(chat, include_usage):
-    chunks = ChunkMaker(chat, 'cmpl-"id\u00e9', "m\\odel", include_usage)
-    def as_event(chunk: dict) -> bytes:
-        return f"data: {json.dumps(chunk)}\n\n".encode()
-
-    for text in ("", "Hi", 'q"u\\o\n\u00e9\U0001F600'):
-        for finish in (None, "stop", "length"):
-            for first in (True, False):
-                assert chunks.piece_event(text, finish, first) == as_event(chunks.piece(text, finish, first))
-    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "prompt_tokens_details": {"cached_tokens": 0}}
-    assert chunks.usage_event(usage) == as_event(chunks.usage(usage))
 
 
 # ---- chat template -----------------------------------------------------------------------------
