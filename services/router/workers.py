@@ -146,9 +146,15 @@ class WorkerRegistry:
         """Calls callback() whenever a load report, a worker's health or this router's placements change."""
         self._listeners.append(callback)
 
+    def _owns(self, endpoint: WorkerEndpoint) -> bool:
+        """Whether placement knows endpoint's worker id by this endpoint: a worker whose id moved to
+        another address leaves the old endpoint behind (followed until removed), and that one must
+        not overwrite the live worker's row or clear its prefix entries when it fails."""
+        return self._by_key.get(endpoint.key) is endpoint
+
     def _notify(self, endpoint: WorkerEndpoint) -> None:
-        """endpoint changed: rewrite its row, then wake whoever waits for load changes."""
-        if not endpoint.removed:
+        """endpoint changed: rewrite its row (if it owns it), then wake whoever waits for load changes."""
+        if not endpoint.removed and self._owns(endpoint):
             self.table.put(endpoint.view())
         self.changed.set()
         for callback in self._listeners:
@@ -230,7 +236,7 @@ class WorkerRegistry:
 
     def _mark_down(self, endpoint: WorkerEndpoint) -> None:
         endpoint.healthy = False
-        if endpoint.worker_id:
+        if endpoint.worker_id and self._owns(endpoint):
             self.index.cleared(endpoint.worker_id)
         self._notify(endpoint)
 

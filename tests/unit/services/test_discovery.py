@@ -166,3 +166,26 @@ def test_the_placement_table_follows_the_endpoints():
     assert inflight == {"decode-0": 1, "10.0.0.2:1": 0}
     assert pool.running.tolist() == [2, 0] and pool.healthy.tolist() == [True, False]
     assert after == ["10.0.0.2:1"]
+
+
+def test_a_worker_id_that_moved_address_is_not_marked_down_by_its_old_endpoint():
+    def state(**fields):
+        return worker_state_pb2.StreamStateResponse(worker_id="decode-0", role=worker_state_pb2.WORKER_ROLE_DECODE,
+                                                    **fields)
+
+    async def scenario():
+        registry = WorkerRegistry([], ["10.0.0.1:1", "10.0.0.2:1"], remove_grace_s=0.1)
+        old, new = registry.endpoint("10.0.0.1:1"), registry.endpoint("10.0.0.2:1")
+        registry._apply(old, state(load_report=worker_state_pb2.LoadReport(running_sequences=1)))
+        registry._apply(new, state(load_report=worker_state_pb2.LoadReport(running_sequences=3)))
+        registry._apply(new, state(kv_events=worker_state_pb2.KvEventBatch(events=[worker_state_pb2.KvEvent(
+            stored=worker_state_pb2.BlocksStored(block_hashes=[11, 12], block_size=16))])))
+        registry._mark_down(old)  # the old address is still followed, and fails
+        views = [(v.worker_id, v.address, v.healthy, v.load.running) for v in registry.table.views()]
+        matched = registry.index.matched_blocks([11, 12], ["decode-0"])
+        await registry.close()
+        return views, matched
+
+    views, matched = asyncio.run(scenario())
+    assert views == [("decode-0", "10.0.0.2:1", True, 3)]
+    assert matched == {"decode-0": 2}
