@@ -89,8 +89,11 @@ class Mesh:
         return [p for p in self.processes if p.info.get("role") == role]
 
     def process(self, name: str) -> Process:
-        """The process named name ("router", "decode-0", ...)."""
-        return next(p for p in self.processes if p.name == name)
+        """The process named name ("router", "decode-0", ...); KeyError naming the ones there are."""
+        for p in self.processes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no process {name!r} in the mesh; it has {[p.name for p in self.processes]}")
 
     def stop(self, grace_s: float = 15.0) -> None:
         for p in reversed(self.processes):  # router first, so nothing new reaches the workers

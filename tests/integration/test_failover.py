@@ -4,11 +4,11 @@ greedy output equal to the uninterrupted run, no token lost or duplicated, no KV
 
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 
+from bench import common as bench_common
 from pdmesh.launcher import MeshSpec, start_mesh
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -34,13 +34,7 @@ def request(max_tokens=MAX_TOKENS):
 
 
 def scrape(process) -> dict:
-    body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in body.splitlines():
-        if line.startswith("pdmesh_"):
-            key, _, value = line.rpartition(" ")
-            samples[key.split("{")[0] + ("{" + key.split("{")[1] if "{" in key else "")] = float(value)
-    return samples
+    return bench_common.scrape(process.info["metrics_address"])
 
 
 def gauge(process, name) -> float:

@@ -110,7 +110,7 @@ def test_a_killed_worker_leaves_placement_and_its_prefix_entries_go(mesh):
     import signal
 
     holder = generate(mesh.stub, SYSTEM + "What is a customs declaration?")
-    victim = next(p for p in mesh.processes if p.name == holder.decode_worker_id)
+    victim = mesh.process(holder.decode_worker_id)
     victim.popen.send_signal(signal.SIGKILL)
     victim.popen.wait(timeout=10)
     time.sleep(0.5)  # the router sees the state stream break

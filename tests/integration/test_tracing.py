@@ -4,12 +4,12 @@ model) export OTLP/gRPC to a real receiver started here; every /metrics endpoint
 import math
 import re
 import secrets
-import urllib.request
 
 import grpc
 import pytest
 
 from engine.config import ModelConfig
+from bench import common as bench_common
 from pdmesh.launcher import MeshSpec, start_mesh
 from pdmesh.traces.receiver import OtlpReceiver
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -148,14 +148,7 @@ def test_bad_request_is_a_failed_span_and_counted(traced_mesh, receiver):
 
 
 def scrape(mesh, name):
-    process = mesh.process(name)
-    body = urllib.request.urlopen(f"http://{process.info['metrics_address']}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in body.splitlines():
-        if line.startswith("pdmesh_"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    return bench_common.scrape(mesh.process(name).info["metrics_address"])
 
 
 def test_metrics_move_after_requests(traced_mesh):
