@@ -68,8 +68,9 @@ class WorkerView(NamedTuple):
     confirmed_prefix_blocks: int = 0
 
 
-# A Pool's (and the WorkerTable's) integer columns: the load fields, then the two prefix fields.
-COLUMNS = (*LoadView._fields, "prefix_blocks", "confirmed_prefix_blocks")
+# A Pool's (and the WorkerTable's) integer columns: the load fields, then this request's prefix
+# match. (confirmed_prefix_blocks is no column: the runner asks the index for the chosen worker's.)
+COLUMNS = (*LoadView._fields, "prefix_blocks")
 
 
 def _column(name: str) -> property:
@@ -104,12 +105,17 @@ class Pool:
     max_running = _column("max_running")
     router_finished = _column("router_finished")
     prefix_blocks = _column("prefix_blocks")
-    confirmed_prefix_blocks = _column("confirmed_prefix_blocks")
 
     @property
     def queue_depth(self) -> np.ndarray:
         """LoadView.queue_depth for every candidate."""
         return np.maximum(self.waiting + self.running - self.router_finished, self.router_inflight)
+
+    @property
+    def kv_utilization(self) -> np.ndarray:
+        """kv_blocks_used / kv_blocks_total for every candidate (0 where the total is unknown)."""
+        total = self.kv_blocks_total
+        return np.divide(self.kv_blocks_used, total, out=np.zeros(len(self)), where=total > 0)
 
     @property
     def pending_prefill_tokens(self) -> np.ndarray:
@@ -123,12 +129,10 @@ class Pool:
                     self.healthy.take(kept))
 
     def view(self, i: int) -> WorkerView:
-        """Candidate i's view, its prefix fields this request's."""
+        """Candidate i's view, its prefix_blocks this request's."""
         w = self._views[self._rows[i]]
-        prefix, confirmed = int(self.prefix_blocks[i]), int(self.confirmed_prefix_blocks[i])
-        if (prefix, confirmed) == (w.prefix_blocks, w.confirmed_prefix_blocks):
-            return w
-        return w._replace(prefix_blocks=prefix, confirmed_prefix_blocks=confirmed)
+        prefix = int(self.prefix_blocks[i])
+        return w if prefix == w.prefix_blocks else w._replace(prefix_blocks=prefix)
 
 
 class PlacementRequest:

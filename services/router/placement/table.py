@@ -47,7 +47,7 @@ class WorkerTable:
         elif self._views[row].role != view.role:
             self._role_rows = None
         self._views[row] = view
-        self._columns[:, row] = (*view.load, view.prefix_blocks, view.confirmed_prefix_blocks)
+        self._columns[:, row] = (*view.load, view.prefix_blocks)
         self._healthy[row] = view.healthy
 
     def rename(self, old_id: str, view: WorkerView) -> None:

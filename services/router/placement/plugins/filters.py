@@ -6,7 +6,6 @@
   A worker that has not reported its load yet (total 0) passes.
 """
 
-import numpy as np
 
 from services.router.placement.registry import register
 
@@ -29,6 +28,4 @@ class HasCapacityFilter:
         self.max_kv_utilization, self.max_waiting = max_kv_utilization, max_waiting
 
     def filter(self, request, pool):
-        total = pool.kv_blocks_total
-        utilization = np.divide(pool.kv_blocks_used, total, out=np.zeros(len(pool)), where=total > 0)
-        return (pool.waiting <= self.max_waiting) & (utilization < self.max_kv_utilization)
+        return (pool.waiting <= self.max_waiting) & (pool.kv_utilization < self.max_kv_utilization)

@@ -46,8 +46,7 @@ class KvUtilizationScorer:
     name = "kv_utilization"
 
     def score(self, request, pool):
-        total = pool.kv_blocks_total
-        return 1.0 - np.divide(pool.kv_blocks_used, total, out=np.zeros(len(pool)), where=total > 0)
+        return 1.0 - pool.kv_utilization
 
 
 @register("scorer", "queued_prefill_tokens")
