@@ -348,7 +348,6 @@ class DecodeWorker:
             self._finish(job)
         else:
             self.joining.append([job, job.req.output_tokens - 1, job.req.prompt_tokens + 1])
-            self._cut()
 
     def _finish(self, job: Job) -> None:
         self.cache.release(*job.held.pop(self.id))

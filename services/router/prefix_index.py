@@ -82,6 +82,8 @@ class PrefixIndex:
     def cleared(self, worker_id: str) -> None:
         """The worker's cache is empty (also: the worker is gone). Its expectations go too, and
         its slot is free for the next worker."""
+        if worker_id not in self._bit:  # no slot: it holds and is expected to hold nothing
+            return
         self.removed(worker_id, list(self._blocks_of.pop(worker_id, ())))
         self._unexpect(worker_id, [h for h, pending in self._expected.items() if worker_id in pending])
         bit = self._bit.pop(worker_id, 0)
