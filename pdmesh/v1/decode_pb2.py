@@ -25,19 +25,31 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x98\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12&\n\tkv_handle\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.KvHandle\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12*\n\x08priority\x18\x07 \x01(\x0e\x32\x18.pdmesh.v1.PriorityClass\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10resume_token_ids\x18\t \x03(\r\"z\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.pdmesh.v1.DecodeStats\"\x9d\x01\n\x0b\x44\x65\x63odeStats\x12\x16\n\x0ekv_transfer_ms\x18\x01 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x1c\n\x14local_prefill_tokens\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r2P\n\rDecodeService\x12?\n\x06\x44\x65\x63ode\x12\x18.pdmesh.v1.DecodeRequest\x1a\x19.pdmesh.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x98\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12&\n\tkv_handle\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.KvHandle\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12*\n\x08priority\x18\x07 \x01(\x0e\x32\x18.pdmesh.v1.PriorityClass\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10resume_token_ids\x18\t \x03(\r\"z\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.FinishReason\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.pdmesh.v1.DecodeStats\"\x9d\x01\n\x0b\x44\x65\x63odeStats\x12\x16\n\x0ekv_transfer_ms\x18\x01 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x1c\n\x14local_prefill_tokens\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\"^\n\x14\x44\x65\x63odeSessionRequest\x12+\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1c.pdmesh.v1.DecodeSessionCall\x12\x19\n\x11\x63\x61ncel_stream_ids\x18\x02 \x03(\x04\"\xe1\x01\n\x11\x44\x65\x63odeSessionCall\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.DecodeRequest\x12\x45\n\rtrace_context\x18\x03 \x03(\x0b\x32..pdmesh.v1.DecodeSessionCall.TraceContextEntry\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x15\x44\x65\x63odeSessionResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.pdmesh.v1.DecodeSessionEvent\"\x99\x01\n\x12\x44\x65\x63odeSessionEvent\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.pdmesh.v1.DecodeResponse\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\x16\n\x0estatus_message\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\r2\xa8\x01\n\rDecodeService\x12?\n\x06\x44\x65\x63ode\x12\x18.pdmesh.v1.DecodeRequest\x1a\x19.pdmesh.v1.DecodeResponse0\x01\x12V\n\rDecodeSession\x12\x1f.pdmesh.v1.DecodeSessionRequest\x1a .pdmesh.v1.DecodeSessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DECODESESSIONCALL_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_DECODESESSIONCALL_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_DECODEREQUEST']._serialized_start=62
   _globals['_DECODEREQUEST']._serialized_end=342
   _globals['_DECODERESPONSE']._serialized_start=344
   _globals['_DECODERESPONSE']._serialized_end=466
   _globals['_DECODESTATS']._serialized_start=469
   _globals['_DECODESTATS']._serialized_end=626
-  _globals['_DECODESERVICE']._serialized_start=628
-  _globals['_DECODESERVICE']._serialized_end=708
+  _globals['_DECODESESSIONREQUEST']._serialized_start=628
+  _globals['_DECODESESSIONREQUEST']._serialized_end=722
+  _globals['_DECODESESSIONCALL']._serialized_start=725
+  _globals['_DECODESESSIONCALL']._serialized_end=950
+  _globals['_DECODESESSIONCALL_TRACECONTEXTENTRY']._serialized_start=899
+  _globals['_DECODESESSIONCALL_TRACECONTEXTENTRY']._serialized_end=950
+  _globals['_DECODESESSIONRESPONSE']._serialized_start=952
+  _globals['_DECODESESSIONRESPONSE']._serialized_end=1022
+  _globals['_DECODESESSIONEVENT']._serialized_start=1025
+  _globals['_DECODESESSIONEVENT']._serialized_end=1178
+  _globals['_DECODESERVICE']._serialized_start=1181
+  _globals['_DECODESERVICE']._serialized_end=1349
 # @@protoc_insertion_point(module_scope)

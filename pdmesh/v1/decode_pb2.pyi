@@ -54,3 +54,50 @@ class DecodeStats(_message.Message):
     queue_ms: float
     cached_tokens: int
     def __init__(self, kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transport: _Optional[str] = ..., local_prefill_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class DecodeSessionRequest(_message.Message):
+    __slots__ = ("calls", "cancel_stream_ids")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[DecodeSessionCall]
+    cancel_stream_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, calls: _Optional[_Iterable[_Union[DecodeSessionCall, _Mapping]]] = ..., cancel_stream_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DecodeSessionCall(_message.Message):
+    __slots__ = ("stream_id", "request", "trace_context", "timeout_ms")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    request: DecodeRequest
+    trace_context: _containers.ScalarMap[str, str]
+    timeout_ms: int
+    def __init__(self, stream_id: _Optional[int] = ..., request: _Optional[_Union[DecodeRequest, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class DecodeSessionResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[DecodeSessionEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[DecodeSessionEvent, _Mapping]]] = ...) -> None: ...
+
+class DecodeSessionEvent(_message.Message):
+    __slots__ = ("stream_id", "response", "status_code", "status_message", "retry_after_ms")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    response: DecodeResponse
+    status_code: int
+    status_message: str
+    retry_after_ms: int
+    def __init__(self, stream_id: _Optional[int] = ..., response: _Optional[_Union[DecodeResponse, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...

@@ -40,6 +40,11 @@ class DecodeServiceStub:
                 request_serializer=pdmesh_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.DecodeSession = channel.stream_stream(
+                '/pdmesh.v1.DecodeService/DecodeSession',
+                request_serializer=pdmesh_dot_v1_dot_decode__pb2.DecodeSessionRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_decode__pb2.DecodeSessionResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -54,6 +59,17 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeSession(self, request_iterator, context):
+        """DecodeSession carries many Decode requests over one stream: a router keeps one session per
+        decode worker instead of one call per request. Each request is started with a
+        DecodeSessionCall and answered by DecodeSessionEvents with the same stream_id: exactly the
+        DecodeResponses its Decode call would stream, then, if it fails, one event with its status.
+        Requests in flight end with the session (a worker that goes away fails them all at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +77,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=pdmesh_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_decode__pb2.DecodeResponse.SerializeToString,
+            ),
+            'DecodeSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeSession,
+                    request_deserializer=pdmesh_dot_v1_dot_decode__pb2.DecodeSessionRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_decode__pb2.DecodeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +112,33 @@ class DecodeService:
             '/pdmesh.v1.DecodeService/Decode',
             pdmesh_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
             pdmesh_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdmesh.v1.DecodeService/DecodeSession',
+            pdmesh_dot_v1_dot_decode__pb2.DecodeSessionRequest.SerializeToString,
+            pdmesh_dot_v1_dot_decode__pb2.DecodeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

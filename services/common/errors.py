@@ -64,15 +64,21 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Ends the RPC with the status for `exc` (never returns)."""
+def status_parts(exc: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
+    """(status code, message, retry-after seconds or None) that a request failed by `exc` ends with."""
     code = status_for(exc)
     retry = getattr(exc, "retry_after_s", None)
     if retry is None and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
         retry = DEFAULT_RETRY_AFTER_S  # every "try again later" says when
-    if retry is not None:
-        context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
     message = str(exc) or type(exc).__name__
     if code == grpc.StatusCode.INTERNAL:
         message = f"internal error: {type(exc).__name__}: {message}"
+    return code, message, retry
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the RPC with the status for `exc` (never returns)."""
+    code, message, retry = status_parts(exc)
+    if retry is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
     await context.abort(code, message)

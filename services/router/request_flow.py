@@ -115,33 +115,30 @@ class RequestFlow:
                         return
 
     async def _decode(self, decode_id: str, request: decode_pb2.DecodeRequest, relay: "_Relay"):
-        """Streams one decode attempt through relay; raises _WorkerLost when the worker goes away.
-        The attempt's span ends before the final event is handed on."""
+        """Streams one decode attempt through relay, on the worker's decode session; raises
+        _WorkerLost when the worker goes away. The attempt's span ends before the final event is
+        handed on."""
         final = None
         with tracing.client_span("router.decode", {"pdmesh.worker_id": decode_id}) as span:
             relay.span = span
-            stream = self._registry.decode_stub(decode_id).Decode(
-                request, timeout=remaining(relay.job, relay.t0), metadata=tracing.outgoing_metadata())
-            try:
-                async for message in stream:
-                    event = relay.push(message)
-                    if event is not None and event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        final = event
-                        # The finish is the worker's last message: wait for its status rather than
-                        # cancelling a stream that is ending anyway (a cancel costs both sides work).
-                        await stream.code()
-                        break
-                    if event is not None:
-                        yield event
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _LOST:
-                    raise _WorkerLost(f"decode worker {decode_id} lost: {exc.code().name}: {exc.details()}") from exc
-                raise _worker_error("decode", decode_id, exc) from exc
-            finally:
-                # A consumer that stops early (client gone, stop string) closes this generator at a
-                # yield, where no await is interrupted: cancel explicitly so the worker frees the KV now.
-                if not stream.done():
-                    stream.cancel()
+            stream = self._registry.decode_session(decode_id).decode(
+                request, remaining(relay.job, relay.t0), tracing.outgoing_metadata())
+            # aclosing: a consumer that stops early (client gone, stop string) closes this generator
+            # at a yield; closing the session's stream then cancels the request, so the worker frees
+            # the KV now.
+            async with contextlib.aclosing(stream):
+                try:
+                    async for message in stream:
+                        event = relay.push(message)
+                        if event is not None and event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                            final = event  # the worker's last message
+                            break
+                        if event is not None:
+                            yield event
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _LOST:
+                        raise _WorkerLost(f"decode worker {decode_id} lost: {exc.code().name}: {exc.details()}") from exc
+                    raise _worker_error("decode", decode_id, exc) from exc
         if final is None:
             raise _WorkerLost(f"decode worker {decode_id} ended the stream without a finish reason")
         yield final

@@ -18,6 +18,7 @@ import grpc
 from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_state_pb2, worker_state_pb2_grpc
 from services.common.server import CHANNEL_OPTIONS
 from services.common.tls import TlsConfig, aio_channel
+from services.router.decode_session import DecodeSession
 from services.router.placement.base import LoadView, WorkerView, with_router_counts
 from services.router.placement.table import WorkerTable
 from services.router.prefix_index import PrefixIndex
@@ -48,6 +49,7 @@ class WorkerEndpoint:
     def __post_init__(self) -> None:
         self.prefill_stub = prefill_pb2_grpc.PrefillServiceStub(self.channel)
         self.decode_stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
+        self.decode_session = DecodeSession(self.decode_stub, self.address)
 
     @property
     def key(self) -> str:
@@ -124,6 +126,7 @@ class WorkerRegistry:
             task.cancel()
         self._mark_down(endpoint)
         self.table.remove(endpoint.key)
+        endpoint.decode_session.close_when_idle()
         closing = asyncio.create_task(endpoint.channel.close(grace=self._remove_grace_s))
         self._closing.add(closing)
         closing.add_done_callback(lambda task: self._forget(endpoint, task))
@@ -168,6 +171,9 @@ class WorkerRegistry:
 
     def decode_stub(self, worker_id: str) -> decode_pb2_grpc.DecodeServiceStub:
         return self._by_key[worker_id].decode_stub
+
+    def decode_session(self, worker_id: str) -> DecodeSession:
+        return self._by_key[worker_id].decode_session
 
     @contextlib.contextmanager
     def track(self, worker_id: str, prompt_tokens: int):
