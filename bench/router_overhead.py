@@ -42,6 +42,8 @@ import os
 import pathlib
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -102,11 +104,13 @@ def _text(num_bytes: int, seed: int) -> str:
 class Arms:
     """The two ways to send one prompt; each call returns its TTFT in ms."""
 
-    def __init__(self, router_address: str, decode_address: str):
+    def __init__(self, router_address: str, decode_address: str, relay_address: str):
         from services.common.server import CHANNEL_OPTIONS
-        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in (router_address, decode_address)]
+        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
+                          for a in (router_address, decode_address, relay_address)]
         self._router = router_pb2_grpc.RouterServiceStub(self._channels[0])
         self._decode = decode_pb2_grpc.DecodeServiceStub(self._channels[1])
+        self._relayed = decode_pb2_grpc.DecodeServiceStub(self._channels[2])
         self._sampling = common_pb2.SamplingParams(temperature=0.0)
 
     async def router(self, text: str, ids: list[int]) -> float:
@@ -122,11 +126,18 @@ class Arms:
         return ttft
 
     async def direct(self, text: str, ids: list[int]) -> float:
+        return await self._decode_call(self._decode, ids)
+
+    async def relay(self, text: str, ids: list[int]) -> float:
+        """The direct request through bench.grpc_relay, a relay that does no work of its own."""
+        return await self._decode_call(self._relayed, ids)
+
+    async def _decode_call(self, stub, ids: list[int]) -> float:
         start = time.perf_counter()
         ttft = None
         request = decode_pb2.DecodeRequest(request_id=f"bench-{uuid.uuid4().hex}", prompt_token_ids=ids,
                                            max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True)
-        async for m in self._decode.Decode(request, timeout=120):
+        async for m in stub.Decode(request, timeout=120):
             if ttft is None and m.token_ids:
                 ttft = (time.perf_counter() - start) * 1000
         return ttft
@@ -152,14 +163,15 @@ async def _single_stream(arms: Arms, prompts, pairs: int) -> dict:
     return samples
 
 
-async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMeter) -> dict:
-    samples = {"router": [], "direct": [], "cpu": {"router": {}, "direct": {}}, "seconds": {"router": 0.0, "direct": 0.0}}
+async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMeter, front: str = "router") -> dict:
+    """`front` ("router" or "relay") against direct, in alternating batches; samples keyed by arm name."""
+    samples = {front: [], "direct": [], "cpu": {front: {}, "direct": {}}, "seconds": {front: 0.0, "direct": 0.0}}
     for prompt in prompts:  # one at a time: 64 uncached 64 KB prefills at once exhaust memory
         await arms.direct(*prompt)
-    await _batch(arms.router, prompts, 1)  # warm-up: channels, tokenizer, detokenizer
+    await _batch(getattr(arms, front), prompts, 1)  # warm-up: channels, tokenizer, detokenizer
     await _batch(arms.direct, prompts, 1)
     for pair in range(pairs):
-        order = ("router", "direct") if pair % 2 == 0 else ("direct", "router")
+        order = (front, "direct") if pair % 2 == 0 else ("direct", front)
         for arm in order:
             before, start = cpu.read(), time.perf_counter()
             samples[arm] += await _batch(getattr(arms, arm), prompts, rounds)
@@ -190,17 +202,17 @@ async def _open_loop(arms: Arms, prompts, rate_per_s: float, seconds: float, pai
     return samples
 
 
-def _summarize_size(kb: int, num_tokens: int, samples: dict) -> dict:
-    row = {"prompt_kb": kb, "prompt_tokens": num_tokens, "requests_per_arm": len(samples["router"])}
-    for arm in ("router", "direct"):
+def _summarize_size(kb: int, num_tokens: int, samples: dict, front: str = "router") -> dict:
+    row = {"prompt_kb": kb, "prompt_tokens": num_tokens, "requests_per_arm": len(samples[front])}
+    for arm in (front, "direct"):
         row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
         row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
         for name, seconds in samples.get("cpu", {}).get(arm, {}).items():
             row[f"{arm}_{name}_cpu_ms_per_request"] = seconds * 1000 / len(samples[arm])
         if samples.get("seconds", {}).get(arm):
             row[f"{arm}_requests_per_s"] = len(samples[arm]) / samples["seconds"][arm]
-    row["added_p50_ms"] = row["router_p50_ms"] - row["direct_p50_ms"]
-    row["added_p99_ms"] = row["router_p99_ms"] - row["direct_p99_ms"]
+    row["added_p50_ms"] = row[f"{front}_p50_ms"] - row["direct_p50_ms"]
+    row["added_p99_ms"] = row[f"{front}_p99_ms"] - row["direct_p99_ms"]
     return row
 
 
@@ -226,20 +238,24 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
              "mesh": "1 tiny decode worker, 0 prefill workers, profile local_prefill (never_remote)"}
     progress(f"starting mesh: {setup['mesh']}, max_model_len {max_model_len}, {num_blocks} blocks ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
+    relay = subprocess.Popen([sys.executable, "-m", "bench.grpc_relay", "--target", mesh.workers("decode")[0].info["address"]],
+                             stdout=subprocess.PIPE, text=True)
+    relay_address = f"127.0.0.1:{relay.stdout.readline().split()[1]}"
     pairs, rounds = (4, 2) if quick else (10, 3)
-    rows, raw, open_loop = {"shared": [], "pinned": []}, {}, {}
+    rows, raw, open_loop, relay_row = {"shared": [], "pinned": []}, {}, {}, {}
     split, own_cpus = core_split(), os.sched_getaffinity(0)
     setup["layouts"] = layout_names(split)
     try:
         async def go():
             router_pid = mesh.process("router").popen.pid
             decode_pid = mesh.workers("decode")[0].popen.pid
-            arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"])
-            cpu = CpuMeter({"router": router_pid, "decode": decode_pid})
+            arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"], relay_address)
+            cpu = CpuMeter({"router": router_pid, "decode": decode_pid, "relay": relay.pid})
             try:
                 for layout in setup["layouts"]:  # shared, then pinned when there are two CPUs
                     if layout == "pinned":
                         pin_router_apart(split, router_pid, decode_pid)
+                        pin_process(relay.pid, split[0])
                     for kb in PROMPT_KB:
                         n = statistics.median(len(ids) for _, ids in prompts[kb])
                         progress(f"{layout} cores, {kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch "
@@ -254,7 +270,16 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                         raw[layout, kb] = samples
                         progress(f"  router p50 {row['router_p50_ms']:.2f} ms, direct p50 {row['direct_p50_ms']:.2f} ms, "
                                  f"added p50 {row['added_p50_ms']:+.2f} ms, added p99 {row['added_p99_ms']:+.2f} ms")
-                    if layout == "pinned" or not split:  # open loop at 1 KB, in the headline layout
+                    if layout == "pinned" or not split:  # the floor and the open loop at 1 KB, headline layout
+                        progress(f"{layout} cores, 1 KB prompts: {pairs} relay/direct batch pairs (bench.grpc_relay "
+                                 "where the router sits: a Python gRPC hop that does no work)")
+                        samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front="relay")
+                        relay_row.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, "relay"),
+                                         layout=layout)
+                        raw[layout, "relay"] = samples
+                        progress(f"  relay p50 {relay_row['relay_p50_ms']:.2f} ms, direct p50 "
+                                 f"{relay_row['direct_p50_ms']:.2f} ms, added p50 {relay_row['added_p50_ms']:+.2f} ms, "
+                                 f"added p99 {relay_row['added_p99_ms']:+.2f} ms")
                         rate = OPEN_LOOP_LOAD * rows[layout][0]["direct_requests_per_s"]
                         progress(f"{layout} cores, 1 KB prompts, open loop: Poisson arrivals at {rate:.0f}/s "
                                  f"({OPEN_LOOP_LOAD:.0%} of the direct closed-loop rate), {pairs} router/direct pairs")
@@ -268,8 +293,10 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                 await arms.close()
         asyncio.run(go())
     finally:
+        relay.kill()
+        relay.wait()
         mesh.stop()
-    return rows, raw, setup, open_loop
+    return rows, raw, setup, open_loop, relay_row
 
 
 # ---- part 2: decision cost ---------------------------------------------------------------------
@@ -351,7 +378,7 @@ def run_decision(quick: bool, progress=_progress) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------
 
-def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict) -> None:
+def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict, relay: dict) -> None:
     print()
     print(f"{'cores':>7} {'prompt':>7} {'tokens':>7} {'n/arm':>6} | {'router p50':>10} {'direct p50':>10} "
           f"{'added p50':>9} | {'router p99':>10} {'direct p99':>10} {'added p99':>9}")
@@ -372,6 +399,13 @@ def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, ope
               f"{one['direct_p50_ms']:.2f} ms, added p50 {one['added_p50_ms']:+.2f} ms, added p99 {one['added_p99_ms']:+.2f} ms")
     if rows["shared"]:
         print(f"added per KB of prompt (slope of the one-stream added p50, 1 -> 64 KB): {per_kb:+.3f} ms/KB")
+    if relay:
+        print(f"    1KB, bare relay in the router's place ({relay['layout']} cores, {STREAMS} streams, "
+              f"{relay['requests_per_arm']} per arm): relay p50 {relay['relay_p50_ms']:.2f} ms, direct p50 "
+              f"{relay['direct_p50_ms']:.2f} ms, added p50 {relay['added_p50_ms']:+.2f} ms, added p99 "
+              f"{relay['added_p99_ms']:+.2f} ms; relay CPU {relay['relay_relay_cpu_ms_per_request']:.2f} ms per request, "
+              f"decode worker {relay['relay_decode_cpu_ms_per_request']:.2f} via relay vs "
+              f"{relay['direct_decode_cpu_ms_per_request']:.2f} direct")
     if open_loop:
         o = open_loop
         print(f"    1KB, open loop ({o['layout']} cores, Poisson {o['rate_per_s']:.0f}/s = {o['load']:.0%} of the direct "
@@ -397,6 +431,8 @@ def _plot(path: pathlib.Path, raw: dict) -> None:
     fig, axes = plt.subplots(1, len(PROMPT_KB), figsize=(5 * len(PROMPT_KB), 3.8))
     for ax, kb in zip(axes, PROMPT_KB):
         for (layout, size), samples in raw.items():
+            if size == "relay" and kb == 1:
+                plot_cdf(ax, samples["relay"], ":", f"bare relay, {layout} cores")
             if size != kb:
                 continue
             for arm, style in (("direct", "-"), ("router", "--")):
@@ -420,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _progress(f"load average {os.getloadavg()[0]:.2f} at start")
     decision = run_decision(args.quick)
-    rows, raw, setup, open_loop = ({"shared": [], "pinned": []}, {}, {}, {}) if args.skip_mesh else \
+    rows, raw, setup, open_loop, relay_row = ({"shared": [], "pinned": []}, {}, {}, {}, {}) if args.skip_mesh else \
         run_added_ttft(args.quick)
     shared = {r["prompt_kb"]: r for r in rows["shared"]}
     # The headline: the pinned layout (the router off the worker's core); shared cores without a second CPU.
@@ -438,18 +474,23 @@ def main(argv: list[str] | None = None) -> None:
         "headline_layout": "pinned" if rows["pinned"] else "shared",
         "added_ttft_p50_ms_shared_cores": shared[1]["added_p50_ms"] if shared else None,
         "added_ttft_p99_ms_shared_cores": shared[1]["added_p99_ms"] if shared else None,
+        "added_ttft_p50_ms_bare_relay": relay_row.get("added_p50_ms"),
+        "added_ttft_p99_ms_bare_relay": relay_row.get("added_p99_ms"),
         "added_ttft_p50_ms_open_loop": open_loop.get("added_p50_ms"),
         "added_ttft_p99_ms_open_loop": open_loop.get("added_p99_ms"),
         "decision_ms_1000_workers": decision["place_incl_hashing_p50_ms"],
         "headline_note": ("added_ttft_* are at 1 KB prompts, 64 streams, in the headline layout (pinned: the router "
                           "alone on its core, decode worker and load generator on the other); *_shared_cores: the "
-                          "same with nothing pinned (the figure first reported); *_open_loop: Poisson arrivals at 60% of the "
+                          "same with nothing pinned (the figure first reported); *_bare_relay: bench.grpc_relay in "
+                          "the router's place, a Python gRPC hop doing no work (the floor of this stack), 64 streams, "
+                          "1 KB; *_open_loop: Poisson arrivals at 60% of the "
                           "direct closed-loop rate, headline layout, 1 KB; added_ms_per_kb: one stream alone"),
         "sizes": rows["pinned"] or rows["shared"], "sizes_shared_cores": rows["shared"], "open_loop": open_loop,
+        "bare_relay": relay_row,
         "setup": setup,
         "decision": decision, "targets": TARGETS, "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }
-    _print_table(rows, decision, per_kb, open_loop)
+    _print_table(rows, decision, per_kb, open_loop, relay_row)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,
