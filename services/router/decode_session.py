@@ -9,11 +9,15 @@ A request's events arrive on its own queue. A failure event becomes the AioRpcEr
 call would have raised (same code, message and retry-after-ms), so callers handle both alike; a
 session that breaks or ends fails every request in flight on it with UNAVAILABLE (the worker went
 away: the request flow fails them over), and the next request opens a new session.
+
+A worker that does not know DecodeSession (UNIMPLEMENTED: an older version, mid rolling upgrade)
+is served one Decode call per request, and asked again for a session a minute later.
 """
 
 import asyncio
 import itertools
 import logging
+import time
 
 import grpc
 
@@ -22,6 +26,7 @@ from pdmesh.v1 import common_pb2, decode_pb2
 log = logging.getLogger(__name__)
 
 MAX_CALLS_PER_MESSAGE = 64  # requests sent together at most (a message must stay far below 64 MiB)
+PER_CALL_RETRY_S = 60.0  # after UNIMPLEMENTED, Decode calls for this long before a session is tried again
 
 
 class DecodeSession:
@@ -32,6 +37,7 @@ class DecodeSession:
         self._live: _Live | None = None
         self._ids = itertools.count(1)
         self._closing = False
+        self._per_call_until = 0.0  # time.monotonic() until which requests go as Decode calls
 
     @property
     def in_flight(self) -> int:
@@ -40,19 +46,26 @@ class DecodeSession:
     async def decode(self, request: decode_pb2.DecodeRequest, timeout: float | None = None, trace_context=()):
         """The DecodeResponses of one request, as a Decode call would stream them; raises
         grpc.aio.AioRpcError as that call would. Closing the generator early cancels the request."""
+        if time.monotonic() < self._per_call_until:
+            async for response in self._decode_call(request, timeout, trace_context):
+                yield response
+            return
         live = self._open()
         stream_id = next(self._ids)
         inbox: asyncio.Queue = asyncio.Queue()
         live.inboxes[stream_id] = inbox
         live.send(decode_pb2.DecodeSessionCall(stream_id=stream_id, request=request, trace_context=dict(trace_context),
                                                timeout_ms=_ms(timeout)))
-        ended = False
+        ended = unimplemented = False
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     event = await inbox.get()
                     if isinstance(event, grpc.aio.AioRpcError):
                         ended = True
+                        if event.code() == grpc.StatusCode.UNIMPLEMENTED:  # the worker never saw the request
+                            unimplemented = True
+                            break
                         raise event
                     if event.status_code:
                         ended = True
@@ -71,6 +84,21 @@ class DecodeSession:
                 live.cancel(stream_id)
             if self._closing and not live.inboxes:
                 live.close()
+        if unimplemented:
+            log.warning("decode worker %s has no DecodeSession: one Decode call per request for %.0f s", self._name,
+                        PER_CALL_RETRY_S)
+            self._per_call_until = time.monotonic() + PER_CALL_RETRY_S
+            async for response in self._decode_call(request, timeout, trace_context):
+                yield response
+
+    async def _decode_call(self, request: decode_pb2.DecodeRequest, timeout: float | None, trace_context):
+        call = self._stub.Decode(request, timeout=timeout, metadata=tuple(dict(trace_context).items()))
+        try:
+            async for response in call:
+                yield response
+        finally:
+            if not call.done():
+                call.cancel()
 
     def close_when_idle(self) -> None:
         """End the session once the requests in flight have ended (the worker is no longer used)."""
@@ -124,7 +152,7 @@ class _Live:
                 return
 
     async def _read(self) -> None:
-        reason = "the worker ended the session"
+        reason, code = "the worker ended the session", grpc.StatusCode.UNAVAILABLE
         try:
             async for message in self._call:
                 for event in message.events:
@@ -133,15 +161,17 @@ class _Live:
                         inbox.put_nowait(event)
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                code = exc.code()
         except asyncio.CancelledError:
             reason = "the router closed the session"
             raise
         finally:
             self.broken = True
-            if self.inboxes:
+            if self.inboxes and code != grpc.StatusCode.UNIMPLEMENTED:
                 log.warning("decode session to %s lost with %d requests in flight: %s", self.name, len(self.inboxes),
                             reason)
-            lost = _error(grpc.StatusCode.UNAVAILABLE, f"decode session to {self.name} lost: {reason}")
+            lost = _error(code, f"decode session to {self.name} lost: {reason}")
             for inbox in self.inboxes.values():
                 inbox.put_nowait(lost)
 

@@ -121,3 +121,42 @@ def test_raw_session_answers_every_stream_id_and_rejects_a_duplicate(decode_work
     served = [e for e in events if not e.status_code]
     assert sum(len(e.response.token_ids) for e in served) == 3
     assert served[-1].response.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_a_worker_without_decode_session_gets_one_decode_call_per_request(tiny_model):
+    """Mid rolling upgrade a router may meet a decode worker that predates DecodeSession: its
+    requests go as Decode calls and give the same tokens."""
+    from engine.config import CacheConfig, EngineConfig, ModelConfig
+    from engine.llm_engine import LLMEngine
+    from services.common.engine_runner import EngineRunner
+    from services.common.server import start_server
+    from services.decode.decode_worker import DecodeWorker
+    from services.decode.server import DecodeServicer
+
+    def add_decode_only(servicer, server):  # registers Decode alone, as a worker before DecodeSession did
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pdmesh.v1.DecodeService", {
+            "Decode": grpc.unary_stream_rpc_method_handler(
+                servicer.Decode, request_deserializer=decode_pb2.DecodeRequest.FromString,
+                response_serializer=decode_pb2.DecodeResponse.SerializeToString)}),))
+
+    async def scenario():
+        config = EngineConfig(model=ModelConfig.tiny(), cache=CacheConfig(num_blocks=64))
+        runner = EngineRunner(LLMEngine(config, model=tiny_model), asyncio.get_running_loop())
+        runner.start()
+        servicer = DecodeServicer(DecodeWorker(runner, {}), config.model.vocab_size, config.scheduler.max_model_len)
+        running = await start_server(lambda port: [(add_decode_only, servicer, "pdmesh.v1.DecodeService")],
+                                     "127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = decode_pb2_grpc.DecodeServiceStub(channel)
+                session = DecodeSession(stub, "old-decode")
+                first = await tokens_of(session.decode(request(PROMPTS[0]), timeout=30))
+                second = await tokens_of(session.decode(request(PROMPTS[0]), timeout=30))  # straight to Decode
+                direct = await tokens_of(stub.Decode(request(PROMPTS[0]), timeout=30))
+                return first, second, direct
+        finally:
+            await running.server.stop(0)
+            runner.stop()
+
+    first, second, direct = asyncio.run(scenario())
+    assert first == second == direct and len(first) == 8
