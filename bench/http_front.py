@@ -140,35 +140,25 @@ async def _measure_mixed(arms: Arms, prompts: list[str], batches: int, rounds: i
     return samples
 
 
-def _summarize_mixed(samples: dict) -> dict:
-    row = {"requests_per_arm": len(samples["http"])}
-    for arm in ("http", "grpc"):
-        row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
-        row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
-    row["added_p50_ms"] = row["http_p50_ms"] - row["grpc_p50_ms"]
-    row["added_p99_ms"] = row["http_p99_ms"] - row["grpc_p99_ms"]
-    row["pair_added_p50_ms"] = samples["pair_added_p50"]
-    row["median_pair_added_p50_ms"] = statistics.median(samples["pair_added_p50"])
-    return row
-
-
 def _summarize(samples: dict) -> dict:
     row = {"requests_per_arm": len(samples["http"])}
     for arm in ("http", "grpc"):
         row[f"{arm}_p50_ms"] = statistics.median(samples[arm])
         row[f"{arm}_p99_ms"] = _pct(samples[arm], 99)
-        for name, seconds in samples["cpu"][arm].items():
+        for name, seconds in samples.get("cpu", {}).get(arm, {}).items():  # none for mixed batches
             row[f"{arm}_{name}_cpu_ms_per_request"] = seconds * 1000 / len(samples[arm])
     row["added_p50_ms"] = row["http_p50_ms"] - row["grpc_p50_ms"]
     # Each HTTP batch against the gRPC batch beside it: the spread says how much is drift.
     row["pair_added_p50_ms"] = samples["pair_added_p50"]
     row["median_pair_added_p50_ms"] = statistics.median(samples["pair_added_p50"])
     row["added_p99_ms"] = row["http_p99_ms"] - row["grpc_p99_ms"]
-    row["added_router_cpu_ms_per_request"] = row["http_router_cpu_ms_per_request"] - row["grpc_router_cpu_ms_per_request"]
+    if "http_router_cpu_ms_per_request" in row:
+        row["added_router_cpu_ms_per_request"] = (row["http_router_cpu_ms_per_request"]
+                                                  - row["grpc_router_cpu_ms_per_request"])
     return row
 
 
-def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
+def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict, dict]:
     from pdmesh.launcher import MeshSpec, start_mesh
 
     prompts = [_text(PROMPT_BYTES, seed) for seed in range(NUM_PROMPTS)]
@@ -213,7 +203,7 @@ def run(quick: bool, progress=_progress) -> tuple[dict, dict, dict, dict]:
     finally:
         mesh.stop()
     rows = {layout: _summarize(samples) for layout, samples in concurrent.items()}
-    return rows, _summarize(single), _summarize_mixed(mixed), concurrent, setup
+    return rows, _summarize(single), _summarize(mixed), concurrent, setup
 
 
 def _print_table(rows: dict[str, dict], single: dict, mixed: dict) -> None:
