@@ -28,6 +28,14 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Servers accept a client's keepalive pings as often as every 5 s, with or without calls (the
+# router pings its workers every 10 s: services.router.workers); the default (5 min) would answer
+# them with GOAWAY "too_many_pings".
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 
 # (add_XServicer_to_server, servicer instance, full service name)
 ServiceBinding = tuple[Callable, object, str]
@@ -142,7 +150,7 @@ async def start_server(make_bindings: Callable[[int], Iterable[ServiceBinding]],
     (servicers that advertise their own address need the port), adds health and reflection, starts.
     tls: a services.common.tls.TlsConfig (mutual TLS: clients need a certificate from its CA), or
     None for plaintext."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     if tls is not None:
         from services.common.tls import server_credentials
         bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 # address could stay unseen that long. Cap it near the state-stream retry backoff below.
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                       ("grpc.max_reconnect_backoff_ms", 2000)]
+# A worker that stops answering without closing its connections (a frozen process, a node cut off
+# the network) is found by HTTP/2 pings: one every 10 s, the connection dropped when a ping goes
+# unanswered for 5 s. Its decode session and state stream then fail (UNAVAILABLE): requests in
+# flight fail over and placement stops choosing it, instead of waiting on TCP for many minutes.
+_KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                      ("grpc.http2.ping_timeout_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1),
+                      ("grpc.http2.max_pings_without_data", 0)]
 _ROLE_NAMES = {worker_state_pb2.WORKER_ROLE_PREFILL: "prefill", worker_state_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
@@ -140,7 +147,7 @@ class WorkerRegistry:
             del self._by_key[endpoint.key]
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        return aio_channel(address, self._tls, [*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS])
+        return aio_channel(address, self._tls, [*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS, *_KEEPALIVE_OPTIONS])
 
     def views(self) -> list[WorkerView]:
         return self.table.views()

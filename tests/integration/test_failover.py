@@ -2,6 +2,7 @@
 worker killed before its request, a client that cancels. Every accepted request ends whole:
 greedy output equal to the uninterrupted run, no token lost or duplicated, no KV left behind."""
 
+import signal
 import threading
 import time
 
@@ -78,6 +79,36 @@ def test_decode_worker_killed_mid_stream_loses_and_repeats_nothing(mesh):
     # The mesh keeps serving on the surviving worker.
     again = [t for m in mesh.stub.Generate(request(20), timeout=60) for t in m.token_ids]
     assert again == expected[:20]
+
+
+def test_decode_worker_frozen_mid_stream_is_found_by_keepalive_and_the_request_moves(mesh):
+    """SIGSTOP: the worker's connections stay open but nothing answers. The router's keepalive
+    pings (10 s, 5 s to answer) drop the connection and the request resumes elsewhere."""
+    expected = [t for m in mesh.stub.Generate(request(), timeout=60) for t in m.token_ids]
+    received, messages, streaming = [], [], threading.Event()
+
+    def stream():
+        for message in mesh.stub.Generate(request(), timeout=120):
+            messages.append(message)
+            received.extend(message.token_ids)
+            if len(received) >= 30:
+                streaming.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert streaming.wait(60)
+    victim = busy_decode_worker(mesh)
+    victim.popen.send_signal(signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        thread.join(90)
+        moved_after_s = time.monotonic() - stopped
+    finally:
+        victim.popen.kill()  # SIGKILL works on a stopped process
+    assert not thread.is_alive(), "the request waited on the frozen worker"
+    assert received == expected, "tokens lost, duplicated or different after the failover"
+    assert messages[-1].placement.decode_worker_id != victim.name
+    assert moved_after_s < 40, f"the frozen worker was found after {moved_after_s:.0f} s"
 
 
 def test_prefill_worker_killed_request_is_served_elsewhere(mesh):
