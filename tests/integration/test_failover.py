@@ -51,8 +51,9 @@ def busy_decode_worker(mesh):
     raise AssertionError("no decode worker is running the request")
 
 
-def test_decode_worker_killed_mid_stream_loses_and_repeats_nothing(mesh):
-    expected = [t for m in mesh.stub.Generate(request(), timeout=60) for t in m.token_ids]
+def stream_in_background(mesh):
+    """Starts request() streaming on a thread; returns (thread, received token ids, messages) once
+    30 tokens have arrived."""
     received, messages, streaming = [], [], threading.Event()
 
     def stream():
@@ -65,6 +66,12 @@ def test_decode_worker_killed_mid_stream_loses_and_repeats_nothing(mesh):
     thread = threading.Thread(target=stream)
     thread.start()
     assert streaming.wait(60)
+    return thread, received, messages
+
+
+def test_decode_worker_killed_mid_stream_loses_and_repeats_nothing(mesh):
+    expected = [t for m in mesh.stub.Generate(request(), timeout=60) for t in m.token_ids]
+    thread, received, messages = stream_in_background(mesh)
     victim = busy_decode_worker(mesh)
     victim.popen.kill()  # SIGKILL: no drain, the stream breaks mid-flight
     thread.join(120)
@@ -85,18 +92,7 @@ def test_decode_worker_frozen_mid_stream_is_found_by_keepalive_and_the_request_m
     """SIGSTOP: the worker's connections stay open but nothing answers. The router's keepalive
     pings (10 s, 5 s to answer) drop the connection and the request resumes elsewhere."""
     expected = [t for m in mesh.stub.Generate(request(), timeout=60) for t in m.token_ids]
-    received, messages, streaming = [], [], threading.Event()
-
-    def stream():
-        for message in mesh.stub.Generate(request(), timeout=120):
-            messages.append(message)
-            received.extend(message.token_ids)
-            if len(received) >= 30:
-                streaming.set()
-
-    thread = threading.Thread(target=stream)
-    thread.start()
-    assert streaming.wait(60)
+    thread, received, messages = stream_in_background(mesh)
     victim = busy_decode_worker(mesh)
     victim.popen.send_signal(signal.SIGSTOP)
     try:
