@@ -134,16 +134,16 @@ class _Session:
         stream_id = call.stream_id
         timeout_s = call.timeout_ms / 1000 if call.timeout_ms else None
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        limit = asyncio.timeout(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with limit:
                 async with contextlib.aclosing(self._servicer.responses(
                         call.request, dict(call.trace_context), deadline, self._peer, "DecodeSession")) as responses:
                     async for response in responses:
                         self._push(decode_pb2.DecodeSessionEvent(stream_id=stream_id, response=response))
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline is not None and time.monotonic() >= deadline:
-                exc = TimeoutError(f"deadline of {call.timeout_ms} ms exceeded")
-            self._push(_failure(stream_id, exc))
+            failure = TimeoutError(f"deadline of {call.timeout_ms} ms exceeded") if limit.expired() else exc
+            self._push(_failure(stream_id, failure))
         finally:
             if self._tasks.get(stream_id) is asyncio.current_task():
                 del self._tasks[stream_id]

@@ -92,7 +92,7 @@ class DecodeSession:
                 yield response
 
     async def _decode_call(self, request: decode_pb2.DecodeRequest, timeout: float | None, trace_context):
-        call = self._stub.Decode(request, timeout=timeout, metadata=tuple(dict(trace_context).items()))
+        call = self._stub.Decode(request, timeout=timeout, metadata=tuple(trace_context))
         try:
             async for response in call:
                 yield response

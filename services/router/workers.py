@@ -55,8 +55,7 @@ class WorkerEndpoint:
 
     def __post_init__(self) -> None:
         self.prefill_stub = prefill_pb2_grpc.PrefillServiceStub(self.channel)
-        self.decode_stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
-        self.decode_session = DecodeSession(self.decode_stub, self.address)
+        self.decode_session = DecodeSession(decode_pb2_grpc.DecodeServiceStub(self.channel), self.address)
 
     @property
     def key(self) -> str:
@@ -175,9 +174,6 @@ class WorkerRegistry:
 
     def prefill_stub(self, worker_id: str) -> prefill_pb2_grpc.PrefillServiceStub:
         return self._by_key[worker_id].prefill_stub
-
-    def decode_stub(self, worker_id: str) -> decode_pb2_grpc.DecodeServiceStub:
-        return self._by_key[worker_id].decode_stub
 
     def decode_session(self, worker_id: str) -> DecodeSession:
         return self._by_key[worker_id].decode_session

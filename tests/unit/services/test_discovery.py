@@ -66,10 +66,10 @@ def test_remove_drops_the_prefix_index_entries_and_keeps_the_stub_for_requests_i
         registry.remove("10.0.0.9:1")  # unknown: no-op
         assert registry.views() == [] and not registry.has_healthy("decode")
         assert registry.index.num_blocks("decode-0") == 0
-        assert registry.decode_stub("decode-0") is endpoint.decode_stub  # placed requests still find it
+        assert registry.decode_session("decode-0") is endpoint.decode_session  # placed requests still find it
         await asyncio.sleep(0.5)  # channel closed after its grace: now it is forgotten
         with pytest.raises(KeyError):
-            registry.decode_stub("decode-0")
+            registry.decode_session("decode-0")
         await registry.close()
 
     asyncio.run(scenario())
