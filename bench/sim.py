@@ -84,7 +84,8 @@ def run(cfg: dict, validate: bool) -> dict:
                "best_split": f"{best['prefill']}P:{best['decode']}D", "best_split_goodput_rps": best["goodput_rps"]}
     if validate:
         v = report["validation"] = _validate(cfg["slice"])
-        for key in ("ttft_p50_prediction_error", "ttft_p90_prediction_error", "probe_slowdown"):
+        for key in ("ttft_p50_prediction_error", "ttft_p90_prediction_error", "as_calibrated_ttft_p50_prediction_error",
+                    "as_calibrated_ttft_p90_prediction_error", "probe_prefill_scale", "probe_decode_scale"):
             report[key] = v[key]
         for key in ("ttft_p50_error", "ttft_p90_error"):
             report[f"{key}_by_rate"] = {str(r["rate"]): r["predicted"][key] for r in v["phases"]}
@@ -150,7 +151,8 @@ def print_table(report: dict) -> None:
     for key in ("wall_s_full_trace_64w", "reuse_unbounded", "ttft_p50_ratio_prefix_vs_rr", "ttft_p90_ratio_prefix_vs_rr",
                 "goodput_ratio_prefix_vs_rr", "best_split", "ttft_p50_prediction_error", "ttft_p90_prediction_error",
                 "ttft_p50_error_by_rate", "ttft_p90_error_by_rate", "host_cpu_utilisation_by_rate",
-                "other_tenants_cpu_utilisation_by_rate", "background_cores_by_rate", "probe_slowdown"):
+                "other_tenants_cpu_utilisation_by_rate", "background_cores_by_rate", "as_calibrated_ttft_p50_prediction_error",
+                "as_calibrated_ttft_p90_prediction_error", "probe_prefill_scale", "probe_decode_scale"):
         if key in report:
             print(f"{key}: {report[key]}")
 

@@ -56,7 +56,7 @@ async def generate(stub, ids: list[int], max_tokens: int, timeout_s: float = 600
     return arrivals, last
 
 
-async def _probe(stub, ids: list[int], max_tokens: int) -> dict:
+async def probe(stub, ids: list[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     arrivals, last = await generate(stub, ids, max_tokens)
     gaps = [b - a for a, b in itertools.pairwise(arrivals) if b > a]  # tokens sent together: one gap
@@ -73,11 +73,11 @@ async def _probe_all(address: str, seed: int) -> list[dict]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         for _ in range(2):  # warm-up: both workers, the pull path, the router's tokenizer
-            await _probe(stub, random_tokens(rng, 160), 4)
+            await probe(stub, random_tokens(rng, 160), 4)
         await asyncio.sleep(1.0)
         out = []
         for n in PROBE_TOKENS:
-            runs = [await _probe(stub, random_tokens(rng, n), PROBE_OUTPUT) for _ in range(REPEATS)]
+            runs = [await probe(stub, random_tokens(rng, n), PROBE_OUTPUT) for _ in range(REPEATS)]
             out.append(min(runs, key=lambda r: r["ttft_s"]))
         return out
 

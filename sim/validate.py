@@ -24,6 +24,12 @@ that schedule (each phase at the offset where it really started) on 2 prefill + 
 with the workers' KV size and the cpu-local profile: its costs, its host sharing (2 cores,
 measured slowdown, less the phase's background), the engine's chunked prefill and padded
 attention, the engine-thread handoffs of the services, the transfer and RPC costs.
+
+Re-anchoring: before the replay, PROBES lone 512-token prompts through the live mesh measure how
+fast this machine computes now, prefill and decode, against the profile (probe_scales); the
+headline prediction scales the profile's compute times by those two factors. The profile alone
+(`as_calibrated`) is reported beside it: it is as good as the machine's speed on the day of the
+calibration is close to its speed now.
 """
 
 import asyncio
@@ -31,6 +37,7 @@ import dataclasses
 import math
 import os
 import random
+import statistics
 import time
 from itertools import groupby
 from typing import NamedTuple
@@ -46,6 +53,8 @@ from sim.trace import Request, read_mooncake
 ENGINE_BLOCK = 16
 TRACE_TICK_S = 3.0  # the Mooncake conversation trace's timestamp resolution
 PROBE_TOKENS = 512
+PROBE_OUTPUT = 12  # 11 gaps of one-sequence decode steps per probe
+PROBES = 4  # lone probe prompts before the replay; the median of each measure is kept
 
 
 class Slice(NamedTuple):
@@ -110,17 +119,18 @@ def scaled_phases(s: Slice) -> tuple[list[list[Request]], dict[str, list[int]]]:
 
 
 async def _replay(address: str, phases: list[list[Request]], tokens: dict, cpu: CpuMeter,
-                  gap_s: float) -> tuple[list[dict], list[float]]:
-    """Warm-up, two probe prompts alone (their prefill time on the live mesh), then each phase."""
+                  gap_s: float) -> tuple[list[dict], list[dict]]:
+    """Warm-up, PROBES probe prompts alone (the machine's speed now, see probe_scales), then each phase."""
     import grpc
 
     from pdmesh.v1 import router_pb2_grpc
+    from sim.serving import probe
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         rng = random.Random(-1)  # warm-up and probe prompts share nothing with the slice
-        for _ in range(2):
-            await asyncio.gather(*(_first_token(stub, random_tokens(rng, 160), 2, 0.0) for _ in range(2)))
-        probes = [(await _first_token(stub, random_tokens(rng, PROBE_TOKENS), 2, 0.0))["prefill_ms"] / 1000 for _ in range(2)]
+        for n in (160, PROBE_TOKENS):  # both workers of each pool, the probe's shapes
+            await asyncio.gather(*(_first_token(stub, random_tokens(rng, n), 2, 0.0) for _ in range(2)))
+        probes = [await probe(stub, random_tokens(rng, PROBE_TOKENS), PROBE_OUTPUT) for _ in range(PROBES)]
         await asyncio.sleep(1.0)
         t0 = time.perf_counter()
         out = []
@@ -158,7 +168,7 @@ async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict
             "cached_tokens": last.usage.cached_prompt_tokens}
 
 
-def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) -> tuple[list[dict], list[float]]:
+def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) -> tuple[list[dict], list[dict]]:
     from pdmesh.launcher import MeshSpec, start_mesh
     spec = MeshSpec(num_prefill=2, num_decode=2, router_port=0, profile="prefix_aware", num_blocks=s.num_blocks,
                     torch_threads=1, max_model_len=4096)
@@ -176,11 +186,25 @@ def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) 
 # -- the prediction -----------------------------------------------------------------------------
 
 
-def slowed(costs: CostModel, factor: float) -> CostModel:
-    """The profile with every compute time multiplied by factor (transfers and RPCs unchanged):
-    the serving-overhead factors already multiply every prefill and decode time."""
-    return dataclasses.replace(costs, prefill_overhead=costs.prefill_overhead * factor,
-                               decode_overhead=costs.decode_overhead * factor)
+def rescaled(costs: CostModel, prefill_scale: float, decode_scale: float) -> CostModel:
+    """The profile with every prefill time multiplied by prefill_scale and every decode step by
+    decode_scale (transfers and RPCs unchanged): the serving-overhead factors multiply them all."""
+    return dataclasses.replace(costs, prefill_overhead=costs.prefill_overhead * prefill_scale,
+                               decode_overhead=costs.decode_overhead * decode_scale)
+
+
+def probe_scales(costs: CostModel, probes: list[dict]) -> tuple[float, float]:
+    """How fast the machine computes now against the profile, from lone probes on the live mesh,
+    measured as the profile's serving overhead was (sim/serving.py): prefill = median(TTFT - KV
+    pull - 2 rpc_s) / the profile's prefill of that prompt; decode = median token gap / the
+    profile's one-sequence decode step at that context. A shared machine drifts by 10% and more
+    between a calibration and a replay (other tenants, CPU frequency, the host's own state), and
+    near saturation queueing amplifies a 10% slower step into a 30-50% later tail."""
+    served = statistics.median(p["ttft_s"] - p["kv_pull_s"] - 2 * costs.rpc_s for p in probes)
+    gap = statistics.median(p["token_gap_s"] for p in probes)
+    tokens = probes[0]["prompt_tokens"]
+    return (round(served / costs.prefill_s(tokens), 3),
+            round(gap / costs.decode_step_s(1, tokens + PROBE_OUTPUT // 2), 3))
 
 
 def predict(costs: CostModel, phases: list[list[Request]], offsets: list[float], seed: int,
@@ -236,33 +260,36 @@ def _phase_report(rate: float, phase: list[Request], run: dict, predictions: dic
 
 
 def validate(costs: CostModel, s: Slice, progress) -> dict:
-    """Measures the phases on the real mesh and predicts them: `predicted` with the profile as
-    calibrated (host sharing and serving overhead included) on a host whose other processes take
-    the cores' worth of CPU they were measured to take during each phase (background_cores: an
-    input measured alongside, like the arrival times; nothing is fitted to the TTFTs),
-    `no_background` with the profile alone (the workers have the host to themselves),
-    `no_host_sharing` with a core per worker, and `probe_scaled` with the profile alone and every
-    compute time scaled by the slowdown of a probe prompt timed alone on the live mesh before the
-    replay (how much slower this machine is now than when it was calibrated)."""
+    """Measures the phases on the real mesh and predicts them. `predicted`: the profile re-anchored
+    to the machine's speed at replay time (probe_scales: PROBES lone prompts timed on the live mesh
+    just before the replay) on a host whose other processes take the cores' worth of CPU they were
+    measured to take during each phase (background_cores). Both are inputs measured alongside, like
+    the arrival times; nothing is fitted to the TTFTs. Beside it: `as_calibrated`, the same without
+    the re-anchoring (the profile's own speed); `no_background`, re-anchored on a host to itself;
+    `no_host_sharing`, re-anchored with a core per worker."""
     phases, tokens = scaled_phases(s)
     costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
     runs, probes = measure_mesh(s, phases, tokens, progress)
     offsets = [run["offset_s"] for run in runs]
     background = [background_cores(run) for run in runs]
-    slowdown = min(probes) / costs.prefill_s(PROBE_TOKENS)
-    variants = {"predicted": (costs, background), "no_background": (costs, None),
-                "no_host_sharing": (dataclasses.replace(costs, host_cores=0.0), None),
-                "probe_scaled": (slowed(costs, slowdown), None)}
+    prefill_scale, decode_scale = probe_scales(costs, probes)
+    now = rescaled(costs, prefill_scale, decode_scale)
+    progress(f"probes: prefill {prefill_scale}x, decode {decode_scale}x the profile; predicting")
+    variants = {"predicted": (now, background), "as_calibrated": (costs, background), "no_background": (now, None),
+                "no_host_sharing": (dataclasses.replace(now, host_cores=0.0), None)}
     by_variant = {name: predict(c, phases, offsets, s.seed, b) for name, (c, b) in variants.items()}
     reports = [_phase_report(rate, phase, run, {name: p[i] for name, p in by_variant.items()}, costs)
                for i, (rate, phase, run) in enumerate(zip(s.rates, phases, runs))]
-    worst = lambda key: max(r["predicted"][key] for r in reports)
+    worst = lambda variant, key: max(r[variant][key] for r in reports)
     return {
         "slice": s._asdict(), "phases": reports,
         "prompt_tokens_mean": round(sum(r.prompt_tokens for p in phases for r in p) / (s.n * len(phases)), 1),
         "output_tokens_mean": round(sum(r.output_tokens for p in phases for r in p) / (s.n * len(phases)), 1),
-        "ttft_p50_prediction_error": worst("ttft_p50_error"), "ttft_p90_prediction_error": worst("ttft_p90_error"),
-        "probe_prefill_s": [round(p, 3) for p in probes], "probe_slowdown": round(slowdown, 2),
+        "ttft_p50_prediction_error": worst("predicted", "ttft_p50_error"),
+        "ttft_p90_prediction_error": worst("predicted", "ttft_p90_error"),
+        "as_calibrated_ttft_p50_prediction_error": worst("as_calibrated", "ttft_p50_error"),
+        "as_calibrated_ttft_p90_prediction_error": worst("as_calibrated", "ttft_p90_error"),
+        "probe_prefill_scale": prefill_scale, "probe_decode_scale": decode_scale, "probes": probes,
         "costs": {"host_cores": costs.host_cores, "host_slowdown": list(costs.host_slowdown),
                   "prefill_overhead": costs.prefill_overhead, "decode_overhead": costs.decode_overhead},
         "load_average_after": round(os.getloadavg()[0], 2),
@@ -271,23 +298,25 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
 
 def print_report(out: dict) -> None:
     print(f"{'rate':>6} {'host CPU':>9} {'background':>11} {'measured p50/p90':>17} {'predicted':>13} "
-          f"{'error':>11} {'no background':>14} {'no host sharing':>16} {'probe-scaled':>13}")
+          f"{'error':>11} {'as calibrated':>14} {'no background':>14} {'no host sharing':>16}")
     for r in out["phases"]:
-        p, e, n, q = r["predicted"], r["no_background"], r["no_host_sharing"], r["probe_scaled"]
+        p, a, e, n = r["predicted"], r["as_calibrated"], r["no_background"], r["no_host_sharing"]
         print(f"{r['rate']:>6} {r['host_cpu_utilisation']:>9.0%} {r['background_cores']:>6.2f} core "
               f"{r['measured_ttft_p50_s']:>8.2f}/{r['measured_ttft_p90_s']:<8.2f} {p['ttft_p50_s']:>6.2f}/"
               f"{p['ttft_p90_s']:<6.2f} {p['ttft_p50_error']:>5.0%}/{p['ttft_p90_error']:<5.0%} "
-              f"{e['ttft_p50_s']:>6.2f}/{e['ttft_p90_s']:<7.2f} {n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f} "
-              f"{q['ttft_p50_s']:>6.2f}/{q['ttft_p90_s']:<6.2f}")
+              f"{a['ttft_p50_s']:>6.2f}/{a['ttft_p90_s']:<7.2f} {e['ttft_p50_s']:>6.2f}/{e['ttft_p90_s']:<7.2f} "
+              f"{n['ttft_p50_s']:>7.2f}/{n['ttft_p90_s']:<8.2f}")
     for r in out["phases"]:
         print(f"KV pull at {r['rate']} req/s, mean: measured {r['kv_pull_ms_mean']['measured']} ms, "
               f"model {r['kv_pull_ms_mean']['model']} ms; CPU s by process {r['cpu_s_by_process']}, other "
               f"tenants of the machine {r['other_tenants_cpu_utilisation']:.0%} of its cores")
     c = out["costs"]
-    print(f"serving overhead in the profile: prefill x{c['prefill_overhead']}, decode x{c['decode_overhead']}")
+    print(f"serving overhead in the profile: prefill x{c['prefill_overhead']}, decode x{c['decode_overhead']}; "
+          f"the probes before the replay: prefill {out['probe_prefill_scale']}x, decode "
+          f"{out['probe_decode_scale']}x the profile")
     print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "
-          f"{out['ttft_p90_prediction_error']:.0%}; probe prefill {out['probe_prefill_s']} s = "
-          f"{out['probe_slowdown']}x the profile")
+          f"{out['ttft_p90_prediction_error']:.0%} (as calibrated: {out['as_calibrated_ttft_p50_prediction_error']:.0%}"
+          f" / {out['as_calibrated_ttft_p90_prediction_error']:.0%})")
 
 
 def main(argv: list[str] | None = None) -> None:

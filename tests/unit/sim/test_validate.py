@@ -14,7 +14,8 @@ from sim.validate import (
     machine_busy_s,
     predict,
     scaled_phases,
-    slowed,
+    probe_scales,
+    rescaled,
     spread_ticks,
 )
 
@@ -48,13 +49,22 @@ def test_host_slowdown_is_the_mean_over_kinds_of_work():
     assert host_slowdown({"prefill": [1.0, 1.2, 1.6], "decode": [1.0, 1.4, 2.0]}) == [1.0, 1.3, 1.8]
 
 
-def test_slowed_multiplies_compute_times_only():
+def test_rescaled_multiplies_prefill_and_decode_compute_times_only():
     costs = load_costs("cpu-local")
-    slow = slowed(costs, 1.5)
-    assert slow.prefill_s(512, 256) == pytest.approx(1.5 * costs.prefill_s(512, 256))
-    assert slow.decode_step_s(4, 2048) == pytest.approx(1.5 * costs.decode_step_s(4, 2048))
-    assert slow.attention_s([(64, 0), (128, 32)]) == pytest.approx(1.5 * costs.attention_s([(64, 0), (128, 32)]))
-    assert slow.transfer_s(1000) == costs.transfer_s(1000) and slow.rpc_s == costs.rpc_s
+    now = rescaled(costs, 1.5, 0.8)
+    assert now.prefill_s(512, 256) == pytest.approx(1.5 * costs.prefill_s(512, 256))
+    assert now.attention_s([(64, 0), (128, 32)]) == pytest.approx(1.5 * costs.attention_s([(64, 0), (128, 32)]))
+    assert now.decode_step_s(4, 2048) == pytest.approx(0.8 * costs.decode_step_s(4, 2048))
+    assert now.transfer_s(1000) == costs.transfer_s(1000) and now.rpc_s == costs.rpc_s
+
+
+def test_probe_scales_compare_lone_probes_with_the_profile_as_the_calibration_did():
+    costs = load_costs("cpu-local")
+    served, step = 1.1 * costs.prefill_s(512), 0.9 * costs.decode_step_s(1, 518)
+    probes = [{"prompt_tokens": 512, "ttft_s": served + pull + 2 * costs.rpc_s, "kv_pull_s": pull,
+               "token_gap_s": step * jitter} for pull, jitter in ((0.004, 1.0), (0.006, 1.01), (0.005, 0.99))]
+    probes.append(probes[0] | {"ttft_s": 10.0, "token_gap_s": 5.0})  # one straggler: the median ignores it
+    assert probe_scales(costs, probes) == pytest.approx((1.1, 0.9), abs=0.005)
 
 
 def test_machine_busy_counts_this_process_computing():
