@@ -12,9 +12,10 @@ conversation trace, and a check of its predictions against the real mesh here.
    headline rate -> the best split for the SLO. Drawn to a PNG beside the JSON.
 4. Validation (default on; --no-validate skips it): scaled slices replayed against a real
    2 prefill + 2 decode mesh at two request rates and predicted with the calibrated cpu-local
-   profile (sim/validate.py says exactly how the slices are scaled and timed): TTFT p50 and p90,
-   measured vs predicted, and the host's CPU utilisation, per rate. `ttft_p50_prediction_error`
-   is the worse of the two rates.
+   profile, re-anchored to the machine's speed by lone probes on the live mesh just before the
+   replay (sim/validate.py says exactly how the slices are scaled and timed): TTFT p50 and p90,
+   measured vs predicted (and vs the profile alone), and the host's CPU utilisation, per rate.
+   `ttft_p50_prediction_error` is the worse of the two rates.
 The simulator's numbers are deterministic (seed 0); only wall times and the validation drift.
 """
 
