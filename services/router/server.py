@@ -19,6 +19,7 @@ from services.common.errors import InvalidArgument, abort_with, status_for
 from services.common.metrics import REQUESTS
 from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
+from services.router.prefix_tokens import PrefixTokenCache
 from services.router.request_flow import GenerateJob, RequestFlow
 
 # Longer text is tokenized on one dedicated thread with the GIL released (Tokenizer.encode):
@@ -32,6 +33,7 @@ _PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer, api_keys: ApiKeys = ApiKeys()):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
+        self.prompt_tokens = PrefixTokenCache(tokenizer)  # long shared prefixes tokenized once
         self.api_keys = api_keys
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         # No text longer than this fits the context; computed once (a 262k-entry vocabulary scan).
@@ -71,8 +73,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                   f"{self._config.max_model_len} tokens: shorten it")
         if len(text) > INLINE_TOKENIZE_MAX_CHARS:  # keep the event loop free for other streams
             return await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, self._tokenizer.encode, text, add_bos)
-        return self._tokenizer.encode(text, add_bos=add_bos)
+                self._tokenize_pool, self.prompt_tokens.encode, text, add_bos)
+        return self.prompt_tokens.encode(text, add_bos=add_bos)
 
     async def generate(self, request: router_pb2.GenerateRequest, time_remaining: float | None = None,
                        metadata: dict[str, str] | None = None, on_trace_id=None):
