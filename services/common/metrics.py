@@ -33,6 +33,8 @@ ROUTING = Counter("pdmesh_routing_decisions", "Placement outcomes (remote_prefil
                   ["decision"])
 FAILOVERS = Counter("pdmesh_failovers", "Requests moved off a worker that went away, by phase", ["phase"])
 ROUTER_PROMPT_TOKENS = Counter("pdmesh_router_prompt_tokens", "Prompt tokens of finished requests", ["cached"])
+PROMPT_TEXT_CHARS = Counter("pdmesh_router_prompt_text_chars", "Characters of long text prompts, by where their "
+                            "token ids came from (cache: the prefix token cache; tokenized)", ["source"])
 KV_BYTES = Counter("pdmesh_kv_transfer_bytes", "KV bytes pulled into this decode worker", ["transport"])
 KV_SECONDS = Histogram("pdmesh_kv_transfer_seconds", "KV pull duration (handshake, bytes, verify)", ["transport"],
                        buckets=_LATENCY_BUCKETS)

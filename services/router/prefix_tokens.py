@@ -25,6 +25,8 @@ import threading
 from array import array
 from collections import OrderedDict
 
+from services.common.metrics import PROMPT_TEXT_CHARS
+
 CHUNK_CHARS = 1024  # about 250 tokens of English per cached chunk
 MIN_CHARS = 2 * CHUNK_CHARS  # shorter prompts tokenize directly: nothing to save
 MAX_CACHED_TOKENS = 1 << 20  # LRU bound: ~4 MiB of ids
@@ -96,6 +98,8 @@ class PrefixTokenCache:
         encoded = [e.ids for e in self._raw.encode_batch_fast(pieces, add_special_tokens=False)]
         for piece_ids in encoded:
             ids.extend(piece_ids)
+        PROMPT_TEXT_CHARS.labels("cache").inc(bounds[cached])
+        PROMPT_TEXT_CHARS.labels("tokenized").inc(len(text) - bounds[cached])
         with self._lock:
             self.hit_chars += bounds[cached]
             self.missed_chars += len(text) - bounds[cached]
