@@ -42,6 +42,7 @@ class RouterConfig:
     api_keys: tuple[str, ...] = ()
     served_model_name: str = "gemma-3-270m"
     chat_template: str | None = None
+    prompt_cache_tokens: int = 1 << 20  # the prefix token cache's size in token ids; 0 = off
     # YAML/JSON file mapping API key -> tenant (services/router/auth.py); keys guard gRPC and HTTP alike.
     api_keys_file: str | None = None
     tls: TlsConfig | None = None  # mutual TLS on the gRPC server and the worker channels; None = plaintext

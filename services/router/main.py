@@ -55,6 +55,8 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
                    help="the model id /v1/models lists and requests name")
     p.add_argument("--chat-template", default=env("PDMESH_CHAT_TEMPLATE"),
                    help="Jinja chat template file (default: the GGUF's, else Gemma 3's turn format)")
+    p.add_argument("--prompt-cache-tokens", type=int, default=int(env("PDMESH_PROMPT_CACHE_TOKENS", str(1 << 20))),
+                   help="token ids the prefix token cache keeps for long text prompts (0: off)")
     add_discovery_flags(p)
     add_tls_flags(p)
     add_priority_flags(p)
@@ -65,6 +67,7 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
                         ready_file=a.ready_file, metrics_port=a.metrics_port, http_host=a.http_host or a.host,
                         http_port=_http_port(p, a.http_port), api_keys=split(a.api_key),
                         served_model_name=a.served_model_name, chat_template=a.chat_template,
+                        prompt_cache_tokens=a.prompt_cache_tokens,
                         api_keys_file=a.api_keys_file, tls=tls_from_args(a), **discovery_fields(a),
                         **priority_fields(a))
 

@@ -62,7 +62,8 @@ def safe_splits(text: str, joiners: set[str], chunk_chars: int = CHUNK_CHARS) ->
 
 
 class PrefixTokenCache:
-    """tokenizer.encode with long shared prefixes served from an LRU of chunk ids. Thread-safe."""
+    """tokenizer.encode with long shared prefixes served from an LRU of at most max_tokens chunk
+    ids (0: off, every prompt tokenized whole). Thread-safe."""
 
     def __init__(self, tokenizer, chunk_chars: int = CHUNK_CHARS, min_chars: int = MIN_CHARS,
                  max_tokens: int = MAX_CACHED_TOKENS) -> None:
@@ -76,7 +77,7 @@ class PrefixTokenCache:
         self.hit_chars = self.missed_chars = 0  # text served from the cache / tokenized
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        if self.joiners is None or len(text) < self.min_chars:
+        if self.joiners is None or self.max_tokens <= 0 or len(text) < self.min_chars:
             return self._tokenizer.encode(text, add_bos)
         splits = safe_splits(text, self.joiners, self.chunk_chars)
         bounds = [0, *splits]

@@ -33,7 +33,7 @@ _PRIORITIES = {common_pb2.PRIORITY_CLASS_UNSPECIFIED: "interactive",
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, flow: RequestFlow, config: RouterConfig, tokenizer, api_keys: ApiKeys = ApiKeys()):
         self._flow, self._config, self._tokenizer = flow, config, tokenizer
-        self.prompt_tokens = PrefixTokenCache(tokenizer)  # long shared prefixes tokenized once
+        self.prompt_tokens = PrefixTokenCache(tokenizer, max_tokens=config.prompt_cache_tokens)
         self.api_keys = api_keys
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         # No text longer than this fits the context; computed once (a 262k-entry vocabulary scan).

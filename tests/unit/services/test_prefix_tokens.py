@@ -67,10 +67,13 @@ def test_a_shared_prefix_is_served_from_the_cache_and_the_rest_tokenized(tokeniz
     assert len(system) - 256 <= served <= len(system)  # all of the shared prefix but the last partial chunk
 
 
-def test_short_prompts_bypass_the_cache(tokenizer):
+def test_short_prompts_bypass_the_cache_and_size_0_turns_it_off(tokenizer):
     cache = PrefixTokenCache(tokenizer)
     assert cache.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]
-    assert cache.hit_chars == cache.missed_chars == 0
+    off = PrefixTokenCache(tokenizer, max_tokens=0)
+    long_text = _texts(3, 1)[0] * 4
+    assert off.encode(long_text) == off.encode(long_text) == tokenizer.encode(long_text)
+    assert cache.hit_chars == cache.missed_chars == off.hit_chars == off.missed_chars == 0
 
 
 def test_the_cache_holds_at_most_max_tokens(tokenizer):
