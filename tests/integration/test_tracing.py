@@ -172,3 +172,18 @@ def test_metrics_move_after_requests(traced_mesh):
     assert moved("decode-0", kv_bytes) == 3 * 5 * BLOCK_SIZE * ModelConfig.tiny().kv_bytes_per_token
     assert moved("decode-0", f'pdmesh_kv_transfer_seconds_count{{transport="{traced_mesh.transport}"}}') == 3
     assert after["decode-0"]['pdmesh_kv_blocks_total{service="decode",worker_id="decode-0"}'] == 128
+
+
+def test_a_repeated_long_text_prefix_is_tokenized_once(traced_mesh, tokenizer):
+    words = ("international", "organization", "responsibility", "development", "information", "understanding")
+    system = " ".join(words[i % len(words)] for i in range(180))  # ~2.3 KB, ~190 tokens
+    texts = [f"{system} First question here?", f"{system} A second, different question."]
+    before = scrape(traced_mesh, "router")
+    for text in texts:
+        request = router_pb2.GenerateRequest(text=text, max_tokens=2)
+        last = list(traced_mesh.stub.Generate(request, timeout=60))[-1]
+        assert last.usage.prompt_tokens == len(tokenizer.encode(text))  # the ids are the tokenizer's
+    after = scrape(traced_mesh, "router")
+    key = 'pdmesh_router_prompt_text_chars_total{source="%s"}'
+    served = after.get(key % "cache", 0) - before.get(key % "cache", 0)
+    assert 1024 <= served <= len(system)  # the second prompt's shared chunks came from the cache
