@@ -79,6 +79,15 @@ class Tokenizer:
         ids = self._tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return [self.bos_token_id, *ids] if add_bos else ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS, in one batch call (the library spreads it over the
+        cores and releases the GIL)."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def vocabulary(self) -> list[str]:
+        """Every token's text as the model sees it (spaces spelled "▁"), added tokens included."""
+        return list(self._tokenizer.get_vocab(with_added_tokens=True))
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -68,9 +68,8 @@ class PrefixTokenCache:
     def __init__(self, tokenizer, chunk_chars: int = CHUNK_CHARS, min_chars: int = MIN_CHARS,
                  max_tokens: int = MAX_CACHED_TOKENS) -> None:
         self._tokenizer = tokenizer
-        self._raw = tokenizer._tokenizer
         self.chunk_chars, self.min_chars, self.max_tokens = chunk_chars, min_chars, max_tokens
-        self.joiners = vocabulary_joiners(self._raw.get_vocab(with_added_tokens=True))
+        self.joiners = vocabulary_joiners(tokenizer.vocabulary())
         self._chunks: OrderedDict[bytes, array] = OrderedDict()
         self._tokens = 0
         self._lock = threading.Lock()
@@ -96,7 +95,7 @@ class PrefixTokenCache:
                 ids.extend(chunk)
                 cached += 1
         pieces = [text[start:end] for start, end in zip(bounds[cached:], [*splits[cached:], len(text)])]
-        encoded = [e.ids for e in self._raw.encode_batch_fast(pieces, add_special_tokens=False)]
+        encoded = self._tokenizer.encode_many(pieces)
         for piece_ids in encoded:
             ids.extend(piece_ids)
         PROMPT_TEXT_CHARS.labels("cache").inc(bounds[cached])
