@@ -12,7 +12,6 @@ are the median per prompt. --json also draws prompt_tokens.png beside it (ms per
 """
 
 import argparse
-import json
 import os
 import pathlib
 import random
@@ -20,6 +19,7 @@ import statistics
 import sys
 import time
 
+from bench.common import write_results
 from engine.tokenizer import load_tokenizer
 from services.router.prefix_tokens import PrefixTokenCache
 
@@ -126,12 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args.prompts or (40 if args.quick else 200))
     print_table(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    path = args.plot or (args.json and os.path.join(os.path.dirname(args.json) or ".", "prompt_tokens.png"))
-    if path:
-        plot(report, path)
-
+        write_results(args.json, report, "prompt_tokens.png", lambda png: plot(report, str(png)), args.plot)
+    elif args.plot:
+        plot(report, args.plot)
 
 if __name__ == "__main__":
     main()
