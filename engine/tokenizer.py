@@ -76,7 +76,7 @@ class Tokenizer:
         offsets (the router needs none): 30% less time than its encode() at 1 KB, the same ids.
         It also releases the GIL while it works, so a long prompt tokenized on another thread
         does not stall the caller's."""
-        ids = self._tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        ids = self.encode_many([text])[0]
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:

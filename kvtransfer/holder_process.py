@@ -25,7 +25,6 @@ import torch
 
 from pdmesh.v1 import common_pb2, kv_transfer_pb2_grpc
 
-from kvtransfer.client import CHANNEL_OPTIONS
 from kvtransfer.handle import KvHandle
 from kvtransfer.layout import KvLayout
 
@@ -49,7 +48,7 @@ async def _serve(args: argparse.Namespace) -> None:
     layout = KvLayout(args.model_id, "float32", args.block_size, args.num_layers, args.num_kv_heads, args.head_dim)
     pool = seeded_pool(layout, args.num_blocks, args.seed)
     freed: list[str] = []
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)  # the transport options a prefill worker's server has
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
     port = server.add_insecure_port("127.0.0.1:0")
     source = KvSource(pool, layout, "holder-test", f"127.0.0.1:{port}", lease_ttl_s=args.lease_ttl_s,
                       on_free=lambda lease: freed.append(lease.lease_id), enable_nixl=not args.no_nixl)

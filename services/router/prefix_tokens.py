@@ -70,13 +70,14 @@ class PrefixTokenCache:
         self._tokenizer = tokenizer
         self.chunk_chars, self.min_chars, self.max_tokens = chunk_chars, min_chars, max_tokens
         self.joiners = vocabulary_joiners(tokenizer.vocabulary())
+        self.enabled = self.joiners is not None and max_tokens > 0
         self._chunks: OrderedDict[bytes, array] = OrderedDict()
         self._tokens = 0
         self._lock = threading.Lock()
         self.hit_chars = self.missed_chars = 0  # text served from the cache / tokenized
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        if self.joiners is None or self.max_tokens <= 0 or len(text) < self.min_chars:
+        if not self.enabled or len(text) < self.min_chars:
             return self._tokenizer.encode(text, add_bos)
         splits = safe_splits(text, self.joiners, self.chunk_chars)
         bounds = [0, *splits]
