@@ -28,7 +28,11 @@ A closed loop of identical requests runs in lock-step: a decode batch ends, all 
 at once, and the router (one Python event loop) takes the burst one request at a time, so the
 k-th waits for the k-1 before it. An open-loop diagnostic in the headline layout (`open_loop`,
 1 KB) sends Poisson arrivals at 60% of the direct arm's closed-loop rate, the same arrival times
-in both arms: the router's latency when requests do not arrive in bursts of 64.
+in both arms: the router's latency when requests do not arrive in bursts of 64. A third arm in
+the headline layout (`token_ids`, 1 KB) sends the router the same prompts as token ids, as a client
+that tokenizes does: the router's hop and placement without its tokenizing. And direct against
+itself in the same alternating batches (A/A, `a_a`): the added p50 and p99 that a path identical
+to direct shows, i.e. the smallest difference this comparison can resolve on this host.
 
 Part 2 (in process): the real prefix_aware profile places a 4,096-token prompt among 500 decode
 and 500 prefill workers whose prefix index holds 100,000 blocks; timed with the block hashing it
@@ -125,7 +129,22 @@ class Arms:
             raise RuntimeError(f"router tokenized {last.usage.prompt_tokens} tokens, the bench {len(ids)}")
         return ttft
 
+    async def router_ids(self, text: str, ids: list[int]) -> float:
+        """The same request sent as token ids: the router's hop without its tokenizing."""
+        start = time.perf_counter()
+        ttft = None
+        async for m in self._router.Generate(router_pb2.GenerateRequest(
+                token_ids=common_pb2.TokenIds(ids=ids), max_tokens=MAX_TOKENS, sampling=self._sampling,
+                ignore_eos=True), timeout=120):
+            if ttft is None and m.token_ids:
+                ttft = (time.perf_counter() - start) * 1000
+        return ttft
+
     async def direct(self, text: str, ids: list[int]) -> float:
+        return await self._decode_call(self._decode, ids)
+
+    async def direct_again(self, text: str, ids: list[int]) -> float:
+        """direct under another name: direct against itself (A/A) shows what the comparison resolves."""
         return await self._decode_call(self._decode, ids)
 
     async def relay(self, text: str, ids: list[int]) -> float:
@@ -216,7 +235,7 @@ def _summarize_size(kb: int, num_tokens: int, samples: dict, front: str = "route
     return row
 
 
-def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict]], dict, dict, dict]:
+def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict]], dict, dict, dict, dict, dict, dict]:
     from engine.tokenizer import load_tokenizer
     from pdmesh.launcher import MeshSpec, start_mesh
 
@@ -245,7 +264,7 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                              stdout=subprocess.PIPE, text=True)
     relay_address = f"127.0.0.1:{relay.stdout.readline().split()[1]}"
     pairs, rounds = (4, 2) if quick else (10, 3)
-    rows, raw, open_loop, relay_row = {"shared": [], "pinned": []}, {}, {}, {}
+    rows, raw, open_loop, relay_row, ids_row, aa_row = {"shared": [], "pinned": []}, {}, {}, {}, {}, {}
     split, own_cpus = core_split(), os.sched_getaffinity(0)
     setup["layouts"] = layout_names(split)
     try:
@@ -283,6 +302,22 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                         progress(f"  relay p50 {relay_row['relay_p50_ms']:.2f} ms, direct p50 "
                                  f"{relay_row['direct_p50_ms']:.2f} ms, added p50 {relay_row['added_p50_ms']:+.2f} ms, "
                                  f"added p99 {relay_row['added_p99_ms']:+.2f} ms")
+                        progress(f"{layout} cores, 1 KB prompts sent as token ids: {pairs} router/direct batch "
+                                 "pairs (the router's hop without its tokenizing)")
+                        samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front="router_ids")
+                        ids_row.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, "router_ids"),
+                                       layout=layout)
+                        raw[layout, "router_ids"] = samples
+                        progress(f"  router (ids) p50 {ids_row['router_ids_p50_ms']:.2f} ms, direct p50 "
+                                 f"{ids_row['direct_p50_ms']:.2f} ms, added p50 {ids_row['added_p50_ms']:+.2f} ms, "
+                                 f"added p99 {ids_row['added_p99_ms']:+.2f} ms")
+                        progress(f"{layout} cores, 1 KB prompts: {pairs} direct/direct batch pairs (A/A: the "
+                                 "noise floor of an added percentile)")
+                        samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front="direct_again")
+                        aa_row.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, "direct_again"),
+                                      layout=layout)
+                        progress(f"  direct vs direct: added p50 {aa_row['added_p50_ms']:+.2f} ms, added p99 "
+                                 f"{aa_row['added_p99_ms']:+.2f} ms")
                         rate = OPEN_LOOP_LOAD * rows[layout][0]["direct_requests_per_s"]
                         progress(f"{layout} cores, 1 KB prompts, open loop: Poisson arrivals at {rate:.0f}/s "
                                  f"({OPEN_LOOP_LOAD:.0%} of the direct closed-loop rate), {pairs} router/direct pairs")
@@ -299,7 +334,7 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
         relay.kill()
         relay.wait()
         mesh.stop()
-    return rows, raw, setup, open_loop, relay_row
+    return rows, raw, setup, open_loop, relay_row, ids_row, aa_row
 
 
 # ---- part 2: decision cost ---------------------------------------------------------------------
@@ -381,7 +416,8 @@ def run_decision(quick: bool, progress=_progress) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------
 
-def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict, relay: dict) -> None:
+def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict, relay: dict,
+                 ids: dict, aa: dict) -> None:
     print()
     print(f"{'cores':>7} {'prompt':>7} {'tokens':>7} {'n/arm':>6} | {'router p50':>10} {'direct p50':>10} "
           f"{'added p50':>9} | {'router p99':>10} {'direct p99':>10} {'added p99':>9}")
@@ -409,6 +445,16 @@ def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, ope
               f"{relay['added_p99_ms']:+.2f} ms; relay CPU {relay['relay_relay_cpu_ms_per_request']:.2f} ms per request, "
               f"decode worker {relay['relay_decode_cpu_ms_per_request']:.2f} via relay vs "
               f"{relay['direct_decode_cpu_ms_per_request']:.2f} direct")
+    if ids:
+        print(f"    1KB as token ids through the router ({ids['layout']} cores, {STREAMS} streams, "
+              f"{ids['requests_per_arm']} per arm): router p50 {ids['router_ids_p50_ms']:.2f} ms, direct p50 "
+              f"{ids['direct_p50_ms']:.2f} ms, added p50 {ids['added_p50_ms']:+.2f} ms, added p99 "
+              f"{ids['added_p99_ms']:+.2f} ms; router CPU {ids['router_ids_router_cpu_ms_per_request']:.2f} ms per "
+              f"request (text: {rows[ids['layout']][0]['router_router_cpu_ms_per_request']:.2f})")
+    if aa:
+        print(f"    1KB, direct against itself (A/A, {aa['layout']} cores, {STREAMS} streams, {aa['requests_per_arm']} "
+              f"per arm): added p50 {aa['added_p50_ms']:+.2f} ms, added p99 {aa['added_p99_ms']:+.2f} ms "
+              "(what the comparison resolves)")
     if open_loop:
         o = open_loop
         print(f"    1KB, open loop ({o['layout']} cores, Poisson {o['rate_per_s']:.0f}/s = {o['load']:.0%} of the direct "
@@ -436,6 +482,8 @@ def _plot(path: pathlib.Path, raw: dict) -> None:
         for (layout, size), samples in raw.items():
             if size == "relay" and kb == 1:
                 plot_cdf(ax, samples["relay"], ":", f"bare relay, {layout} cores")
+            if size == "router_ids" and kb == 1:
+                plot_cdf(ax, samples["router_ids"], "-.", f"router, token ids, {layout} cores")
             if size != kb:
                 continue
             for arm, style in (("direct", "-"), ("router", "--")):
@@ -459,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _progress(f"load average {os.getloadavg()[0]:.2f} at start")
     decision = run_decision(args.quick)
-    rows, raw, setup, open_loop, relay_row = ({"shared": [], "pinned": []}, {}, {}, {}, {}) if args.skip_mesh else \
+    rows, raw, setup, open_loop, relay_row, ids_row, aa_row = ({"shared": [], "pinned": []}, {}, {}, {}, {}, {}, {}) \
+        if args.skip_mesh else \
         run_added_ttft(args.quick)
     shared = {r["prompt_kb"]: r for r in rows["shared"]}
     # The headline: the pinned layout (the router off the worker's core); shared cores without a second CPU.
@@ -479,6 +528,10 @@ def main(argv: list[str] | None = None) -> None:
         "added_ttft_p99_ms_shared_cores": shared[1]["added_p99_ms"] if shared else None,
         "added_ttft_p50_ms_bare_relay": relay_row.get("added_p50_ms"),
         "added_ttft_p99_ms_bare_relay": relay_row.get("added_p99_ms"),
+        "added_ttft_p50_ms_token_ids": ids_row.get("added_p50_ms"),
+        "added_ttft_p99_ms_token_ids": ids_row.get("added_p99_ms"),
+        "added_ttft_p50_ms_a_a": aa_row.get("added_p50_ms"),
+        "added_ttft_p99_ms_a_a": aa_row.get("added_p99_ms"),
         "added_ttft_p50_ms_open_loop": open_loop.get("added_p50_ms"),
         "added_ttft_p99_ms_open_loop": open_loop.get("added_p99_ms"),
         "decision_ms_1000_workers": decision["place_incl_hashing_p50_ms"],
@@ -486,14 +539,16 @@ def main(argv: list[str] | None = None) -> None:
                           "alone on its core, decode worker and load generator on the other); *_shared_cores: the "
                           "same with nothing pinned (the figure first reported); *_bare_relay: bench.grpc_relay in "
                           "the router's place, a Python gRPC hop doing no work (the floor of this stack), 64 streams, "
-                          "1 KB; *_open_loop: Poisson arrivals at 60% of the "
+                          "1 KB; *_token_ids: the same prompts sent to the router as token ids (its hop "
+                          "without tokenizing), headline layout; *_a_a: direct against itself in the same alternating "
+                          "batches (the comparison's noise floor), headline layout; *_open_loop: Poisson arrivals at 60% of the "
                           "direct closed-loop rate, headline layout, 1 KB; added_ms_per_kb: one stream alone"),
         "sizes": rows["pinned"] or rows["shared"], "sizes_shared_cores": rows["shared"], "open_loop": open_loop,
-        "bare_relay": relay_row,
+        "bare_relay": relay_row, "token_ids": ids_row, "a_a": aa_row,
         "setup": setup,
         "decision": decision, "targets": TARGETS, "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }
-    _print_table(rows, decision, per_kb, open_loop, relay_row)
+    _print_table(rows, decision, per_kb, open_loop, relay_row, ids_row, aa_row)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,
