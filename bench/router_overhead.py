@@ -183,7 +183,8 @@ async def _single_stream(arms: Arms, prompts, pairs: int) -> dict:
 
 
 async def _measure_size(arms: Arms, prompts, pairs: int, rounds: int, cpu: CpuMeter, front: str = "router") -> dict:
-    """`front` ("router" or "relay") against direct, in alternating batches; samples keyed by arm name."""
+    """`front` (an Arms method other than direct) against direct, in alternating batches; samples keyed by
+    arm name."""
     samples = {front: [], "direct": [], "cpu": {front: {}, "direct": {}}, "seconds": {front: 0.0, "direct": 0.0}}
     for prompt in prompts:  # one at a time: 64 uncached 64 KB prefills at once exhaust memory
         await arms.direct(*prompt)
@@ -293,31 +294,21 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                         progress(f"  router p50 {row['router_p50_ms']:.2f} ms, direct p50 {row['direct_p50_ms']:.2f} ms, "
                                  f"added p50 {row['added_p50_ms']:+.2f} ms, added p99 {row['added_p99_ms']:+.2f} ms")
                     if layout == "pinned" or not split:  # the floor and the open loop at 1 KB, headline layout
-                        progress(f"{layout} cores, 1 KB prompts: {pairs} relay/direct batch pairs (bench.grpc_relay "
-                                 "where the router sits: a Python gRPC hop that does no work)")
-                        samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front="relay")
-                        relay_row.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, "relay"),
-                                         layout=layout)
-                        raw[layout, "relay"] = samples
-                        progress(f"  relay p50 {relay_row['relay_p50_ms']:.2f} ms, direct p50 "
-                                 f"{relay_row['direct_p50_ms']:.2f} ms, added p50 {relay_row['added_p50_ms']:+.2f} ms, "
-                                 f"added p99 {relay_row['added_p99_ms']:+.2f} ms")
-                        progress(f"{layout} cores, 1 KB prompts sent as token ids: {pairs} router/direct batch "
-                                 "pairs (the router's hop without its tokenizing)")
-                        samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front="router_ids")
-                        ids_row.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, "router_ids"),
-                                       layout=layout)
-                        raw[layout, "router_ids"] = samples
-                        progress(f"  router (ids) p50 {ids_row['router_ids_p50_ms']:.2f} ms, direct p50 "
-                                 f"{ids_row['direct_p50_ms']:.2f} ms, added p50 {ids_row['added_p50_ms']:+.2f} ms, "
-                                 f"added p99 {ids_row['added_p99_ms']:+.2f} ms")
-                        progress(f"{layout} cores, 1 KB prompts: {pairs} direct/direct batch pairs (A/A: the "
-                                 "noise floor of an added percentile)")
-                        samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front="direct_again")
-                        aa_row.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, "direct_again"),
-                                      layout=layout)
-                        progress(f"  direct vs direct: added p50 {aa_row['added_p50_ms']:+.2f} ms, added p99 "
-                                 f"{aa_row['added_p99_ms']:+.2f} ms")
+                        for front, into, what in (
+                                ("relay", relay_row, "bench.grpc_relay where the router sits: a Python gRPC hop "
+                                                     "that does no work"),
+                                ("router_ids", ids_row, "the prompts sent as token ids: the router's hop without "
+                                                        "its tokenizing"),
+                                ("direct_again", aa_row, "direct against itself, A/A: the noise floor of an added "
+                                                         "percentile")):
+                            progress(f"{layout} cores, 1 KB prompts: {pairs} {front}/direct batch pairs ({what})")
+                            samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front=front)
+                            into.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, front),
+                                        layout=layout)
+                            raw[layout, front] = samples
+                            progress(f"  {front} p50 {into[f'{front}_p50_ms']:.2f} ms, direct p50 "
+                                     f"{into['direct_p50_ms']:.2f} ms, added p50 {into['added_p50_ms']:+.2f} ms, "
+                                     f"added p99 {into['added_p99_ms']:+.2f} ms")
                         rate = OPEN_LOOP_LOAD * rows[layout][0]["direct_requests_per_s"]
                         progress(f"{layout} cores, 1 KB prompts, open loop: Poisson arrivals at {rate:.0f}/s "
                                  f"({OPEN_LOOP_LOAD:.0%} of the direct closed-loop rate), {pairs} router/direct pairs")
@@ -540,9 +531,10 @@ def main(argv: list[str] | None = None) -> None:
                           "same with nothing pinned (the figure first reported); *_bare_relay: bench.grpc_relay in "
                           "the router's place, a Python gRPC hop doing no work (the floor of this stack), 64 streams, "
                           "1 KB; *_token_ids: the same prompts sent to the router as token ids (its hop "
-                          "without tokenizing), headline layout; *_a_a: direct against itself in the same alternating "
-                          "batches (the comparison's noise floor), headline layout; *_open_loop: Poisson arrivals at 60% of the "
-                          "direct closed-loop rate, headline layout, 1 KB; added_ms_per_kb: one stream alone"),
+                          "without tokenizing), headline layout; *_a_a: direct against itself in the same "
+                          "alternating batches (the comparison's noise floor), headline layout; *_open_loop: "
+                          "Poisson arrivals at 60% of the direct closed-loop rate, headline layout, 1 KB; "
+                          "added_ms_per_kb: one stream alone"),
         "sizes": rows["pinned"] or rows["shared"], "sizes_shared_cores": rows["shared"], "open_loop": open_loop,
         "bare_relay": relay_row, "token_ids": ids_row, "a_a": aa_row,
         "setup": setup,
