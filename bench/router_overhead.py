@@ -28,11 +28,13 @@ A closed loop of identical requests runs in lock-step: a decode batch ends, all 
 at once, and the router (one Python event loop) takes the burst one request at a time, so the
 k-th waits for the k-1 before it. An open-loop diagnostic in the headline layout (`open_loop`,
 1 KB) sends Poisson arrivals at 60% of the direct arm's closed-loop rate, the same arrival times
-in both arms: the router's latency when requests do not arrive in bursts of 64. A third arm in
-the headline layout (`token_ids`, 1 KB) sends the router the same prompts as token ids, as a client
-that tokenizes does: the router's hop and placement without its tokenizing. And direct against
-itself in the same alternating batches (A/A, `a_a`): the added p50 and p99 that a path identical
-to direct shows, i.e. the smallest difference this comparison can resolve on this host.
+in both arms: the router's latency when requests do not arrive in bursts of 64. Four more paths
+are compared with direct in the headline layout at 1 KB (COMPARISONS): a bare relay in the
+router's place (`bench.grpc_relay`: the floor of any Python gRPC hop); the router's own hop alone
+(`bench.grpc_relay --session`: each call one request on a DecodeSession stream, as the router
+sends it, with none of the router's work); the router sent token ids, as a client that tokenizes
+does (its hop and placement without tokenizing); and direct against itself in the same
+alternating batches (A/A: the smallest difference this comparison can resolve on this host).
 
 Part 2 (in process): the real prefix_aware profile places a 4,096-token prompt among 500 decode
 and 500 prefill workers whose prefix index holds 100,000 blocks; timed with the block hashing it
@@ -66,6 +68,17 @@ from pdmesh.v1 import (
 )
 
 STREAMS = 64
+# Paths compared with direct besides the router's own, at 1 KB in the headline layout:
+# (Arms method, JSON name, the process whose CPU it adds, what it shows).
+COMPARISONS = (
+    ("relay", "bare_relay", "relay", "a bare relay where the router sits: bench.grpc_relay, a Python gRPC hop that "
+                                     "forwards bytes and does nothing else (the floor of this stack)"),
+    ("session_relay", "session_relay", "session_relay",
+     "the router's own hop alone: bench.grpc_relay --session, each call one request on a DecodeSession stream, "
+     "none of the router's work"),
+    ("router_ids", "token_ids", "router", "the router sent token ids: its hop and placement without tokenizing"),
+    ("direct_again", "a_a", None, "direct against itself (A/A): the smallest difference the comparison resolves"),
+)
 PROMPT_KB = (1, 64)
 OPEN_LOOP_LOAD = 0.6  # the open-loop diagnostic offers this fraction of the direct arm's closed-loop rate
 MAX_TOKENS = 4
@@ -108,13 +121,14 @@ def _text(num_bytes: int, seed: int) -> str:
 class Arms:
     """The two ways to send one prompt; each call returns its TTFT in ms."""
 
-    def __init__(self, router_address: str, decode_address: str, relay_address: str):
+    def __init__(self, router_address: str, decode_address: str, relay_address: str, session_relay_address: str):
         from services.common.server import CHANNEL_OPTIONS
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
-                          for a in (router_address, decode_address, relay_address)]
+                          for a in (router_address, decode_address, relay_address, session_relay_address)]
         self._router = router_pb2_grpc.RouterServiceStub(self._channels[0])
         self._decode = decode_pb2_grpc.DecodeServiceStub(self._channels[1])
         self._relayed = decode_pb2_grpc.DecodeServiceStub(self._channels[2])
+        self._session_relayed = decode_pb2_grpc.DecodeServiceStub(self._channels[3])
         self._sampling = common_pb2.SamplingParams(temperature=0.0)
 
     async def router(self, text: str, ids: list[int]) -> float:
@@ -150,6 +164,10 @@ class Arms:
     async def relay(self, text: str, ids: list[int]) -> float:
         """The direct request through bench.grpc_relay, a relay that does no work of its own."""
         return await self._decode_call(self._relayed, ids)
+
+    async def session_relay(self, text: str, ids: list[int]) -> float:
+        """The direct request through bench.grpc_relay --session: the router's hop with none of its work."""
+        return await self._decode_call(self._session_relayed, ids)
 
     async def _decode_call(self, stub, ids: list[int]) -> float:
         start = time.perf_counter()
@@ -236,7 +254,7 @@ def _summarize_size(kb: int, num_tokens: int, samples: dict, front: str = "route
     return row
 
 
-def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict]], dict, dict, dict, dict, dict, dict]:
+def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict]], dict, dict, dict, dict]:
     from engine.tokenizer import load_tokenizer
     from pdmesh.launcher import MeshSpec, start_mesh
 
@@ -261,24 +279,28 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
              "mesh": "1 tiny decode worker, 0 prefill workers, profile local_prefill (never_remote)"}
     progress(f"starting mesh: {setup['mesh']}, max_model_len {max_model_len}, {num_blocks} blocks ({run_dir})")
     mesh = start_mesh(spec, str(run_dir), progress=lambda m: progress(m.strip()))
-    relay = subprocess.Popen([sys.executable, "-m", "bench.grpc_relay", "--target", mesh.workers("decode")[0].info["address"]],
-                             stdout=subprocess.PIPE, text=True)
-    relay_address = f"127.0.0.1:{relay.stdout.readline().split()[1]}"
+    relays = {name: subprocess.Popen([sys.executable, "-m", "bench.grpc_relay", "--target",
+                                      mesh.workers("decode")[0].info["address"], *flags],
+                                     stdout=subprocess.PIPE, text=True)
+              for name, flags in (("relay", ()), ("session_relay", ("--session",)))}
+    relay_addresses = [f"127.0.0.1:{relays[name].stdout.readline().split()[1]}" for name in ("relay", "session_relay")]
     pairs, rounds = (4, 2) if quick else (10, 3)
-    rows, raw, open_loop, relay_row, ids_row, aa_row = {"shared": [], "pinned": []}, {}, {}, {}, {}, {}
+    rows, raw, open_loop, compared = {"shared": [], "pinned": []}, {}, {}, {}
     split, own_cpus = core_split(), os.sched_getaffinity(0)
     setup["layouts"] = layout_names(split)
     try:
         async def go():
             router_pid = mesh.process("router").popen.pid
             decode_pid = mesh.workers("decode")[0].popen.pid
-            arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"], relay_address)
-            cpu = CpuMeter({"router": router_pid, "decode": decode_pid, "relay": relay.pid})
+            arms = Arms(mesh.router_address, mesh.workers("decode")[0].info["address"], *relay_addresses)
+            cpu = CpuMeter({"router": router_pid, "decode": decode_pid,
+                            **{name: process.pid for name, process in relays.items()}})
             try:
                 for layout in setup["layouts"]:  # shared, then pinned when there are two CPUs
                     if layout == "pinned":
                         pin_router_apart(split, router_pid, decode_pid)
-                        pin_process(relay.pid, split[0])
+                        for process in relays.values():  # where the router sits
+                            pin_process(process.pid, split[0])
                     for kb in PROMPT_KB:
                         n = statistics.median(len(ids) for _, ids in prompts[kb])
                         progress(f"{layout} cores, {kb} KB prompts (~{n:.0f} tokens): {pairs} router/direct batch "
@@ -294,21 +316,15 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                         progress(f"  router p50 {row['router_p50_ms']:.2f} ms, direct p50 {row['direct_p50_ms']:.2f} ms, "
                                  f"added p50 {row['added_p50_ms']:+.2f} ms, added p99 {row['added_p99_ms']:+.2f} ms")
                     if layout == "pinned" or not split:  # the floor and the open loop at 1 KB, headline layout
-                        for front, into, what in (
-                                ("relay", relay_row, "bench.grpc_relay where the router sits: a Python gRPC hop "
-                                                     "that does no work"),
-                                ("router_ids", ids_row, "the prompts sent as token ids: the router's hop without "
-                                                        "its tokenizing"),
-                                ("direct_again", aa_row, "direct against itself, A/A: the noise floor of an added "
-                                                         "percentile")):
+                        for front, name, _, what in COMPARISONS:
                             progress(f"{layout} cores, 1 KB prompts: {pairs} {front}/direct batch pairs ({what})")
                             samples = await _measure_size(arms, prompts[1], pairs, rounds, cpu, front=front)
-                            into.update(_summarize_size(1, rows[layout][0]["prompt_tokens"], samples, front),
-                                        layout=layout)
+                            row = compared[name] = dict(
+                                _summarize_size(1, rows[layout][0]["prompt_tokens"], samples, front), layout=layout)
                             raw[layout, front] = samples
-                            progress(f"  {front} p50 {into[f'{front}_p50_ms']:.2f} ms, direct p50 "
-                                     f"{into['direct_p50_ms']:.2f} ms, added p50 {into['added_p50_ms']:+.2f} ms, "
-                                     f"added p99 {into['added_p99_ms']:+.2f} ms")
+                            progress(f"  {front} p50 {row[f'{front}_p50_ms']:.2f} ms, direct p50 "
+                                     f"{row['direct_p50_ms']:.2f} ms, added p50 {row['added_p50_ms']:+.2f} ms, "
+                                     f"added p99 {row['added_p99_ms']:+.2f} ms")
                         rate = OPEN_LOOP_LOAD * rows[layout][0]["direct_requests_per_s"]
                         progress(f"{layout} cores, 1 KB prompts, open loop: Poisson arrivals at {rate:.0f}/s "
                                  f"({OPEN_LOOP_LOAD:.0%} of the direct closed-loop rate), {pairs} router/direct pairs")
@@ -322,10 +338,11 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                 await arms.close()
         asyncio.run(go())
     finally:
-        relay.kill()
-        relay.wait()
+        for process in relays.values():
+            process.kill()
+            process.wait()
         mesh.stop()
-    return rows, raw, setup, open_loop, relay_row, ids_row, aa_row
+    return rows, raw, setup, open_loop, compared
 
 
 # ---- part 2: decision cost ---------------------------------------------------------------------
@@ -407,8 +424,8 @@ def run_decision(quick: bool, progress=_progress) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------
 
-def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict, relay: dict,
-                 ids: dict, aa: dict) -> None:
+def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, open_loop: dict,
+                 compared: dict[str, dict]) -> None:
     print()
     print(f"{'cores':>7} {'prompt':>7} {'tokens':>7} {'n/arm':>6} | {'router p50':>10} {'direct p50':>10} "
           f"{'added p50':>9} | {'router p99':>10} {'direct p99':>10} {'added p99':>9}")
@@ -429,23 +446,14 @@ def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, ope
               f"{one['direct_p50_ms']:.2f} ms, added p50 {one['added_p50_ms']:+.2f} ms, added p99 {one['added_p99_ms']:+.2f} ms")
     if rows["shared"]:
         print(f"added per KB of prompt (slope of the one-stream added p50, 1 -> 64 KB): {per_kb:+.3f} ms/KB")
-    if relay:
-        print(f"    1KB, bare relay in the router's place ({relay['layout']} cores, {STREAMS} streams, "
-              f"{relay['requests_per_arm']} per arm): relay p50 {relay['relay_p50_ms']:.2f} ms, direct p50 "
-              f"{relay['direct_p50_ms']:.2f} ms, added p50 {relay['added_p50_ms']:+.2f} ms, added p99 "
-              f"{relay['added_p99_ms']:+.2f} ms; relay CPU {relay['relay_relay_cpu_ms_per_request']:.2f} ms per request, "
-              f"decode worker {relay['relay_decode_cpu_ms_per_request']:.2f} via relay vs "
-              f"{relay['direct_decode_cpu_ms_per_request']:.2f} direct")
-    if ids:
-        print(f"    1KB as token ids through the router ({ids['layout']} cores, {STREAMS} streams, "
-              f"{ids['requests_per_arm']} per arm): router p50 {ids['router_ids_p50_ms']:.2f} ms, direct p50 "
-              f"{ids['direct_p50_ms']:.2f} ms, added p50 {ids['added_p50_ms']:+.2f} ms, added p99 "
-              f"{ids['added_p99_ms']:+.2f} ms; router CPU {ids['router_ids_router_cpu_ms_per_request']:.2f} ms per "
-              f"request (text: {rows[ids['layout']][0]['router_router_cpu_ms_per_request']:.2f})")
-    if aa:
-        print(f"    1KB, direct against itself (A/A, {aa['layout']} cores, {STREAMS} streams, {aa['requests_per_arm']} "
-              f"per arm): added p50 {aa['added_p50_ms']:+.2f} ms, added p99 {aa['added_p99_ms']:+.2f} ms "
-              "(what the comparison resolves)")
+    for front, name, process, what in COMPARISONS:
+        r = compared.get(name)
+        if not r:
+            continue
+        cpu = f"; {process} CPU {r[f'{front}_{process}_cpu_ms_per_request']:.2f} ms per request" if process else ""
+        print(f"    1KB, {what} ({r['layout']} cores, {STREAMS} streams, {r['requests_per_arm']} per arm): {front} p50 "
+              f"{r[f'{front}_p50_ms']:.2f} ms, direct p50 {r['direct_p50_ms']:.2f} ms, added p50 "
+              f"{r['added_p50_ms']:+.2f} ms, added p99 {r['added_p99_ms']:+.2f} ms{cpu}")
     if open_loop:
         o = open_loop
         print(f"    1KB, open loop ({o['layout']} cores, Poisson {o['rate_per_s']:.0f}/s = {o['load']:.0%} of the direct "
@@ -464,6 +472,9 @@ def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, ope
         print(f"    {name:<34} {ms:.3f} ms")
 
 
+_PLOTTED = ("relay", "session_relay", "router_ids")  # A/A would only draw direct twice
+
+
 def _plot(path: pathlib.Path, raw: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -471,10 +482,8 @@ def _plot(path: pathlib.Path, raw: dict) -> None:
     fig, axes = plt.subplots(1, len(PROMPT_KB), figsize=(5 * len(PROMPT_KB), 3.8))
     for ax, kb in zip(axes, PROMPT_KB):
         for (layout, size), samples in raw.items():
-            if size == "relay" and kb == 1:
-                plot_cdf(ax, samples["relay"], ":", f"bare relay, {layout} cores")
-            if size == "router_ids" and kb == 1:
-                plot_cdf(ax, samples["router_ids"], "-.", f"router, token ids, {layout} cores")
+            if size in _PLOTTED and kb == 1:
+                plot_cdf(ax, samples[size], ":", f"{size}, {layout} cores")
             if size != kb:
                 continue
             for arm, style in (("direct", "-"), ("router", "--")):
@@ -498,8 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _progress(f"load average {os.getloadavg()[0]:.2f} at start")
     decision = run_decision(args.quick)
-    rows, raw, setup, open_loop, relay_row, ids_row, aa_row = ({"shared": [], "pinned": []}, {}, {}, {}, {}, {}, {}) \
-        if args.skip_mesh else \
+    rows, raw, setup, open_loop, compared = ({"shared": [], "pinned": []}, {}, {}, {}, {}) if args.skip_mesh else \
         run_added_ttft(args.quick)
     shared = {r["prompt_kb"]: r for r in rows["shared"]}
     # The headline: the pinned layout (the router off the worker's core); shared cores without a second CPU.
@@ -517,30 +525,24 @@ def main(argv: list[str] | None = None) -> None:
         "headline_layout": "pinned" if rows["pinned"] else "shared",
         "added_ttft_p50_ms_shared_cores": shared[1]["added_p50_ms"] if shared else None,
         "added_ttft_p99_ms_shared_cores": shared[1]["added_p99_ms"] if shared else None,
-        "added_ttft_p50_ms_bare_relay": relay_row.get("added_p50_ms"),
-        "added_ttft_p99_ms_bare_relay": relay_row.get("added_p99_ms"),
-        "added_ttft_p50_ms_token_ids": ids_row.get("added_p50_ms"),
-        "added_ttft_p99_ms_token_ids": ids_row.get("added_p99_ms"),
-        "added_ttft_p50_ms_a_a": aa_row.get("added_p50_ms"),
-        "added_ttft_p99_ms_a_a": aa_row.get("added_p99_ms"),
+        **{f"added_ttft_{p}_ms_{name}": compared.get(name, {}).get(f"added_{p}_ms")
+           for _, name, _, _ in COMPARISONS for p in ("p50", "p99")},
         "added_ttft_p50_ms_open_loop": open_loop.get("added_p50_ms"),
         "added_ttft_p99_ms_open_loop": open_loop.get("added_p99_ms"),
         "decision_ms_1000_workers": decision["place_incl_hashing_p50_ms"],
         "headline_note": ("added_ttft_* are at 1 KB prompts, 64 streams, in the headline layout (pinned: the router "
                           "alone on its core, decode worker and load generator on the other); *_shared_cores: the "
-                          "same with nothing pinned (the figure first reported); *_bare_relay: bench.grpc_relay in "
-                          "the router's place, a Python gRPC hop doing no work (the floor of this stack), 64 streams, "
-                          "1 KB; *_token_ids: the same prompts sent to the router as token ids (its hop "
-                          "without tokenizing), headline layout; *_a_a: direct against itself in the same "
-                          "alternating batches (the comparison's noise floor), headline layout; *_open_loop: "
-                          "Poisson arrivals at 60% of the direct closed-loop rate, headline layout, 1 KB; "
-                          "added_ms_per_kb: one stream alone"),
+                          "same with nothing pinned (the figure first reported); "
+                          + "; ".join(f"*_{name}: {what}, 64 streams, 1 KB, headline layout"
+                                      for _, name, _, what in COMPARISONS)
+                          + "; *_open_loop: Poisson arrivals at 60% of the direct closed-loop rate, headline "
+                          "layout, 1 KB; added_ms_per_kb: one stream alone"),
         "sizes": rows["pinned"] or rows["shared"], "sizes_shared_cores": rows["shared"], "open_loop": open_loop,
-        "bare_relay": relay_row, "token_ids": ids_row, "a_a": aa_row,
+        **compared,
         "setup": setup,
         "decision": decision, "targets": TARGETS, "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }
-    _print_table(rows, decision, per_kb, open_loop, relay_row, ids_row, aa_row)
+    _print_table(rows, decision, per_kb, open_loop, compared)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,
