@@ -1,7 +1,7 @@
 """A gRPC relay that does nothing but relay: every unary-stream call it takes is forwarded to one
 target as it came (method, bytes; no parsing, no metadata), and the answers go back the same way.
 bench.router_overhead puts it where the router sits, to show what one Python grpc.aio hop costs
-by itself in the same layout: the floor under any router written on this stack.
+by itself in the same layout when every request is a call of its own.
 
 With --session it relays DecodeService.Decode calls the way the router reaches a decode worker:
 each call becomes one request on a single DecodeSession stream to the target (the router's own

@@ -130,5 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     elif args.plot:
         plot(report, args.plot)
 
+
 if __name__ == "__main__":
     main()

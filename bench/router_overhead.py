@@ -30,7 +30,7 @@ k-th waits for the k-1 before it. An open-loop diagnostic in the headline layout
 1 KB) sends Poisson arrivals at 60% of the direct arm's closed-loop rate, the same arrival times
 in both arms: the router's latency when requests do not arrive in bursts of 64. Four more paths
 are compared with direct in the headline layout at 1 KB (COMPARISONS): a bare relay in the
-router's place (`bench.grpc_relay`: the floor of any Python gRPC hop); the router's own hop alone
+router's place (`bench.grpc_relay`: a Python gRPC hop making one call per request); the router's own hop alone
 (`bench.grpc_relay --session`: each call one request on a DecodeSession stream, as the router
 sends it, with none of the router's work); the router sent token ids, as a client that tokenizes
 does (its hop and placement without tokenizing); and direct against itself in the same
@@ -72,7 +72,7 @@ STREAMS = 64
 # (Arms method, JSON name, the process whose CPU it adds, what it shows).
 COMPARISONS = (
     ("relay", "bare_relay", "relay", "a bare relay where the router sits: bench.grpc_relay, a Python gRPC hop that "
-                                     "forwards bytes and does nothing else (the floor of this stack)"),
+                                     "forwards each call as a call and does nothing else"),
     ("session_relay", "session_relay", "session_relay",
      "the router's own hop alone: bench.grpc_relay --session, each call one request on a DecodeSession stream, "
      "none of the router's work"),
@@ -132,34 +132,17 @@ class Arms:
         self._sampling = common_pb2.SamplingParams(temperature=0.0)
 
     async def router(self, text: str, ids: list[int]) -> float:
-        start = time.perf_counter()
-        ttft, last = None, None
-        async for m in self._router.Generate(router_pb2.GenerateRequest(
-                text=text, max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True), timeout=120):
-            if ttft is None and m.token_ids:
-                ttft = (time.perf_counter() - start) * 1000
-            last = m
-        if last.usage.prompt_tokens != len(ids):
-            raise RuntimeError(f"router tokenized {last.usage.prompt_tokens} tokens, the bench {len(ids)}")
-        return ttft
+        return await self._router_call(ids, text)
 
     async def router_ids(self, text: str, ids: list[int]) -> float:
         """The same request sent as token ids: the router's hop without its tokenizing."""
-        start = time.perf_counter()
-        ttft = None
-        async for m in self._router.Generate(router_pb2.GenerateRequest(
-                token_ids=common_pb2.TokenIds(ids=ids), max_tokens=MAX_TOKENS, sampling=self._sampling,
-                ignore_eos=True), timeout=120):
-            if ttft is None and m.token_ids:
-                ttft = (time.perf_counter() - start) * 1000
-        return ttft
+        return await self._router_call(ids)
 
     async def direct(self, text: str, ids: list[int]) -> float:
         return await self._decode_call(self._decode, ids)
 
-    async def direct_again(self, text: str, ids: list[int]) -> float:
-        """direct under another name: direct against itself (A/A) shows what the comparison resolves."""
-        return await self._decode_call(self._decode, ids)
+    # direct under another name: direct against itself (A/A) shows what the comparison resolves.
+    direct_again = direct
 
     async def relay(self, text: str, ids: list[int]) -> float:
         """The direct request through bench.grpc_relay, a relay that does no work of its own."""
@@ -169,18 +152,34 @@ class Arms:
         """The direct request through bench.grpc_relay --session: the router's hop with none of its work."""
         return await self._decode_call(self._session_relayed, ids)
 
+    async def _router_call(self, ids: list[int], text: str | None = None) -> float:
+        """Generate with the prompt as text (when given) or as ids; checks the router counted len(ids) tokens."""
+        start = time.perf_counter()
+        prompt = {"text": text} if text is not None else {"token_ids": common_pb2.TokenIds(ids=ids)}
+        ttft, last = await _first_token_ms(start, self._router.Generate(router_pb2.GenerateRequest(
+            max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True, **prompt), timeout=120))
+        if last.usage.prompt_tokens != len(ids):
+            raise RuntimeError(f"router counted {last.usage.prompt_tokens} prompt tokens, the bench {len(ids)}")
+        return ttft
+
     async def _decode_call(self, stub, ids: list[int]) -> float:
         start = time.perf_counter()
-        ttft = None
         request = decode_pb2.DecodeRequest(request_id=f"bench-{uuid.uuid4().hex}", prompt_token_ids=ids,
                                            max_tokens=MAX_TOKENS, sampling=self._sampling, ignore_eos=True)
-        async for m in stub.Decode(request, timeout=120):
-            if ttft is None and m.token_ids:
-                ttft = (time.perf_counter() - start) * 1000
-        return ttft
+        return (await _first_token_ms(start, stub.Decode(request, timeout=120)))[0]
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
+
+
+async def _first_token_ms(start: float, responses) -> tuple[float | None, object]:
+    """Reads a response stream to its end: (ms from start to the first message with tokens, the last message)."""
+    ttft = last = None
+    async for m in responses:
+        if ttft is None and m.token_ids:
+            ttft = (time.perf_counter() - start) * 1000
+        last = m
+    return ttft, last
 
 
 async def _batch(call, prompts: list[tuple[str, list[int]]], rounds: int, streams: int = STREAMS) -> list[float]:
@@ -283,7 +282,7 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                                       mesh.workers("decode")[0].info["address"], *flags],
                                      stdout=subprocess.PIPE, text=True)
               for name, flags in (("relay", ()), ("session_relay", ("--session",)))}
-    relay_addresses = [f"127.0.0.1:{relays[name].stdout.readline().split()[1]}" for name in ("relay", "session_relay")]
+    relay_addresses = [f"127.0.0.1:{process.stdout.readline().split()[1]}" for process in relays.values()]
     pairs, rounds = (4, 2) if quick else (10, 3)
     rows, raw, open_loop, compared = {"shared": [], "pinned": []}, {}, {}, {}
     split, own_cpus = core_split(), os.sched_getaffinity(0)
@@ -472,7 +471,7 @@ def _print_table(rows: dict[str, list[dict]], decision: dict, per_kb: float, ope
         print(f"    {name:<34} {ms:.3f} ms")
 
 
-_PLOTTED = ("relay", "session_relay", "router_ids")  # A/A would only draw direct twice
+_PLOTTED = [front for front, *_ in COMPARISONS if front != "direct_again"]  # A/A would only draw direct twice
 
 
 def _plot(path: pathlib.Path, raw: dict) -> None:
