@@ -10,7 +10,8 @@ the rest.
 A safe split is a position i where text[i] is a space whose previous character can never join it
 in one token. Gemma's normalizer spells spaces "▁" and its BPE pieces join a character to a
 following "▁" only for a few characters (the vocabulary's "joiners": "▁" itself, for runs of
-spaces, and ">" for the piece ">▁</"), and no added token contains a space. So no token, and no
+spaces, and ">" for the piece ">▁</"), and no added token contains a space. A "▁" typed in the
+text reads as a space once normalized, so it joins a following space as a space does. So no token, and no
 BPE merge, crosses a safe split, and tokenizing the two sides apart gives exactly the ids of
 tokenizing the whole: the ids are the uncached tokenizer's, token for token, not an
 approximation (a test checks this on real texts). The joiners are computed from the vocabulary
@@ -33,8 +34,9 @@ MAX_CACHED_TOKENS = 1 << 20  # LRU bound: ~4 MiB of ids
 
 
 def vocabulary_joiners(vocab) -> set[str] | None:
-    """Characters that some token joins to a following space (as raw text: "▁" reads " "), or None
-    when an entry contains a space where splitting at spaces cannot be safe (an added token)."""
+    """Characters that some token joins to a following space (as raw text: "▁" reads " "; a space,
+    and a "▁" in the text, always join), or None when an entry contains a space where splitting at
+    spaces cannot be safe (an added token)."""
     joiners = set()
     for piece in vocab:
         if " " in piece:
@@ -42,7 +44,7 @@ def vocabulary_joiners(vocab) -> set[str] | None:
         for j in range(1, len(piece)):
             if piece[j] == "▁" and piece[j - 1] != "▁":
                 joiners.add(piece[j - 1])
-    return joiners | {" "}
+    return joiners | {" ", "▁"}
 
 
 def safe_splits(text: str, joiners: set[str], chunk_chars: int = CHUNK_CHARS) -> list[int]:

@@ -13,7 +13,7 @@ README = (pathlib.Path(__file__).parents[3] / "README.md").read_text()
 # added tokens, byte-fallback characters, text with no spaces at all.
 FRAGMENTS = ["<b> </b>", "<p> </p>", "a> </b", "a > b", ">  <", "x  ", "   ", "\n\n", "\t", "<start_of_turn>user\n", "<end_of_turn>",
              "naïve café", "東京タワーは高い", "🤖 🚀", "\U00010348 \U00011000", "if (a>b) { return; }", "--> </",
-             "word", "Word.", " ", "> ", " >", "x</ y"]
+             "word", "Word.", " ", "> ", " >", "x</ y", "▁", "a▁", "▁▁ "]
 
 
 def _texts(seed: int, n: int) -> list[str]:
@@ -27,11 +27,19 @@ def _texts(seed: int, n: int) -> list[str]:
 
 
 def test_the_vocabulary_joins_only_spaces_and_one_angle_bracket_to_a_following_space(tokenizer):
-    assert vocabulary_joiners(tokenizer.vocabulary()) == {" ", ">"}
+    # "▁" typed in the text: the normalizer makes a space "▁" too, so "▁" + " " is the piece "▁▁"
+    assert vocabulary_joiners(tokenizer.vocabulary()) == {" ", "▁", ">"}
+
+
+def test_a_typed_space_symbol_before_a_space_is_no_split(tokenizer):
+    cache = PrefixTokenCache(tokenizer, chunk_chars=8, min_chars=0)
+    text = "aaaa bbb▁ cccc▁  dddd"
+    assert 8 not in safe_splits(text, cache.joiners, chunk_chars=8)
+    assert cache.encode(text) == cache.encode(text) == tokenizer.encode(text)
 
 
 def test_an_entry_with_a_space_disables_splitting():
-    assert vocabulary_joiners(["ab", "▁c", "d▁e"]) == {" ", "d"}
+    assert vocabulary_joiners(["ab", "▁c", "d▁e"]) == {" ", "▁", "d"}
     assert vocabulary_joiners(["ab", "two words"]) is None
 
 
