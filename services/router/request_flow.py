@@ -10,7 +10,6 @@ ends with exactly one message carrying a finish reason (or an error status).
 import contextlib
 import logging
 import time
-import uuid
 from typing import NamedTuple
 
 import grpc
@@ -18,6 +17,7 @@ import grpc
 from engine.tokenizer import IncrementalDetokenizer
 from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2
 from services.common import metrics, tracing
+from services.common.ids import random_hex
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.router.admission import Admission
 from services.router.placement.base import Decision, PlacementRequest
@@ -71,7 +71,7 @@ class RequestFlow:
             timings.placement_ms = (placed_at - admitted_at) * 1000
             tracing.record_span("router.placement", admitted_at, placed_at, _placement_attributes(placement, placed))
             # Workers see an id unique per attempt, so a client reusing its own id never collides.
-            worker_request_id = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
+            worker_request_id = f"{job.request_id}.{random_hex(8)}"
             decode_request = decode_pb2.DecodeRequest(
                 request_id=worker_request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
                 max_tokens=job.max_tokens, ignore_eos=job.ignore_eos, priority=_PRIORITY[job.priority])
@@ -108,7 +108,7 @@ class RequestFlow:
                     failed.add(decode_id)
                     decode_id = self._replacement_decode(job, failed)
                     held.enter_context(self._registry.track(decode_id, 0))
-                    decode_request = _resumed(decode_request, relay.sent, f"{job.request_id}.{uuid.uuid4().hex[:8]}")
+                    decode_request = _resumed(decode_request, relay.sent, f"{job.request_id}.{random_hex(8)}")
                     if decode_request is None:  # every token was delivered; only the finish was lost
                         yield relay.finish(common_pb2.FINISH_REASON_LENGTH,
                                            _placement_info(placement, placed, relay.transport, decode_id))
@@ -216,12 +216,14 @@ class _Relay:
         return (time.perf_counter() - self.t0) * 1000
 
     def push(self, message: decode_pb2.DecodeResponse) -> RelayEvent | None:
-        if message.stats.kv_transport:
-            self.transport = message.stats.kv_transport
-            self.timings.kv_transfer_ms = message.stats.kv_transfer_ms
-        if message.stats.queue_ms and not self.sent:
-            self.timings.decode_queue_ms = message.stats.queue_ms
-        self.cached = self.cached or message.stats.cached_tokens
+        if message.HasField("stats"):  # (workers send it once; reading an unset one costs per token)
+            stats = message.stats
+            if stats.kv_transport:
+                self.transport = stats.kv_transport
+                self.timings.kv_transfer_ms = stats.kv_transfer_ms
+            if stats.queue_ms and not self.sent:
+                self.timings.decode_queue_ms = stats.queue_ms
+            self.cached = self.cached or stats.cached_tokens
         now = self._ms()
         tokens = list(message.token_ids)
         if tokens:

@@ -10,12 +10,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
-import uuid
 
 from pdmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common import tracing
 from services.common.convert import check_max_tokens, check_token_ids, sampling_from_proto
 from services.common.errors import InvalidArgument, abort_with, status_for
+from services.common.ids import random_hex
 from services.common.metrics import REQUESTS
 from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
@@ -57,7 +57,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if request.priority not in _PRIORITIES:
             raise InvalidArgument(f"unknown priority class {request.priority}; use PRIORITY_CLASS_INTERACTIVE "
                                   "or PRIORITY_CLASS_BATCH")
-        return GenerateJob(request.request_id or uuid.uuid4().hex, prompt, request.sampling, max_tokens,
+        return GenerateJob(request.request_id or random_hex(), prompt, request.sampling, max_tokens,
                            _PRIORITIES[request.priority], request.tenant_id, request.ignore_eos,
                            time_remaining, arrived_at)
 
@@ -127,6 +127,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
 
 def _request_attributes(span, job, request: router_pb2.GenerateRequest) -> None:
+    if not span.is_recording():  # untraced: skip building the attributes (per request, on the hot path)
+        return
     sampling = request.sampling
     tracing.set_attributes(span, {
         "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": job.max_tokens,
@@ -137,6 +139,8 @@ def _request_attributes(span, job, request: router_pb2.GenerateRequest) -> None:
 
 
 def _usage_attributes(span, response: router_pb2.GenerateResponse) -> None:
+    if not span.is_recording():
+        return
     usage, timings = response.usage, response.timings
     tracing.set_attributes(span, {
         "gen_ai.usage.output_tokens": usage.completion_tokens,
