@@ -81,12 +81,16 @@ class SchedulerConfig:
     # Prompt tokens of less urgent sequences (batch) one step may carry while a more urgent one
     # (live) is running: its decode steps stay short, batch prompts are chunked meanwhile.
     max_prompt_tokens_beside_urgent: int = 16
+    # Prompts first: up to this many steps in a row may carry prompt work alone while running
+    # sequences wait to decode (TTFT before ITL, as vLLM's V0 scheduler and SGLang do); then one
+    # step decodes everyone. 0: every step is mixed, decodes first.
+    max_prompt_only_steps: int = 0
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_model_len, self.max_num_batched_tokens) <= 0:
             raise ValueError("scheduler limits must be positive")
-        if self.max_prompt_tokens_beside_urgent < 0:
-            raise ValueError("max_prompt_tokens_beside_urgent must be >= 0")
+        if self.max_prompt_tokens_beside_urgent < 0 or self.max_prompt_only_steps < 0:
+            raise ValueError("max_prompt_tokens_beside_urgent and max_prompt_only_steps must be >= 0")
 
 
 @dataclass(frozen=True)

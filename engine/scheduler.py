@@ -22,6 +22,12 @@ after it. A step carrying such a prompt always completes, so a stream of arrival
 the engine: each cut is followed by a step that completes. While a more urgent sequence runs,
 less urgent prompts share max_prompt_tokens_beside_urgent tokens a step (chunked), so the live
 decode steps stay short.
+With max_prompt_only_steps > 0 (prompts first), a step carries prompt work alone while sequences
+decode-wait, but only prompts at least as urgent as every waiting decode (a batch prompt never
+holds up a live decode), and at most max_prompt_only_steps such steps in a row: then one step is
+mixed as above. A burst of arrivals gets its first tokens in the fewest, fullest steps instead of
+in steps that also carry every running decode (on this CPU a decode costs ~2 ms per sequence for
+the 262k-entry vocabulary alone).
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and
@@ -54,6 +60,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._beside_urgent_left = 0  # less urgent prompt tokens the step being built may still take
+        self._prompt_only_steps = 0  # prompt-only steps in a row that left a decode waiting
 
     def add(self, seq: Sequence) -> None:
         """Queues seq (it may already hold blocks, e.g. an imported prompt)."""
@@ -78,7 +85,16 @@ class Scheduler:
         self._admit_urgent()
         floor = self.urgent_floor()
         self._beside_urgent_left = self.config.max_prompt_tokens_beside_urgent
-        budget = self._schedule_running(batch, self.config.max_num_batched_tokens, floor)
+        budget = self.config.max_num_batched_tokens
+        decoding = [s.priority for s in self.running if not _computes_prompt(s)]
+        if decoding and self._prompt_only_steps < self.config.max_prompt_only_steps:
+            cap = min(decoding) if floor is None else min(floor, min(decoding))
+            self._admit_waiting(batch, self._schedule_running(batch, budget, cap, prompts_only=True), cap)
+            if batch.seqs:
+                self._prompt_only_steps += 1
+                return batch
+        self._prompt_only_steps = 0
+        budget = self._schedule_running(batch, budget, floor)
         self._admit_waiting(batch, budget, floor)
         return batch
 
@@ -120,10 +136,13 @@ class Scheduler:
             self.waiting.remove(seq)
             _insert(self.running, seq)
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int, floor: int | None) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, floor: int | None,
+                          prompts_only: bool = False) -> int:
         for seq in list(self.running):
             if budget == 0 or (floor is not None and seq.priority > floor):
                 break
+            if prompts_only and not _computes_prompt(seq):
+                continue
             if seq in self.running and self._make_room(seq):  # else seq itself was preempted
                 budget -= self._take(batch, seq, budget)
         return budget

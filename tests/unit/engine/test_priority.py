@@ -269,3 +269,28 @@ def test_without_a_live_sequence_batch_prompts_are_not_held_back():
     s.add(_seq("batch0", 20, PRIORITY_BATCH))
     s.add(_seq("batch1", 10, PRIORITY_BATCH))
     assert s.schedule().query_lens == [20, 10]
+
+
+def test_prompts_first_changes_when_tokens_come_not_which(tiny_model, tiny_config):
+    """Arrivals while one request decodes: with prompts first, the decoder waits (its tokens are
+    computed after the arrivals' first tokens, not in the same steps), and every request's tokens
+    are exactly those it gets alone."""
+    prompts = {f"r{i}": _prompt(20 + 3 * i, 30 + i) for i in range(6)}
+    decoded_before_all_first = {}
+    for max_prompt_only_steps in (0, 8):
+        engine = LLMEngine(EngineConfig(model=tiny_config, cache=CacheConfig(BS, 64, swap_blocks=0),
+                                        scheduler=SchedulerConfig(8, 128, 24, max_prompt_only_steps=max_prompt_only_steps)),
+                           model=tiny_model)
+        tokens = {}
+        engine.add_request("r0", prompts["r0"], GREEDY, 12, ignore_eos=True)
+        _step(engine, tokens)  # r0's prompt and first token: it decodes from now on
+        for rid in list(prompts)[1:]:
+            engine.add_request(rid, prompts[rid], GREEDY, 8, ignore_eos=True)
+        while not all(rid in tokens for rid in prompts):
+            _step(engine, tokens)
+        decoded_before_all_first[max_prompt_only_steps] = len(tokens["r0"]) - 1
+        _run(engine, tokens)
+        for rid, prompt in prompts.items():
+            assert tokens[rid] == _alone(tiny_model, tiny_config, prompt, 12 if rid == "r0" else 8), rid
+    # decodes first: r0 decodes in each of the arrivals' prompt steps; prompts first: in none
+    assert decoded_before_all_first[0] >= 5 and decoded_before_all_first[8] == 0

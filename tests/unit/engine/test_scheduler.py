@@ -4,8 +4,8 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from tests.unit.engine.steps import finish_step
+from engine.sequence import PRIORITY_BATCH, Sequence
+from tests.unit.engine.steps import finish_step, run_steps
 
 BS = 4
 
@@ -60,3 +60,59 @@ def test_import_holding_blocks_passes_a_blocked_prompt():
     batch = s.schedule()
     assert batch.seqs == [imported] and batch.query_lens == [1]
     assert list(s.waiting) == [big]
+
+
+# -- prompts first (max_prompt_only_steps) ----------------------------------------------------
+
+def _prompts_first(max_steps, max_batched=8, max_num_seqs=8):
+    config = SchedulerConfig(max_num_seqs, 256, max_batched, max_prompt_only_steps=max_steps)
+    return Scheduler(config, BlockManager(64, BS))
+
+
+def test_decodes_first_by_default_every_step_carries_the_running_decodes():
+    s = _scheduler(max_batched=8)
+    s.add(_seq("a", 4))
+    run_steps(s, 1)  # a has its first token: it decodes from now on
+    for rid in "bc":
+        s.add(_seq(rid, 8))
+    assert run_steps(s, 2) == [[("a", 1), ("b", 7)], [("a", 1), ("b", 1), ("c", 6)]]
+
+
+def test_prompts_first_computes_waiting_prompts_alone_while_running_sequences_wait():
+    s = _prompts_first(max_steps=8)
+    s.add(_seq("a", 4))
+    run_steps(s, 1)
+    for rid in "bc":
+        s.add(_seq(rid, 8))
+    # b and c take whole steps; a (decoding) waits until no prompt is left
+    assert run_steps(s, 3) == [[("b", 8)], [("c", 8)], [("a", 1), ("b", 1), ("c", 1)]]
+
+
+def test_prompts_first_decodes_everyone_after_max_prompt_only_steps_in_a_row():
+    s = _prompts_first(max_steps=2)
+    s.add(_seq("a", 4))
+    run_steps(s, 1)
+    for rid in "bcde":
+        s.add(_seq(rid, 8))
+    steps = run_steps(s, 6)
+    assert steps[:2] == [[("b", 8)], [("c", 8)]]
+    assert steps[2] == [("a", 1), ("b", 1), ("c", 1), ("d", 5)]  # the bound: a mixed step, decodes first
+    assert steps[3:5] == [[("d", 3), ("e", 5)], [("e", 3)]]  # prompts first again
+    assert steps[5] == [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]  # no prompt left: all decode
+
+
+def test_prompts_first_never_puts_a_batch_prompt_before_a_live_decode():
+    s = _prompts_first(max_steps=8)
+    s.add(_seq("live", 4))
+    run_steps(s, 1)
+    s.add(Sequence("batch", list(range(100, 108)), SamplingParams(), max_tokens=50, priority=PRIORITY_BATCH))
+    # the live decode runs in every step; the batch prompt shares what is left
+    # (max_prompt_tokens_beside_urgent, 16 by default, caps it per step)
+    assert run_steps(s, 1) == [[("live", 1), ("batch", 7)]]
+
+
+def test_prompts_first_with_nothing_waiting_to_decode_is_the_usual_step():
+    s, usual = _prompts_first(max_steps=4, max_batched=4), _scheduler(max_num_seqs=8, max_batched=4)
+    for scheduler in (s, usual):
+        scheduler.add(_seq("a", 6))
+    assert run_steps(s, 3) == run_steps(usual, 3) == [[("a", 4)], [("a", 2)], [("a", 1)]]
