@@ -25,9 +25,10 @@ decode steps stay short.
 With max_prompt_only_steps > 0 (prompts first), a step carries prompt work alone while sequences
 decode-wait, but only prompts at least as urgent as every waiting decode (a batch prompt never
 holds up a live decode), and at most max_prompt_only_steps such steps in a row: then one step is
-mixed as above. A burst of arrivals gets its first tokens in the fewest, fullest steps instead of
-in steps that also carry every running decode (on this CPU a decode costs ~2 ms per sequence for
-the 262k-entry vocabulary alone).
+mixed as above. A burst of arrivals gets its first tokens sooner when decodes cost much per
+sequence (the tiny model: ~2 ms each for the 262k-entry LM head), and later when a step's fixed
+cost dominates (the real model on a CPU reads all its weights per step: a prompt alone pays for
+a step the decodes' step would have carried). Off by default (0).
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and

@@ -68,7 +68,7 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens-beside-urgent", type=int,
                         default=int(env("PDMESH_MAX_PROMPT_TOKENS_BESIDE_URGENT", "16")),
                         help="batch prompt tokens a step may carry while a live sequence runs (chunked meanwhile)")
-    parser.add_argument("--max-prompt-only-steps", type=int, default=int(env("PDMESH_MAX_PROMPT_ONLY_STEPS", "4")),
+    parser.add_argument("--max-prompt-only-steps", type=int, default=int(env("PDMESH_MAX_PROMPT_ONLY_STEPS", "0")),
                         help="prompts first: steps in a row that compute prompts alone while sequences wait to "
                              "decode, then one step decodes them (0: every step decodes first)")
     parser.add_argument("--kv-transports", default=env("PDMESH_KV_TRANSPORTS", "nixl,grpc"),
