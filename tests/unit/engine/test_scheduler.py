@@ -69,31 +69,28 @@ def _prompts_first(max_steps, max_batched=8, max_num_seqs=8):
     return Scheduler(config, BlockManager(64, BS))
 
 
-def test_decodes_first_by_default_every_step_carries_the_running_decodes():
-    s = _scheduler(max_batched=8)
+def _a_decodes_then(s, arrivals: str):
+    """a's prompt and first token are done (it decodes from now on); then 8-token prompts arrive."""
     s.add(_seq("a", 4))
-    run_steps(s, 1)  # a has its first token: it decodes from now on
-    for rid in "bc":
+    run_steps(s, 1)
+    for rid in arrivals:
         s.add(_seq(rid, 8))
+    return s
+
+
+def test_decodes_first_by_default_every_step_carries_the_running_decodes():
+    s = _a_decodes_then(_scheduler(max_batched=8), "bc")
     assert run_steps(s, 2) == [[("a", 1), ("b", 7)], [("a", 1), ("b", 1), ("c", 6)]]
 
 
 def test_prompts_first_computes_waiting_prompts_alone_while_running_sequences_wait():
-    s = _prompts_first(max_steps=8)
-    s.add(_seq("a", 4))
-    run_steps(s, 1)
-    for rid in "bc":
-        s.add(_seq(rid, 8))
+    s = _a_decodes_then(_prompts_first(max_steps=8), "bc")
     # b and c take whole steps; a (decoding) waits until no prompt is left
     assert run_steps(s, 3) == [[("b", 8)], [("c", 8)], [("a", 1), ("b", 1), ("c", 1)]]
 
 
 def test_prompts_first_decodes_everyone_after_max_prompt_only_steps_in_a_row():
-    s = _prompts_first(max_steps=2)
-    s.add(_seq("a", 4))
-    run_steps(s, 1)
-    for rid in "bcde":
-        s.add(_seq(rid, 8))
+    s = _a_decodes_then(_prompts_first(max_steps=2), "bcde")
     steps = run_steps(s, 6)
     assert steps[:2] == [[("b", 8)], [("c", 8)]]
     assert steps[2] == [("a", 1), ("b", 1), ("c", 1), ("d", 5)]  # the bound: a mixed step, decodes first
