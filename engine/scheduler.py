@@ -87,9 +87,8 @@ class Scheduler:
         floor = self.urgent_floor()
         self._beside_urgent_left = self.config.max_prompt_tokens_beside_urgent
         budget = self.config.max_num_batched_tokens
-        decoding = [s.priority for s in self.running if not _computes_prompt(s)]
-        if decoding and self._prompt_only_steps < self.config.max_prompt_only_steps:
-            cap = min(decoding) if floor is None else min(floor, min(decoding))
+        cap = self._prompts_first_cap(floor)
+        if cap is not None:
             self._admit_waiting(batch, self._schedule_running(batch, budget, cap, prompts_only=True), cap)
             if batch.seqs:
                 self._prompt_only_steps += 1
@@ -107,6 +106,15 @@ class Scheduler:
         if not prompts or not self.running or min(prompts) >= self.running[-1].priority:
             return None
         return min(prompts)
+
+    def _prompts_first_cap(self, floor: int | None) -> int | None:
+        """The least urgent rank a prompt-only step may carry: no less urgent than any sequence
+        waiting to decode (nor than floor). None, and a mixed step, when prompts first is off, its
+        steps in a row are used up, or nothing waits to decode. (Off, it costs the step nothing.)"""
+        if self._prompt_only_steps >= self.config.max_prompt_only_steps:
+            return None
+        cap = min((s.priority for s in self.running if not _computes_prompt(s)), default=None)
+        return cap if cap is None or floor is None else min(floor, cap)
 
     @staticmethod
     def interruptible_by(batch: ScheduledBatch, priority: int) -> bool:
