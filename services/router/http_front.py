@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ from starlette.responses import Response, StreamingResponse
 
 from pdmesh.v1 import common_pb2, router_pb2
 from services.common.errors import InvalidArgument
+from services.common.ids import random_hex
 from services.common.tracing import TRACE_ID_HEADER
 from services.router.auth import ApiKeys
 from services.router.chat_template import ChatTemplate
@@ -147,7 +147,7 @@ class OpenAIFront:
 
     async def serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> "Response | SseStream":
         chat = isinstance(body, ChatCompletionRequest)
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID_HEADER) or random_hex()
         echo = {REQUEST_ID_HEADER: request_id}
         try:
             model = self._check_model(body.model)

@@ -17,8 +17,8 @@ import grpc
 from engine.tokenizer import IncrementalDetokenizer
 from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2
 from services.common import metrics, tracing
-from services.common.ids import random_hex
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common.ids import random_hex
 from services.router.admission import Admission
 from services.router.placement.base import Decision, PlacementRequest
 from services.router.placement.runner import NoCandidates, PlacementProfile
@@ -70,8 +70,7 @@ class RequestFlow:
             placed_at = time.perf_counter()
             timings.placement_ms = (placed_at - admitted_at) * 1000
             tracing.record_span("router.placement", admitted_at, placed_at, _placement_attributes(placement, placed))
-            # Workers see an id unique per attempt, so a client reusing its own id never collides.
-            worker_request_id = f"{job.request_id}.{random_hex(8)}"
+            worker_request_id = _attempt_id(job)
             decode_request = decode_pb2.DecodeRequest(
                 request_id=worker_request_id, prompt_token_ids=job.prompt, sampling=job.sampling,
                 max_tokens=job.max_tokens, ignore_eos=job.ignore_eos, priority=_PRIORITY[job.priority])
@@ -108,7 +107,7 @@ class RequestFlow:
                     failed.add(decode_id)
                     decode_id = self._replacement_decode(job, failed)
                     held.enter_context(self._registry.track(decode_id, 0))
-                    decode_request = _resumed(decode_request, relay.sent, f"{job.request_id}.{random_hex(8)}")
+                    decode_request = _resumed(decode_request, relay.sent, _attempt_id(job))
                     if decode_request is None:  # every token was delivered; only the finish was lost
                         yield relay.finish(common_pb2.FINISH_REASON_LENGTH,
                                            _placement_info(placement, placed, relay.transport, decode_id))
@@ -270,6 +269,11 @@ def _resumed(request: decode_pb2.DecodeRequest, sent: list[int], request_id: str
         resumed.first_token_id = 0
         resumed.resume_token_ids[:] = sent
     return resumed
+
+
+def _attempt_id(job: GenerateJob) -> str:
+    """The id workers see: unique per attempt, so a client reusing its own id never collides."""
+    return f"{job.request_id}.{random_hex(8)}"
 
 
 def _failover_noted(phase: str, lost: Exception) -> None:
