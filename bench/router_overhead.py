@@ -119,7 +119,7 @@ def _text(num_bytes: int, seed: int) -> str:
 # ---- part 1: added TTFT ------------------------------------------------------------------------
 
 class Arms:
-    """The two ways to send one prompt; each call returns its TTFT in ms."""
+    """The ways to send one prompt (router as text or ids, direct, the two relays); each returns its TTFT in ms."""
 
     def __init__(self, router_address: str, decode_address: str, relay_address: str, session_relay_address: str):
         from services.common.server import CHANNEL_OPTIONS

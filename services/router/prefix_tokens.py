@@ -7,15 +7,15 @@ chained over every chunk before it (as the engine chains block hashes), and keep
 token ids. A new prompt takes the ids of its longest cached chain of chunks and tokenizes only
 the rest.
 
-A safe split is a position i where text[i] is a space whose previous character can never join it
-in one token. Gemma's normalizer spells spaces "▁" and its BPE pieces join a character to a
-following "▁" only for a few characters (the vocabulary's "joiners": "▁" itself, for runs of
-spaces, and ">" for the piece ">▁</"), and no added token contains a space. A "▁" typed in the
-text reads as a space once normalized, so it joins a following space as a space does. So no token, and no
-BPE merge, crosses a safe split, and tokenizing the two sides apart gives exactly the ids of
-tokenizing the whole: the ids are the uncached tokenizer's, token for token, not an
-approximation (a test checks this on real texts). The joiners are computed from the vocabulary
-when the cache is built; a vocabulary where an added token contains a space disables the cache.
+A safe split is a position i where text[i] is a space whose previous character can never join it in
+one token. Gemma's normalizer spells spaces "▁" and its BPE pieces join a character to a following
+"▁" only for a few characters (the vocabulary's "joiners": "▁" itself, for runs of spaces, and ">"
+for the piece ">▁</"), and no added token contains a space. A "▁" typed in the text reads as a
+space once normalized, so it joins a following space as a space does. So no token, and no BPE
+merge, crosses a safe split, and tokenizing the two sides apart gives exactly the ids of tokenizing
+the whole: the ids are the uncached tokenizer's, token for token, not an approximation (a test
+checks this on real texts). The joiners are computed from the vocabulary when the cache is built; a
+vocabulary where an added token contains a space disables the cache.
 
 llm-d's KV-cache manager keeps a similar prefix store for its scorer, where approximate tokens
 only blur a score; here the ids go on to the workers, hence exact splits only.
