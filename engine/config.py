@@ -5,6 +5,8 @@ Read from flags and environment only at a service's entry point; everything belo
 
 from dataclasses import dataclass, field
 
+PROMPTS_FIRST = ("by_cost", "always")  # SchedulerConfig.prompts_first
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -84,13 +86,18 @@ class SchedulerConfig:
     # Prompts first: up to this many steps in a row may carry prompt work alone while running
     # sequences wait to decode (TTFT before ITL, as vLLM's V0 scheduler and SGLang do); then one
     # step decodes everyone. 0: every step is mixed, decodes first.
-    max_prompt_only_steps: int = 0
+    max_prompt_only_steps: int = 4
+    # "by_cost": a prompt-only step only when it lowers the summed latency by the steps' measured
+    # costs (engine/step_cost.py); "always": whenever prompts and decodes wait.
+    prompts_first: str = "by_cost"
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_model_len, self.max_num_batched_tokens) <= 0:
             raise ValueError("scheduler limits must be positive")
         if self.max_prompt_tokens_beside_urgent < 0 or self.max_prompt_only_steps < 0:
             raise ValueError("max_prompt_tokens_beside_urgent and max_prompt_only_steps must be >= 0")
+        if self.prompts_first not in PROMPTS_FIRST:
+            raise ValueError(f"prompts_first must be one of {', '.join(PROMPTS_FIRST)}, got {self.prompts_first!r}")
 
 
 @dataclass(frozen=True)

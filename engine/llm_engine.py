@@ -218,6 +218,7 @@ class LLMEngine:
         step that request may interrupt (Scheduler.interruptible_by) is abandoned, and the
         caller adds the request before the next step."""
         outputs, self._pending = self._pending, []
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         now = time.monotonic()
         for seq in batch.seqs:
@@ -231,6 +232,8 @@ class LLMEngine:
                 self.stats.interrupted_steps += 1
                 return outputs
             outputs += self._advance(batch, sampled)
+            rows = sum(1 for token in sampled if token is not None)
+            self.scheduler.step_costs.observe(rows, sum(batch.query_lens), time.perf_counter() - started)
         return outputs
 
     def _interrupt(self, batch: ScheduledBatch, arrival) -> Callable[[], bool] | None:

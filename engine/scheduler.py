@@ -22,13 +22,16 @@ after it. A step carrying such a prompt always completes, so a stream of arrival
 the engine: each cut is followed by a step that completes. While a more urgent sequence runs,
 less urgent prompts share max_prompt_tokens_beside_urgent tokens a step (chunked), so the live
 decode steps stay short.
-With max_prompt_only_steps > 0 (prompts first), a step carries prompt work alone while sequences
-decode-wait, but only prompts at least as urgent as every waiting decode (a batch prompt never
-holds up a live decode), and at most max_prompt_only_steps such steps in a row: then one step is
-mixed as above. A burst of arrivals gets its first tokens sooner when decodes cost much per
-sequence (the tiny model: ~2 ms each for the 262k-entry LM head), and later when a step's fixed
-cost dominates (the real model on a CPU reads all its weights per step: a prompt alone pays for
-a step the decodes' step would have carried). Off by default (0).
+Prompts first: a step carries prompt work alone while sequences wait to decode, but only prompts
+at least as urgent as every waiting decode (a batch prompt never holds up a live decode), at most
+max_prompt_only_steps such steps in a row (then one step is mixed as above; 0: never), and, by
+default (prompts_first="by_cost"), only when it lowers the summed latency by the engine's own
+measured step costs (engine/step_cost.py: W waiting prompts go first when W times a decode's cost
+exceeds a step's fixed cost). A burst arriving while others decode then gets its first tokens
+sooner on a model whose decodes cost much per sequence (the tiny model: ~2 ms each for the
+262k-entry LM head), and the usual mixed step runs where a step's fixed cost dominates (the real
+model on a CPU reads all its weights per step, so a prompt computed alone pays for a step the
+decodes' step would have carried). prompts_first="always" skips the cost test.
 When a running sequence cannot grow, the least urgent, newest running one is preempted.
 A preempted sequence's KV is swapped to the host tier when it has room (it resumes with the
 same bytes, so its output is exactly what it would have been), else its blocks are freed and
@@ -42,6 +45,7 @@ from typing import NamedTuple
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
+from engine.step_cost import StepCostModel
 from engine.swap import HostSwapTier
 
 
@@ -62,6 +66,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._beside_urgent_left = 0  # less urgent prompt tokens the step being built may still take
         self._prompt_only_steps = 0  # prompt-only steps in a row that left a decode waiting
+        self.step_costs = StepCostModel()  # the engine reports each step's cost (observe)
 
     def add(self, seq: Sequence) -> None:
         """Queues seq (it may already hold blocks, e.g. an imported prompt)."""
@@ -110,11 +115,29 @@ class Scheduler:
     def _prompts_first_cap(self, floor: int | None) -> int | None:
         """The least urgent rank a prompt-only step may carry: no less urgent than any sequence
         waiting to decode (nor than floor). None, and a mixed step, when prompts first is off, its
-        steps in a row are used up, or nothing waits to decode. (Off, it costs the step nothing.)"""
+        steps in a row are used up, nothing waits to decode, or (by cost) the prompts it would
+        carry save less latency than the decodes would lose (StepCostModel.prompts_first_pays)."""
         if self._prompt_only_steps >= self.config.max_prompt_only_steps:
             return None
         cap = min((s.priority for s in self.running if not _computes_prompt(s)), default=None)
-        return cap if cap is None or floor is None else min(floor, cap)
+        if cap is None:
+            return None
+        cap = cap if floor is None else min(floor, cap)
+        if self.config.prompts_first == "by_cost" and not self.step_costs.prompts_first_pays(self._prompts_within(cap)):
+            return None
+        return cap
+
+    def _prompts_within(self, cap: int) -> int:
+        """Sequences at least as urgent as cap that a prompt-only step could carry: the running
+        ones mid-prompt, and waiting ones up to the free sequence slots."""
+        running = sum(1 for s in self.running if s.priority <= cap and _computes_prompt(s))
+        room = self.config.max_num_seqs - len(self.running)
+        waiting = 0
+        for seq in self.waiting:  # ordered by rank: stop at the first less urgent one
+            if waiting >= room or seq.priority > cap:
+                break
+            waiting += 1
+        return running + waiting
 
     @staticmethod
     def interruptible_by(batch: ScheduledBatch, priority: int) -> bool:

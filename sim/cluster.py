@@ -5,7 +5,9 @@ router's plugins) -> either remote prefill (prefill worker FIFO; prefix hits fro
 then the decode worker reserves KV blocks, pulls the prompt's KV over its inbound link, releases
 the prefill worker's lease, and the first token goes out) or local prefill on the decode worker
 (one mixed step: the prompt plus one decode token for every running sequence; the first token at
-its end) -> continuous-batching decode until output_tokens are out.
+its end; or, when the engine's prompts-first rule says it pays, the prompt alone while the
+running sequences wait a step, CostModel.prompts_first_pays) -> continuous-batching decode until
+output_tokens are out.
 
 Invariant: sim time only moves forward through the event heap; every worker change that the
 router could see (KV events, load) happens inside an event at the current time.
@@ -29,6 +31,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.config import SchedulerConfig
 from services.router.placement.base import LoadView
 from services.router.placement.runner import NoCandidates, load_profile
 from sim.costs import CostModel
@@ -36,6 +39,8 @@ from sim.host import Host, slowdown_curve
 from sim.kv_cache import KvCache
 from sim.router import SimRouter, TraceRequest
 from sim.trace import Request
+
+MAX_PROMPT_ONLY_STEPS = SchedulerConfig().max_prompt_only_steps  # the decode engine's default
 
 
 @dataclass
@@ -286,6 +291,8 @@ class DecodeWorker:
         self.link_free_s = 0.0
         self.busy_s = 0.0
         self._run = None  # (steps planned, first step s, growth per step s, local job or None)
+        self._run_decodes = True  # whether the running sequences advance in the run in flight
+        self._prompt_only_steps = 0  # prompt-only steps in a row (bounded as the engine bounds them)
         self._run_start = 0.0
         self._commands: list = []  # (fn, args) waiting for the step in flight to end
 
@@ -377,18 +384,27 @@ class DecodeWorker:
         batch = len(self.running)
         context = sum(s[2] for s in self.running)
         decode_s = costs.decode_step_s(batch, context) if batch else 0.0
+        waiting_prompts = len(self.local)
         local = self._admit_local() if batch < costs.max_batch else None
         if local is not None:
             uncached = local.req.prompt_tokens - local.cached_tokens
+            if batch and self._prompt_only_steps < MAX_PROMPT_ONLY_STEPS and costs.prompts_first_pays(waiting_prompts):
+                # Prompts first (engine/scheduler.py, by cost): the prompt computed alone while
+                # the running sequences wait a step.
+                self._prompt_only_steps += 1
+                self._schedule(1, costs.prefill_s(uncached, local.cached_tokens), 0.0, local, decodes=False)
+                return
             # One mixed step: the prompt's tokens plus one token of every running sequence. The
             # engine runs them as one forward pass, so the step's fixed cost (reading the weights,
             # the LM head) is paid once: the decode step's when sequences are running.
             mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
             fixed_s = decode_s if batch else costs.prefill_fixed_s()
             step_s = fixed_s + costs.prefill_tokens_s(uncached) + costs.attention_s(mixed)
+            self._prompt_only_steps = 0
             self._schedule(1, step_s, 0.0, local)
         elif batch:
             steps = min(s[1] for s in self.running)
+            self._prompt_only_steps = 0
             self._schedule(steps, decode_s, costs.decode_growth_s(batch), None)
 
     def _admit_local(self) -> Job | None:
@@ -399,8 +415,10 @@ class DecodeWorker:
             return None
         return self.local.popleft()
 
-    def _schedule(self, steps: int, first: float, growth: float, local: Job | None) -> None:
+    def _schedule(self, steps: int, first: float, growth: float, local: Job | None, decodes: bool = True) -> None:
+        """Plans a run of `steps` steps; `decodes`: whether the running sequences advance in it."""
         self._run = (steps, first, growth, local)
+        self._run_decodes = decodes
         self._run_start = self.cluster.now
         self.host.start(self.id, _run_s(steps, first, growth), self._end_run)
 
@@ -410,8 +428,8 @@ class DecodeWorker:
         steps, _, _, local = self._run
         self._run = None
         self.busy_s += self.cluster.now - self._run_start
-        still = []
-        for s in self.running:
+        still = [] if self._run_decodes else self.running
+        for s in self.running if self._run_decodes else ():
             s[1] -= steps
             s[2] += steps
             if s[1] > 0:

@@ -104,6 +104,12 @@ class CostModel:
         return self.decode_overhead * (self.decode_base_s + self.decode_per_seq_s * batch
                                        + self.decode_per_ctx_token_s * context_tokens)
 
+    def prompts_first_pays(self, prompts: int) -> bool:
+        """The decode engine's prompts-first rule (engine/step_cost.py) on these costs: `prompts`
+        waiting prompts go before the running decodes when prompts x a decode's cost exceeds a
+        step's fixed cost (never on the shipped profiles' weight-bound steps but for a dozen)."""
+        return prompts * self.decode_per_seq_s > self.decode_base_s
+
     def decode_growth_s(self, batch: int) -> float:
         """How much longer each decode step of `batch` sequences gets than the one before it."""
         return self.decode_overhead * self.decode_per_ctx_token_s * batch

@@ -10,7 +10,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import PROMPTS_FIRST, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.vllm_backend import KV_CONNECTORS, VllmOptions
 from services.common.tls import TlsConfig, add_tls_flags, tls_from_args
 
@@ -68,9 +68,12 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens-beside-urgent", type=int,
                         default=int(env("PDMESH_MAX_PROMPT_TOKENS_BESIDE_URGENT", "16")),
                         help="batch prompt tokens a step may carry while a live sequence runs (chunked meanwhile)")
-    parser.add_argument("--max-prompt-only-steps", type=int, default=int(env("PDMESH_MAX_PROMPT_ONLY_STEPS", "0")),
-                        help="prompts first: steps in a row that compute prompts alone while sequences wait to "
-                             "decode, then one step decodes them (0: every step decodes first)")
+    parser.add_argument("--max-prompt-only-steps", type=int, default=int(env("PDMESH_MAX_PROMPT_ONLY_STEPS", "4")),
+                        help="prompts first: steps in a row that may compute prompts alone while sequences wait "
+                             "to decode, then one step decodes them (0: every step decodes first)")
+    parser.add_argument("--prompts-first", choices=PROMPTS_FIRST, default=env("PDMESH_PROMPTS_FIRST", "by_cost"),
+                        help="by_cost: a prompt-only step only when the engine's measured step costs say it lowers "
+                             "the summed latency; always: whenever prompts and decodes wait")
     parser.add_argument("--kv-transports", default=env("PDMESH_KV_TRANSPORTS", "nixl,grpc"),
                         help="comma-separated, best first: nixl,grpc")
     parser.add_argument("--lease-ttl-s", type=float, default=float(env("PDMESH_LEASE_TTL_S", "30")))
@@ -99,7 +102,8 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, swap_blocks=args.swap_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                   max_prompt_tokens_beside_urgent=args.max_prompt_tokens_beside_urgent,
-                                  max_prompt_only_steps=args.max_prompt_only_steps),
+                                  max_prompt_only_steps=args.max_prompt_only_steps,
+                                  prompts_first=args.prompts_first),
     )
     return WorkerConfig(
         role=role, worker_id=args.worker_id or f"{role}-{uuid.uuid4().hex[:6]}", host=args.host, port=args.port,

@@ -278,8 +278,8 @@ def test_prompts_first_changes_when_tokens_come_not_which(tiny_model, tiny_confi
     prompts = {f"r{i}": _prompt(20 + 3 * i, 30 + i) for i in range(6)}
     decoded_before_all_first = {}
     for max_prompt_only_steps in (0, 8):
-        engine = LLMEngine(EngineConfig(model=tiny_config, cache=CacheConfig(BS, 64, swap_blocks=0),
-                                        scheduler=SchedulerConfig(8, 128, 24, max_prompt_only_steps=max_prompt_only_steps)),
+        scheduler = SchedulerConfig(8, 128, 24, max_prompt_only_steps=max_prompt_only_steps, prompts_first="always")
+        engine = LLMEngine(EngineConfig(model=tiny_config, cache=CacheConfig(BS, 64, swap_blocks=0), scheduler=scheduler),
                            model=tiny_model)
         tokens = {}
         engine.add_request("r0", prompts["r0"], GREEDY, 12, ignore_eos=True)

@@ -64,9 +64,17 @@ def test_import_holding_blocks_passes_a_blocked_prompt():
 
 # -- prompts first (max_prompt_only_steps) ----------------------------------------------------
 
-def _prompts_first(max_steps, max_batched=8, max_num_seqs=8):
-    config = SchedulerConfig(max_num_seqs, 256, max_batched, max_prompt_only_steps=max_steps)
+def _prompts_first(max_steps, max_batched=8, max_num_seqs=8, prompts_first="always"):
+    config = SchedulerConfig(max_num_seqs, 256, max_batched, max_prompt_only_steps=max_steps,
+                             prompts_first=prompts_first)
     return Scheduler(config, BlockManager(64, BS))
+
+
+def _taught(s, fixed_s, per_decode_s):
+    """s's step cost model after decode steps of 1 to 16 sequences that cost fixed + n * per_decode."""
+    for n in [*range(1, 17)] * 2:
+        s.step_costs.observe(n, n, fixed_s + n * per_decode_s)
+    return s
 
 
 def _a_decodes_then(s, arrivals: str):
@@ -113,3 +121,29 @@ def test_prompts_first_with_nothing_waiting_to_decode_is_the_usual_step():
     for scheduler in (s, usual):
         scheduler.add(_seq("a", 6))
     assert run_steps(s, 3) == run_steps(usual, 3) == [[("a", 4)], [("a", 2)], [("a", 1)]]
+
+
+# -- prompts first by cost (the default) --------------------------------------------------------
+
+def test_by_cost_decodes_first_until_the_engine_has_measured_its_steps():
+    s = _a_decodes_then(_prompts_first(max_steps=4, prompts_first="by_cost"), "bc")
+    assert run_steps(s, 1) == [[("a", 1), ("b", 7)]]  # no step costs yet: the usual mixed step
+
+
+def test_by_cost_prompts_go_first_when_their_decode_share_outweighs_a_steps_fixed_cost():
+    # tiny-model-like costs: fixed 3 ms, 2 ms per decode; 2 waiting prompts x 2 ms > 3 ms
+    s = _a_decodes_then(_taught(_prompts_first(max_steps=4, prompts_first="by_cost"), 0.003, 0.002), "bc")
+    assert run_steps(s, 1) == [[("b", 8)]]
+
+
+def test_by_cost_one_prompt_rides_in_the_decodes_step_when_a_step_costs_more_than_a_decode():
+    # 1 waiting prompt x 2 ms < 3 ms fixed: computing it alone would cost the decodes a step
+    s = _a_decodes_then(_taught(_prompts_first(max_steps=4, prompts_first="by_cost"), 0.003, 0.002), "b")
+    assert run_steps(s, 1) == [[("a", 1), ("b", 7)]]
+
+
+def test_by_cost_weight_bound_steps_keep_a_few_prompts_in_the_mixed_step():
+    # the real model on this CPU (sim/profiles/cpu-local.yaml): fixed ~85 ms, ~7.4 ms per decode;
+    # 3 waiting prompts save 3 x 7.4 ms each decode step they skip, against 85 ms for the decodes
+    s = _a_decodes_then(_taught(_prompts_first(max_steps=4, prompts_first="by_cost"), 0.085, 0.0074), "bcd")
+    assert run_steps(s, 1)[0][0] == ("a", 1)

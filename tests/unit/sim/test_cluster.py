@@ -147,6 +147,23 @@ def test_a_local_prefill_joining_a_decoding_batch_pays_the_steps_fixed_cost_once
     assert jb.prefill_id == "" and jb.first_token_s == pytest.approx(0.203125 + 2**-6 + 2**-5)
 
 
+def test_prompts_waiting_beside_decodes_go_first_when_the_engines_rule_says_it_pays():
+    # FIXED: a decode costs its step's fixed cost (2**-7 each), so 2 waiting prompts pay for a
+    # prompt-only step (engine/step_cost.py); 1 rides in the decodes' mixed step.
+    cluster = Cluster(FIXED, 1, 1, "prefix_aware", block_size=16)  # prompts < 128 tokens prefill locally
+    a = Request("a", 0.0, 96, 10, tuple(range(6)), 16)
+    b = Request("b", 0.09375 + 2.5 * 2**-6, 32, 2, (100, 101), 16)  # mid-way through a's third decode step
+    c = Request("c", b.arrival_s, 32, 2, (200, 201), 16)
+    ja, jb, jc = cluster.run([a, b, c])
+    assert ja.first_token_s == pytest.approx(0.09375)
+    # the step in flight ends at 0.140625; b alone (32 tokens, 1/32 s) while a waits; then c, the
+    # only prompt left, in one mixed step with a's and b's decodes (3/128 s + 1/32 s)
+    assert jb.first_token_s == pytest.approx(0.140625 + 2**-5)
+    assert jc.first_token_s == pytest.approx(0.140625 + 2**-5 + 3 * 2**-7 + 2**-5)
+    # decodes first would have given b its token after a mixed step (1/64 + 1/32 s), c after another
+    assert jb.first_token_s < 0.140625 + 2**-6 + 2**-5
+
+
 def test_a_request_no_decode_worker_can_take_is_rejected_not_a_crash():
     # The first request fills the only decode worker's KV cache past has_capacity's 95% while it
     # decodes; the real router answers the second with RESOURCE_EXHAUSTED, the simulator rejects it.

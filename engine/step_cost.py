@@ -1,0 +1,91 @@
+"""What an engine step costs on this machine, learnt from the steps it runs.
+
+    seconds = fixed + per_row * rows + per_token * tokens
+
+rows: sequences whose logits the step computes (a decode, or a prompt's last chunk); tokens: the
+query tokens it computes (1 per decode, the chunk's length per prompt). The fit is least squares
+over the steps seen, each weighted by DECAY ** (steps since), so it follows the machine when it
+speeds up or slows down, with a small ridge so the system stays solvable when every step seen was decodes alone
+(rows == tokens: then per_row and per_token split a decode's cost, which is all the question
+below needs).
+
+The scheduler asks it one question: does computing the waiting prompts alone, before the running
+decodes, lower the summed latency? Take W prompts that would finish in the step and R sequences
+waiting to decode. A mixed step computes both: everyone's token comes at M. A prompt-only step
+gives the W prompts their first tokens after M - R * per_decode, and the decodes theirs after
+M + fixed (the same work, one step more). So W * R * per_decode saved against R * fixed lost:
+prompts first pays when W * per_decode > fixed. With the tiny model a decode costs about a
+step's fixed cost (its 262k-entry LM head), so a burst of prompts goes first; with the real
+model on a CPU every step first reads 1.1 GB of weights (fixed ~85 ms, per decode ~7 ms,
+sim/profiles/cpu-local.yaml), so it takes a dozen waiting prompts.
+"""
+
+DECAY = 0.98  # weight of a step after 1 more: ~50 steps of memory
+MIN_STEPS = 8  # weighted steps before an answer
+RIDGE = 1e-6  # relative: keeps the 3 x 3 system solvable while rows == tokens in every step seen
+
+
+class StepCostModel:
+    def __init__(self, decay: float = DECAY) -> None:
+        self.decay = decay
+        self._xx = [[0.0] * 3 for _ in range(3)]  # decayed sums of x x^T, x = (1, rows, tokens)
+        self._xy = [0.0] * 3  # decayed sums of x * seconds
+        self._coefficients: tuple[float, float, float] | None = None
+
+    @property
+    def weight(self) -> float:
+        """The decayed count of steps observed."""
+        return self._xx[0][0]
+
+    def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        x, d = (1.0, float(rows), float(tokens)), self.decay
+        for i in range(3):
+            row = self._xx[i]
+            for j in range(3):
+                row[j] = row[j] * d + x[i] * x[j]
+            self._xy[i] = self._xy[i] * d + x[i] * seconds
+        self._coefficients = None
+
+    def coefficients(self) -> tuple[float, float, float] | None:
+        """(fixed, per_row, per_token) in seconds, each at least 0; None until MIN_STEPS steps, or
+        while the steps seen cannot tell the fixed cost from the per-sequence cost (all one size)."""
+        if self._coefficients is None and self.weight >= MIN_STEPS and self._rows_vary():
+            a = [[v * (1.0 + RIDGE) if i == j else v for j, v in enumerate(row)] for i, row in enumerate(self._xx)]
+            solved = _solve3(a, self._xy)
+            if solved is not None:
+                self._coefficients = tuple(max(0.0, c) for c in solved)
+        return self._coefficients
+
+    def _rows_vary(self) -> bool:
+        """Whether the batch sizes seen spread enough (weighted variance of rows >= 1/4) to
+        separate the fixed cost from the per-row cost."""
+        n, s, ss = self._xx[0][0], self._xx[0][1], self._xx[1][1]
+        return ss / n - (s / n) ** 2 >= 0.25
+
+    def prompts_first_pays(self, prompts: int) -> bool:
+        """Whether `prompts` prompts computed alone, ahead of the sequences waiting to decode,
+        save more latency than the decodes lose (see the module docstring). False until the fit
+        has an answer: decodes first, the usual step."""
+        fit = self.coefficients()
+        if fit is None:
+            return False
+        fixed, per_row, per_token = fit
+        return prompts * (per_row + per_token) > fixed
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b (Gaussian elimination, partial pivoting), or None when a is singular."""
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for k in range(3):
+        pivot = max(range(k, 3), key=lambda r: abs(m[r][k]))
+        if m[pivot][k] == 0.0:
+            return None
+        m[k], m[pivot] = m[pivot], m[k]
+        for r in range(k + 1, 3):
+            f = m[r][k] / m[k][k]
+            for c in range(k, 4):
+                m[r][c] -= f * m[k][c]
+    x = [0.0] * 3
+    for k in (2, 1, 0):
+        x[k] = (m[k][3] - sum(m[k][c] * x[c] for c in range(k + 1, 3))) / m[k][k]
+    return x
