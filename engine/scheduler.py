@@ -123,8 +123,10 @@ class Scheduler:
         if cap is None:
             return None
         cap = cap if floor is None else min(floor, cap)
-        if self.config.prompts_first == "by_cost" and not self.step_costs.prompts_first_pays(self._prompts_within(cap)):
-            return None
+        if self.config.prompts_first == "by_cost":
+            prompts = self._prompts_within(cap)
+            if not prompts or not self.step_costs.prompts_first_pays(prompts):
+                return None
         return cap
 
     def _prompts_within(self, cap: int) -> int:
