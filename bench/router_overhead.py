@@ -56,7 +56,18 @@ import uuid
 
 import grpc
 
-from bench.common import CpuMeter, add_cpu_seconds, core_split, layout_names, pin_process, pin_router_apart, plot_cdf, write_results
+from bench.common import (
+    CpuMeter,
+    add_cpu_seconds,
+    core_split,
+    layout_names,
+    metric_sum,
+    pin_process,
+    pin_router_apart,
+    plot_cdf,
+    scrape,
+    write_results,
+)
 from bench.common import percentile as _pct
 from bench.common import progress as _progress
 from pdmesh.v1 import (
@@ -336,12 +347,24 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                 pin_process(0, own_cpus)
                 await arms.close()
         asyncio.run(go())
+        setup["decode_worker_scheduling"] = _scheduling(mesh.workers("decode")[0].info["metrics_address"])
     finally:
         for process in relays.values():
             process.kill()
             process.wait()
         mesh.stop()
     return rows, raw, setup, open_loop, compared
+
+
+def _scheduling(metrics_address: str) -> dict:
+    """How the decode worker scheduled the whole run (its /metrics): steps, prompt-only steps
+    (prompts first, by cost: engine/step_cost.py) and its fitted step cost."""
+    samples = scrape(metrics_address)
+    cost = {term: metric_sum(samples, f'pdmesh_engine_step_cost_seconds{{service="decode",term="{term}"')
+            for term in ("fixed", "per_sequence", "per_token")}
+    return {"steps": metric_sum(samples, "pdmesh_engine_steps_total"),
+            "prompt_only_steps": metric_sum(samples, "pdmesh_engine_prompt_only_steps_total"),
+            **{f"step_cost_{term}_ms": value * 1000 for term, value in cost.items()}}
 
 
 # ---- part 2: decision cost ---------------------------------------------------------------------
@@ -542,6 +565,11 @@ def main(argv: list[str] | None = None) -> None:
         "decision": decision, "targets": TARGETS, "load_average_end": os.getloadavg()[0], "quick": args.quick,
     }
     _print_table(rows, decision, per_kb, open_loop, compared)
+    if "decode_worker_scheduling" in setup:
+        s = setup["decode_worker_scheduling"]
+        print(f"decode worker, whole run: {s['prompt_only_steps']:.0f} of {s['steps']:.0f} steps prompts first "
+              f"(by cost); its fitted step: fixed {s['step_cost_fixed_ms']:.2f} ms, {s['step_cost_per_sequence_ms']:.3f} "
+              f"ms per sequence, {s['step_cost_per_token_ms'] * 1000:.1f} us per token")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,

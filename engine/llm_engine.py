@@ -66,6 +66,7 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     interrupted_steps: int = 0  # abandoned for a more urgent arrival (counted in steps too)
+    prompt_only_steps: int = 0  # prompts computed while running sequences waited (counted in steps too)
 
 
 class LLMEngine:
@@ -206,6 +207,11 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
 
+    def step_cost(self) -> tuple[float, float, float] | None:
+        """The fitted cost of a step on this machine: (fixed, per sequence, per token) seconds, or
+        None before enough steps (engine/step_cost.py)."""
+        return self.scheduler.step_costs.coefficients()
+
     def has_unfinished(self) -> bool:
         """Whether step() has work: queued or running requests, or outputs not handed out yet."""
         return self.scheduler.has_unfinished() or bool(self._pending)
@@ -225,6 +231,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         self.stats.steps += 1
+        self.stats.prompt_only_steps += self.scheduler.prompt_only_step
         if batch.seqs:
             try:
                 sampled = self._run_model(batch, self._interrupt(batch, arrival))

@@ -66,6 +66,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._beside_urgent_left = 0  # less urgent prompt tokens the step being built may still take
         self._prompt_only_steps = 0  # prompt-only steps in a row that left a decode waiting
+        self.prompt_only_step = False  # whether the batch schedule() returned last is prompts first
         self.step_costs = StepCostModel()  # the engine reports each step's cost (observe)
 
     def add(self, seq: Sequence) -> None:
@@ -97,8 +98,10 @@ class Scheduler:
             self._admit_waiting(batch, self._schedule_running(batch, budget, cap, prompts_only=True), cap)
             if batch.seqs:
                 self._prompt_only_steps += 1
+                self.prompt_only_step = True
                 return batch
         self._prompt_only_steps = 0
+        self.prompt_only_step = False
         budget = self._schedule_running(batch, budget, floor)
         self._admit_waiting(batch, budget, floor)
         return batch

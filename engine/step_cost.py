@@ -14,7 +14,9 @@ decodes, lower the summed latency? Take W prompts that would finish in the step 
 waiting to decode. A mixed step computes both: everyone's token comes at M. A prompt-only step
 gives the W prompts their first tokens after M - R * per_decode, and the decodes theirs after
 M + fixed (the same work, one step more). So W * R * per_decode saved against R * fixed lost:
-prompts first pays when W * per_decode > fixed. With the tiny model a decode costs about a
+prompts first pays when W * per_decode > fixed, and the answer is yes only when the fit's
+standard error leaves no doubt (a shared CPU makes step times noisy; a wrong yes costs the
+decodes a whole step). With the tiny model a decode costs about a
 step's fixed cost (its 262k-entry LM head), so a burst of prompts goes first; with the real
 model on a CPU every step first reads 1.1 GB of weights (fixed ~85 ms, per decode ~7 ms,
 sim/profiles/cpu-local.yaml), so it takes a dozen waiting prompts.
@@ -23,6 +25,7 @@ sim/profiles/cpu-local.yaml), so it takes a dozen waiting prompts.
 DECAY = 0.98  # weight of a step after 1 more: ~50 steps of memory
 MIN_STEPS = 8  # weighted steps before an answer
 RIDGE = 1e-6  # relative: keeps the 3 x 3 system solvable while rows == tokens in every step seen
+CONFIDENCE = 2.0  # standard errors the estimated saving must clear (~98% one-sided)
 
 
 class StepCostModel:
@@ -30,7 +33,8 @@ class StepCostModel:
         self.decay = decay
         self._xx = [[0.0] * 3 for _ in range(3)]  # decayed sums of x x^T, x = (1, rows, tokens)
         self._xy = [0.0] * 3  # decayed sums of x * seconds
-        self._coefficients: tuple[float, float, float] | None = None
+        self._yy = 0.0  # decayed sum of seconds^2 (for the residual variance)
+        self._fit: tuple[list[float], float, list[list[float]]] | None = None
 
     @property
     def weight(self) -> float:
@@ -44,33 +48,48 @@ class StepCostModel:
             for j in range(3):
                 row[j] = row[j] * d + x[i] * x[j]
             self._xy[i] = self._xy[i] * d + x[i] * seconds
-        self._coefficients = None
+        self._yy = self._yy * d + seconds * seconds
+        self._fit = None
 
     def coefficients(self) -> tuple[float, float, float] | None:
         """(fixed, per_row, per_token) in seconds, each at least 0; None until MIN_STEPS steps, or
         while the steps seen cannot tell the fixed cost from the per-sequence cost (all one size)."""
-        if self._coefficients is None and self.weight >= MIN_STEPS and self._rows_vary():
+        fit = self._solution()
+        return None if fit is None else tuple(max(0.0, c) for c in fit[0])
+
+    def prompts_first_pays(self, prompts: int) -> bool:
+        """Whether `prompts` prompts computed alone, ahead of the sequences waiting to decode,
+        save more latency than the decodes lose (see the module docstring), by CONFIDENCE standard
+        errors of the fit: noisy timings (a shared CPU) or too few batch sizes seen leave the
+        answer no, and the step the usual mixed one; no as well until the fit has an answer."""
+        fit = self._solution()
+        if fit is None:
+            return False
+        theta, variance, a = fit
+        c = (-1.0, float(prompts), float(prompts))  # saving per decode: prompts * per_decode - fixed
+        saving = sum(ci * ti for ci, ti in zip(c, theta))
+        if saving <= 0:
+            return False
+        z = _solve3(a, list(c))
+        spread = variance * sum(ci * zi for ci, zi in zip(c, z)) if z is not None else float("inf")
+        return saving * saving > CONFIDENCE * CONFIDENCE * max(0.0, spread)
+
+    def _solution(self) -> tuple[list[float], float, list[list[float]]] | None:
+        """The least-squares coefficients, the residual variance per step and the (ridged) normal
+        matrix they came from; None while there is no answer (see coefficients)."""
+        if self._fit is None and self.weight >= MIN_STEPS and self._rows_vary():
             a = [[v * (1.0 + RIDGE) if i == j else v for j, v in enumerate(row)] for i, row in enumerate(self._xx)]
-            solved = _solve3(a, self._xy)
-            if solved is not None:
-                self._coefficients = tuple(max(0.0, c) for c in solved)
-        return self._coefficients
+            theta = _solve3(a, self._xy)
+            if theta is not None:
+                residual = max(0.0, self._yy - sum(t * v for t, v in zip(theta, self._xy)))
+                self._fit = (theta, residual / (self.weight - 3), a)
+        return self._fit
 
     def _rows_vary(self) -> bool:
         """Whether the batch sizes seen spread enough (weighted variance of rows >= 1/4) to
         separate the fixed cost from the per-row cost."""
         n, s, ss = self._xx[0][0], self._xx[0][1], self._xx[1][1]
         return ss / n - (s / n) ** 2 >= 0.25
-
-    def prompts_first_pays(self, prompts: int) -> bool:
-        """Whether `prompts` prompts computed alone, ahead of the sequences waiting to decode,
-        save more latency than the decodes lose (see the module docstring). False until the fit
-        has an answer: decodes first, the usual step."""
-        fit = self.coefficients()
-        if fit is None:
-            return False
-        fixed, per_row, per_token = fit
-        return prompts * (per_row + per_token) > fixed
 
 
 def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:

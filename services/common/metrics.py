@@ -77,10 +77,19 @@ class WorkerCollector:
                 ("pdmesh_prompt_tokens", "Prompt tokens admitted (computed + cached)",
                  s.prompt_tokens_computed + s.prompt_tokens_cached),
                 ("pdmesh_prompt_tokens_cached", "Prompt tokens served from the prefix cache", s.prompt_tokens_cached),
-                ("pdmesh_generated_tokens", "Tokens generated", s.generated_tokens)):
+                ("pdmesh_generated_tokens", "Tokens generated", s.generated_tokens),
+                ("pdmesh_engine_steps", "Engine steps run", s.steps),
+                ("pdmesh_engine_prompt_only_steps", "Steps that computed prompts while running sequences waited "
+                 "to decode (prompts first)", s.prompt_only_steps)):
             counter = CounterMetricFamily(name, help_text, labels=names)
             counter.add_metric(self._labels, value)
             yield counter
+        if s.step_cost is not None:
+            gauge = GaugeMetricFamily("pdmesh_engine_step_cost_seconds", "The engine's fit of a step's wall time: "
+                                      "fixed + per_sequence x sequences + per_token x tokens", labels=[*names, "term"])
+            for term, value in zip(("fixed", "per_sequence", "per_token"), s.step_cost):
+                gauge.add_metric([*self._labels, term], value)
+            yield gauge
 
 
 def register_worker(role: str, worker_id: str, hub) -> None:

@@ -27,13 +27,20 @@ class WorkerSnapshot(NamedTuple):
     prompt_tokens_cached: int = 0
     generated_tokens: int = 0
     max_running: int = 0
+    steps: int = 0
+    prompt_only_steps: int = 0
+    step_cost: tuple[float, float, float] | None = None  # (fixed, per sequence, per token) s
 
 
-def snapshot_of(engine) -> WorkerSnapshot:
+STEP_COST_REFRESH_S = 1.0  # the step cost fit is solved for the snapshot at most this often
+
+
+def snapshot_of(engine, step_cost: tuple[float, float, float] | None = None) -> WorkerSnapshot:
     load, stats = engine.load(), engine.stats
     return WorkerSnapshot(load.waiting, load.running, load.kv_blocks_used, load.kv_blocks_total,
                           load.queued_prefill_tokens, stats.prompt_tokens_computed, stats.prompt_tokens_cached,
-                          stats.generated_tokens, load.max_running)
+                          stats.generated_tokens, load.max_running, stats.steps,
+                          stats.prompt_only_steps, step_cost)
 
 
 class WorkerStateHub:
@@ -44,10 +51,14 @@ class WorkerStateHub:
         self._subscribers: set[asyncio.Queue] = set()
         self.snapshot = WorkerSnapshot()
         self.closed = False
+        self._step_cost_at = 0.0
 
     def publish_from_engine_thread(self, engine) -> None:
         """Called by the engine thread after each step."""
-        self.snapshot = snapshot_of(engine)
+        step_cost, now = self.snapshot.step_cost, time.monotonic()
+        if now - self._step_cost_at >= STEP_COST_REFRESH_S and hasattr(engine, "step_cost"):
+            step_cost, self._step_cost_at = engine.step_cost(), now
+        self.snapshot = snapshot_of(engine, step_cost)
         events = engine.drain_kv_events()
         if events:
             self._loop.call_soon_threadsafe(self._fan_out, events)

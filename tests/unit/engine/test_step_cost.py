@@ -1,5 +1,7 @@
 """The engine's step cost fit and the prompts-first question it answers."""
 
+import random
+
 import pytest
 
 from engine.step_cost import MIN_STEPS, StepCostModel
@@ -44,3 +46,16 @@ def test_follows_the_machine_when_its_steps_get_slower():
         model.observe(n, n, 0.013 + 0.002 * n)
     assert model.coefficients()[0] == pytest.approx(0.013, rel=0.05)
     assert not model.prompts_first_pays(2) and model.prompts_first_pays(7)
+
+
+def test_noisy_steps_leave_the_answer_no_where_the_point_estimate_says_yes():
+    # the truth: fixed 3 ms, 2 ms per decode; batches of 1 and 3, each step +-4 ms of noise (a
+    # shared CPU)
+    rng, model = random.Random(1), StepCostModel()
+    for _ in range(60):
+        rows = rng.choice([1, 3])
+        model.observe(rows, rows, 0.003 + 0.002 * rows + rng.gauss(0, 0.004))
+    fixed, per_row, per_token = model.coefficients()
+    assert 2 * (per_row + per_token) > fixed  # the point estimate: 2 prompts would pay
+    assert not model.prompts_first_pays(2)  # but not by two standard errors of these timings
+    assert model.prompts_first_pays(40)  # 40 would, beyond doubt

@@ -15,7 +15,8 @@ DASHBOARD = pathlib.Path(__file__).parents[3] / "deploy" / "observability" / "gr
 
 class Hub:
     snapshot = WorkerSnapshot(waiting=3, running=2, kv_blocks_used=40, kv_blocks_total=100, queued_prefill_tokens=512,
-                              prompt_tokens_computed=900, prompt_tokens_cached=100, generated_tokens=77)
+                              prompt_tokens_computed=900, prompt_tokens_cached=100, generated_tokens=77, steps=50,
+                              prompt_only_steps=4, step_cost=(0.003, 0.0011, 0.00001))
 
 
 def exported_names() -> set[str]:
@@ -37,6 +38,8 @@ def test_worker_collector_reads_the_snapshot():
     assert 'pdmesh_kv_blocks_used{service="decode",worker_id="decode-0"} 40.0' in text
     assert 'pdmesh_prompt_tokens_total{service="decode",worker_id="decode-0"} 1000.0' in text
     assert 'pdmesh_prompt_tokens_cached_total{service="decode",worker_id="decode-0"} 100.0' in text
+    assert 'pdmesh_engine_prompt_only_steps_total{service="decode",worker_id="decode-0"} 4.0' in text
+    assert 'pdmesh_engine_step_cost_seconds{service="decode",term="fixed",worker_id="decode-0"} 0.003' in text
 
 
 def test_every_dashboard_query_uses_metrics_we_export():
