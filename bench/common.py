@@ -25,6 +25,16 @@ def metric_sum(samples: dict[str, float], prefix: str) -> float:
     return sum(value for series, value in samples.items() if series.startswith(prefix))
 
 
+def engine_scheduling(metrics_address: str) -> dict:
+    """How a worker's engine scheduled its steps so far (its /metrics): steps, prompt-only steps
+    (prompts first, by cost: engine/step_cost.py) and its fitted step cost in ms."""
+    samples = scrape(metrics_address)
+    return {"steps": metric_sum(samples, "pdmesh_engine_steps_total"),
+            "prompt_only_steps": metric_sum(samples, "pdmesh_engine_prompt_only_steps_total"),
+            **{f"step_cost_{term}_ms": 1000 * metric_sum(samples, f'pdmesh_engine_step_cost_seconds{{service="decode",term="{term}"')
+               for term in ("fixed", "per_sequence", "per_token")}}
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile, q in 0..100; NaN for no values."""
     if not values:

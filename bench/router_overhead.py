@@ -35,6 +35,8 @@ router's place (`bench.grpc_relay`: a Python gRPC hop making one call per reques
 sends it, with none of the router's work); the router sent token ids, as a client that tokenizes
 does (its hop and placement without tokenizing); and direct against itself in the same
 alternating batches (A/A: the smallest difference this comparison can resolve on this host).
+At the end the decode worker's /metrics say how it scheduled the whole run: how many steps put
+waiting prompts first (engine/step_cost.py) and the step cost it fitted.
 
 Part 2 (in process): the real prefix_aware profile places a 4,096-token prompt among 500 decode
 and 500 prefill workers whose prefix index holds 100,000 blocks; timed with the block hashing it
@@ -60,12 +62,11 @@ from bench.common import (
     CpuMeter,
     add_cpu_seconds,
     core_split,
+    engine_scheduling,
     layout_names,
-    metric_sum,
     pin_process,
     pin_router_apart,
     plot_cdf,
-    scrape,
     write_results,
 )
 from bench.common import percentile as _pct
@@ -347,24 +348,13 @@ def run_added_ttft(quick: bool, progress=_progress) -> tuple[dict[str, list[dict
                 pin_process(0, own_cpus)
                 await arms.close()
         asyncio.run(go())
-        setup["decode_worker_scheduling"] = _scheduling(mesh.workers("decode")[0].info["metrics_address"])
+        setup["decode_worker_scheduling"] = engine_scheduling(mesh.workers("decode")[0].info["metrics_address"])
     finally:
         for process in relays.values():
             process.kill()
             process.wait()
         mesh.stop()
     return rows, raw, setup, open_loop, compared
-
-
-def _scheduling(metrics_address: str) -> dict:
-    """How the decode worker scheduled the whole run (its /metrics): steps, prompt-only steps
-    (prompts first, by cost: engine/step_cost.py) and its fitted step cost."""
-    samples = scrape(metrics_address)
-    cost = {term: metric_sum(samples, f'pdmesh_engine_step_cost_seconds{{service="decode",term="{term}"')
-            for term in ("fixed", "per_sequence", "per_token")}
-    return {"steps": metric_sum(samples, "pdmesh_engine_steps_total"),
-            "prompt_only_steps": metric_sum(samples, "pdmesh_engine_prompt_only_steps_total"),
-            **{f"step_cost_{term}_ms": value * 1000 for term, value in cost.items()}}
 
 
 # ---- part 2: decision cost ---------------------------------------------------------------------

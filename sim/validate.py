@@ -42,7 +42,7 @@ import time
 from itertools import groupby
 from typing import NamedTuple
 
-from bench.common import CpuMeter
+from bench.common import CpuMeter, engine_scheduling
 from engine.hashing import block_hashes
 from sim.costs import CostModel
 from sim.metrics import percentile
@@ -168,7 +168,7 @@ async def _first_token(stub, ids: list[int], max_tokens: int, at: float) -> dict
             "cached_tokens": last.usage.cached_prompt_tokens}
 
 
-def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) -> tuple[list[dict], list[dict]]:
+def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) -> tuple[list[dict], list[dict], dict]:
     from pdmesh.launcher import MeshSpec, start_mesh
     spec = MeshSpec(num_prefill=2, num_decode=2, router_port=0, profile="prefix_aware", num_blocks=s.num_blocks,
                     torch_threads=1, max_model_len=4096)
@@ -178,7 +178,11 @@ def measure_mesh(s: Slice, phases: list[list[Request]], tokens: dict, progress) 
         cpu = CpuMeter({p.name: p.popen.pid for p in mesh.processes})  # and this process, as "client"
         progress(f"replaying {len(phases)} phases of {s.n} requests at {', '.join(map(str, s.rates))} req/s "
                  f"(load average {os.getloadavg()[0]:.1f})")
-        return asyncio.run(_replay(mesh.router_address, phases, tokens, cpu, s.gap_s))
+        runs, probes = asyncio.run(_replay(mesh.router_address, phases, tokens, cpu, s.gap_s))
+        # how the decode workers scheduled (prompts first by cost, engine/step_cost.py; the
+        # simulator applies the same rule to the profile's costs)
+        scheduling = {w.name: engine_scheduling(w.info["metrics_address"]) for w in mesh.workers("decode")}
+        return runs, probes, scheduling
     finally:
         mesh.stop()
 
@@ -269,7 +273,7 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
     `no_host_sharing`, re-anchored with a core per worker."""
     phases, tokens = scaled_phases(s)
     costs = dataclasses.replace(costs, kv_capacity_tokens=s.num_blocks * ENGINE_BLOCK)
-    runs, probes = measure_mesh(s, phases, tokens, progress)
+    runs, probes, scheduling = measure_mesh(s, phases, tokens, progress)
     offsets = [run["offset_s"] for run in runs]
     background = [background_cores(run) for run in runs]
     prefill_scale, decode_scale = probe_scales(costs, probes)
@@ -290,6 +294,7 @@ def validate(costs: CostModel, s: Slice, progress) -> dict:
         "as_calibrated_ttft_p50_prediction_error": worst("as_calibrated", "ttft_p50_error"),
         "as_calibrated_ttft_p90_prediction_error": worst("as_calibrated", "ttft_p90_error"),
         "probe_prefill_scale": prefill_scale, "probe_decode_scale": decode_scale, "probes": probes,
+        "decode_scheduling": scheduling,
         "costs": {"host_cores": costs.host_cores, "host_slowdown": list(costs.host_slowdown),
                   "prefill_overhead": costs.prefill_overhead, "decode_overhead": costs.decode_overhead},
         "load_average_after": round(os.getloadavg()[0], 2),
@@ -314,6 +319,10 @@ def print_report(out: dict) -> None:
     print(f"serving overhead in the profile: prefill x{c['prefill_overhead']}, decode x{c['decode_overhead']}; "
           f"the probes before the replay: prefill {out['probe_prefill_scale']}x, decode "
           f"{out['probe_decode_scale']}x the profile")
+    for name, s in out.get("decode_scheduling", {}).items():
+        print(f"{name}: {s['prompt_only_steps']:.0f} of {s['steps']:.0f} steps prompts first (by cost); fitted step: "
+              f"fixed {s['step_cost_fixed_ms']:.1f} ms, {s['step_cost_per_sequence_ms']:.2f} ms per sequence, "
+              f"{s['step_cost_per_token_ms']:.3f} ms per token")
     print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "
           f"{out['ttft_p90_prediction_error']:.0%} (as calibrated: {out['as_calibrated_ttft_p50_prediction_error']:.0%}"
           f" / {out['as_calibrated_ttft_p90_prediction_error']:.0%})")
