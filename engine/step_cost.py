@@ -3,23 +3,23 @@
     seconds = fixed + per_row * rows + per_token * tokens
 
 rows: sequences whose logits the step computes (a decode, or a prompt's last chunk); tokens: the
-query tokens it computes (1 per decode, the chunk's length per prompt). The fit is least squares
-over the steps seen, each weighted by DECAY ** (steps since), so it follows the machine when it
-speeds up or slows down, with a small ridge so the system stays solvable when every step seen was decodes alone
-(rows == tokens: then per_row and per_token split a decode's cost, which is all the question
-below needs).
+query tokens it computes (1 per decode, the chunk's length per prompt); per_decode = per_row +
+per_token. The fit is least squares over the steps seen, each weighted by DECAY ** (steps since),
+so it follows the machine when it speeds up or slows down, with a small ridge so the system stays
+solvable when every step seen was decodes alone (rows == tokens: per_row and per_token then split
+a decode's cost, which is all the question below needs).
 
 The scheduler asks it one question: does computing the waiting prompts alone, before the running
 decodes, lower the summed latency? Take W prompts that would finish in the step and R sequences
 waiting to decode. A mixed step computes both: everyone's token comes at M. A prompt-only step
 gives the W prompts their first tokens after M - R * per_decode, and the decodes theirs after
 M + fixed (the same work, one step more). So W * R * per_decode saved against R * fixed lost:
-prompts first pays when W * per_decode > fixed, and the answer is yes only when the fit's
-standard error leaves no doubt (a shared CPU makes step times noisy; a wrong yes costs the
-decodes a whole step). With the tiny model a decode costs about a
-step's fixed cost (its 262k-entry LM head), so a burst of prompts goes first; with the real
-model on a CPU every step first reads 1.1 GB of weights (fixed ~85 ms, per decode ~7 ms,
-sim/profiles/cpu-local.yaml), so it takes a dozen waiting prompts.
+prompts first pays when W * per_decode > fixed. The answer is yes only when the fit's standard
+error leaves no doubt: a shared CPU makes step times noisy, and a wrong yes costs the decodes a
+whole step. With the tiny model a decode costs much per sequence (its 262k-entry LM head), so a
+burst of prompts goes first; with the real model on a CPU every step first reads 1.1 GB of
+weights (fixed ~85 ms, per decode ~7 ms, sim/profiles/cpu-local.yaml), so it takes a dozen
+waiting prompts.
 """
 
 DECAY = 0.98  # weight of a step after 1 more: ~50 steps of memory
@@ -29,6 +29,8 @@ CONFIDENCE = 2.0  # standard errors the estimated saving must clear (~98% one-si
 
 
 class StepCostModel:
+    """The fit, fed by LLMEngine.step (observe) and asked by the Scheduler (prompts_first_pays)."""
+
     def __init__(self, decay: float = DECAY) -> None:
         self.decay = decay
         self._xx = [[0.0] * 3 for _ in range(3)]  # decayed sums of x x^T, x = (1, rows, tokens)
