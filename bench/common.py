@@ -29,10 +29,20 @@ def engine_scheduling(metrics_address: str) -> dict:
     """How a worker's engine scheduled its steps so far (its /metrics): steps, prompt-only steps
     (prompts first, by cost: engine/step_cost.py) and its fitted step cost in ms."""
     samples = scrape(metrics_address)
+    cost = {term: [v for k, v in samples.items() if k.startswith("pdmesh_engine_step_cost_seconds{") and f'term="{term}"' in k]
+            for term in ("fixed", "per_sequence", "per_token")}
     return {"steps": metric_sum(samples, "pdmesh_engine_steps_total"),
             "prompt_only_steps": metric_sum(samples, "pdmesh_engine_prompt_only_steps_total"),
-            **{f"step_cost_{term}_ms": 1000 * metric_sum(samples, f'pdmesh_engine_step_cost_seconds{{service="decode",term="{term}"')
-               for term in ("fixed", "per_sequence", "per_token")}}
+            # None before the engine has a fit (engine/step_cost.py)
+            **{f"step_cost_{term}_ms": 1000 * values[0] if values else None for term, values in cost.items()}}
+
+
+def step_cost_text(scheduling: dict) -> str:
+    """engine_scheduling's fitted step cost, said in words."""
+    if scheduling["step_cost_fixed_ms"] is None:
+        return "no step cost fit yet"
+    return (f"fitted step: fixed {scheduling['step_cost_fixed_ms']:.2f} ms, {scheduling['step_cost_per_sequence_ms']:.3f} "
+            f"ms per sequence, {scheduling['step_cost_per_token_ms'] * 1000:.1f} us per token")
 
 
 def percentile(values: list[float], q: float) -> float:

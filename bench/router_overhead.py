@@ -67,6 +67,7 @@ from bench.common import (
     pin_process,
     pin_router_apart,
     plot_cdf,
+    step_cost_text,
     write_results,
 )
 from bench.common import percentile as _pct
@@ -558,8 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     if "decode_worker_scheduling" in setup:
         s = setup["decode_worker_scheduling"]
         print(f"decode worker, whole run: {s['prompt_only_steps']:.0f} of {s['steps']:.0f} steps prompts first "
-              f"(by cost); its fitted step: fixed {s['step_cost_fixed_ms']:.2f} ms, {s['step_cost_per_sequence_ms']:.3f} "
-              f"ms per sequence, {s['step_cost_per_token_ms'] * 1000:.1f} us per token")
+              f"(by cost); {step_cost_text(s)}")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         write_results(args.json, result, "router_overhead.png", (lambda png: _plot(png, raw)) if raw else None,

@@ -42,7 +42,7 @@ import time
 from itertools import groupby
 from typing import NamedTuple
 
-from bench.common import CpuMeter, engine_scheduling
+from bench.common import CpuMeter, engine_scheduling, step_cost_text
 from engine.hashing import block_hashes
 from sim.costs import CostModel
 from sim.metrics import percentile
@@ -320,9 +320,8 @@ def print_report(out: dict) -> None:
           f"the probes before the replay: prefill {out['probe_prefill_scale']}x, decode "
           f"{out['probe_decode_scale']}x the profile")
     for name, s in out.get("decode_scheduling", {}).items():
-        print(f"{name}: {s['prompt_only_steps']:.0f} of {s['steps']:.0f} steps prompts first (by cost); fitted step: "
-              f"fixed {s['step_cost_fixed_ms']:.1f} ms, {s['step_cost_per_sequence_ms']:.2f} ms per sequence, "
-              f"{s['step_cost_per_token_ms']:.3f} ms per token")
+        print(f"{name}: {s['prompt_only_steps']:.0f} of {s['steps']:.0f} steps prompts first (by cost); "
+              + step_cost_text(s))
     print(f"worst phase: TTFT p50 error {out['ttft_p50_prediction_error']:.0%}, p90 error "
           f"{out['ttft_p90_prediction_error']:.0%} (as calibrated: {out['as_calibrated_ttft_p50_prediction_error']:.0%}"
           f" / {out['as_calibrated_ttft_p90_prediction_error']:.0%})")

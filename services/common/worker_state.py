@@ -57,7 +57,8 @@ class WorkerStateHub:
         """Called by the engine thread after each step."""
         step_cost, now = self.snapshot.step_cost, time.monotonic()
         if now - self._step_cost_at >= STEP_COST_REFRESH_S and hasattr(engine, "step_cost"):
-            step_cost, self._step_cost_at = engine.step_cost(), now
+            # the last answer stays while the fit has none (a run of steps all one size)
+            step_cost, self._step_cost_at = engine.step_cost() or step_cost, now
         self.snapshot = snapshot_of(engine, step_cost)
         events = engine.drain_kv_events()
         if events:

@@ -160,3 +160,18 @@ def test_a_worker_without_decode_session_gets_one_decode_call_per_request(tiny_m
 
     first, second, direct = asyncio.run(scenario())
     assert first == second == direct and len(first) == 8
+
+
+def test_the_worker_exports_its_step_count_and_step_cost_fit(decode_worker):
+    async def bursts(stub):
+        session = DecodeSession(stub, "decode-0")
+        for size in (1, 3, 6, 2, 5):  # batches of several sizes: the fit can tell fixed from per-sequence cost
+            await asyncio.gather(*(tokens_of(session.decode(request([2, 500 + size, *range(4000, 4000 + 10 * i)],
+                                                                       max_tokens=6), timeout=30))
+                                   for i in range(size)))
+    run(decode_worker, bursts)
+    time.sleep(1.2)  # the fit is refreshed into the snapshot at most once a second; one more step publishes it
+    run(decode_worker, lambda stub: tokens_of(stub.Decode(request(PROMPTS[0], max_tokens=2))))
+    scheduling = bench_common.engine_scheduling(decode_worker.info["metrics_address"])
+    assert scheduling["steps"] >= 5 * 6 and 0 <= scheduling["prompt_only_steps"] <= scheduling["steps"]
+    assert scheduling["step_cost_fixed_ms"] > 0 and scheduling["step_cost_per_sequence_ms"] > 0
