@@ -28,7 +28,7 @@ max_prompt_only_steps such steps in a row (then one step is mixed as above; 0: n
 default (prompts_first="by_cost"), only when it lowers the summed latency by the engine's own
 measured step costs (engine/step_cost.py: W waiting prompts go first when W times a decode's cost
 exceeds a step's fixed cost). A burst arriving while others decode then gets its first tokens
-sooner on a model whose decodes cost much per sequence (the tiny model: ~2 ms each for the
+sooner on a model whose decodes cost much per sequence (the tiny model: ~0.5-1 ms each for the
 262k-entry LM head), and the usual mixed step runs where a step's fixed cost dominates (the real
 model on a CPU reads all its weights per step, so a prompt computed alone pays for a step the
 decodes' step would have carried). prompts_first="always" skips the cost test.
