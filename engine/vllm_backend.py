@@ -52,7 +52,11 @@ class VllmOptions:
     """How the vLLM engine is built (read from flags at the worker's entry point)."""
 
     model_dir: str = ""  # Hugging Face style directory (engine.hf_export); "" = the default one
-    gpu_memory_utilization: float = 0.25  # on the CPU build this sizes the KV cache
+    gpu_memory_utilization: float = 0.25  # sizes the KV cache when kv_cache_bytes is 0
+    # The KV cache's size in bytes (vLLM's kv_cache_memory_bytes); 0: a share of the device's memory
+    # (gpu_memory_utilization; on the CPU build, of the memory free on the NUMA node when the worker
+    # starts, which on a shared machine can leave less than the weights: the worker then fails).
+    kv_cache_bytes: int = 0
     enforce_eager: bool = True  # torch.compile on 2 shared cores costs minutes at start-up
     # vLLM's NixlConnector (CPU KV buffer, NIXL/UCX) for P/D handoff between vLLM workers; "none": off.
     kv_connector: str = "nixl"
@@ -70,6 +74,8 @@ class VllmOptions:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_connector not in KV_CONNECTORS:
             raise ValueError(f"kv_connector must be one of {list(KV_CONNECTORS)}, got {self.kv_connector!r}")
+        if self.kv_cache_bytes < 0:
+            raise ValueError(f"kv_cache_bytes must be >= 0, got {self.kv_cache_bytes}")
         if not 0 <= self.side_channel_port < 65536 or self.kv_lease_s < 1:
             raise ValueError(f"side_channel_port must be in [0, 65536) and kv_lease_s >= 1: {self}")
 
@@ -164,7 +170,8 @@ class VllmEngine:
             raise ValueError("the vLLM backend serves the real checkpoint only (no --model tiny)")
         args = EngineArgs(model=options.model_dir or str(default_dir()), dtype="float32",
                           max_model_len=config.scheduler.max_model_len, max_num_seqs=config.scheduler.max_num_seqs,
-                          gpu_memory_utilization=options.gpu_memory_utilization, enforce_eager=options.enforce_eager,
+                          gpu_memory_utilization=options.gpu_memory_utilization,
+                          kv_cache_memory_bytes=options.kv_cache_bytes or None, enforce_eager=options.enforce_eager,
                           enable_prefix_caching=config.cache.enable_prefix_caching, skip_tokenizer_init=True,
                           kv_transfer_config=_kv_transfer_config(options),
                           disable_log_stats=not options.log_stats)

@@ -84,9 +84,13 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         help="vllm needs the vLLM venv (scripts/setup_vllm.sh); decode workers only")
     parser.add_argument("--vllm-model-dir", default=env("PDMESH_VLLM_MODEL_DIR", ""),
                         help="Hugging Face style directory (default: the one engine.hf_export writes)")
+    kv_cache_bytes = env("PDMESH_VLLM_KV_CACHE_BYTES", "")
+    parser.add_argument("--vllm-kv-cache-bytes", type=int, default=int(kv_cache_bytes) if kv_cache_bytes else None,
+                        help="vLLM's KV cache in bytes (default: --num-blocks x --block-size tokens, as the "
+                             "builtin engine; 0: --vllm-gpu-memory-utilization sizes it)")
     parser.add_argument("--vllm-gpu-memory-utilization", type=float,
                         default=float(env("PDMESH_VLLM_GPU_MEMORY_UTILIZATION", "0.25")),
-                        help="share of memory vLLM sizes its KV cache from (CPU build too)")
+                        help="share of memory vLLM sizes its KV cache from, with --vllm-kv-cache-bytes 0")
     parser.add_argument("--vllm-kv-connector", choices=KV_CONNECTORS, default=env("PDMESH_VLLM_KV_CONNECTOR", "nixl"),
                         help="vLLM's NixlConnector for prefill -> decode KV handoff between vLLM workers")
     parser.add_argument("--vllm-side-channel-port", type=int, default=int(env("PDMESH_VLLM_SIDE_CHANNEL_PORT", "0")),
@@ -112,6 +116,8 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
         metrics_port=args.metrics_port, tls=tls_from_args(args), engine_backend=args.engine,
         vllm=VllmOptions(model_dir=args.vllm_model_dir, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                         kv_cache_bytes=(args.num_blocks * args.block_size * model.kv_bytes_per_token
+                                         if args.vllm_kv_cache_bytes is None else args.vllm_kv_cache_bytes),
                          kv_connector=args.vllm_kv_connector, side_channel_host=args.advertise_host,
                          side_channel_port=args.vllm_side_channel_port, kv_lease_s=math.ceil(args.lease_ttl_s)),
     )

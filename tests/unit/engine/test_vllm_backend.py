@@ -1,10 +1,14 @@
 """The parts of the vLLM backend that need no vLLM: the prefix-cache estimate behind a vLLM
-worker's KV events, the options' validation, and the handle a vLLM prefill worker lends."""
+worker's KV events, the options' validation (and how a worker's flags size its KV cache), and the handle a vLLM prefill worker lends."""
+
+import argparse
+from unittest import mock
 
 import pytest
 
 from engine.hashing import block_hashes
 from engine.vllm_backend import PrefixEstimate, VllmOptions
+from services.common.worker_config import add_worker_flags, worker_config_from_args
 
 
 def test_served_prompt_publishes_our_hashes_once():
@@ -34,7 +38,7 @@ def test_options_reject_a_bad_memory_share():
 
 
 @pytest.mark.parametrize("fields", [dict(kv_connector="lmcache"), dict(side_channel_port=70000),
-                                    dict(kv_lease_s=0)])
+                                    dict(kv_lease_s=0), dict(kv_cache_bytes=-1)])
 def test_options_reject_a_bad_connector_setting(fields):
     with pytest.raises(ValueError):
         VllmOptions(**fields)
@@ -56,3 +60,17 @@ def test_vllm_lender_carries_vllms_parameters_unread():
     assert handle.transfer_address == "10.0.0.5:5601"
     assert 0 < handle.lease_expires_unix_ms / 1000 - time.time() <= 30
     assert KvHandle.from_proto(handle.to_proto()) == handle
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    # the default: the builtin engine's KV size, --num-blocks x --block-size tokens of Gemma-3-270M
+    (["--num-blocks", "256", "--block-size", "16"], {}, 256 * 16 * 18 * 2 * 256 * 4),
+    (["--vllm-kv-cache-bytes", "0"], {}, 0),  # 0: vLLM sizes it by --vllm-gpu-memory-utilization
+    ([], {"PDMESH_VLLM_KV_CACHE_BYTES": "1000000"}, 1_000_000),
+])
+def test_a_vllm_workers_kv_cache_is_sized_in_bytes_not_by_the_memory_free_at_start(flags, env, expected):
+    with mock.patch.dict("os.environ", env):
+        parser = argparse.ArgumentParser()
+        add_worker_flags(parser)
+        config = worker_config_from_args("decode", parser.parse_args(["--engine", "vllm", *flags]))
+    assert config.vllm.kv_cache_bytes == expected
