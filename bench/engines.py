@@ -46,7 +46,8 @@ def build(kind: str):
                           scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=2048))
     if kind == "vllm":
         from engine.vllm_backend import VllmEngine, VllmOptions
-        return VllmEngine(config, VllmOptions(gpu_memory_utilization=0.2, kv_connector="none", log_stats=False))
+        kv_bytes = config.cache.num_blocks * config.cache.block_size * config.model.kv_bytes_per_token  # as ours
+        return VllmEngine(config, VllmOptions(kv_cache_bytes=kv_bytes, kv_connector="none", log_stats=False))
     from engine.llm_engine import LLMEngine
     return LLMEngine(config)
 
