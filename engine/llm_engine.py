@@ -239,7 +239,7 @@ class LLMEngine:
                 self.stats.interrupted_steps += 1
                 return outputs
             outputs += self._advance(batch, sampled)
-            rows = sum(1 for token in sampled if token is not None)
+            rows = len(sampled) - sampled.count(None)  # sequences whose logits the step computed
             self.scheduler.step_costs.observe(rows, sum(batch.query_lens), time.perf_counter() - started)
         return outputs
 

@@ -66,7 +66,6 @@ class Scheduler:
         self.num_preemptions = 0
         self._beside_urgent_left = 0  # less urgent prompt tokens the step being built may still take
         self._prompt_only_steps = 0  # prompt-only steps in a row that left a decode waiting
-        self.prompt_only_step = False  # whether the batch schedule() returned last is prompts first
         self.step_costs = StepCostModel()  # the engine reports each step's cost (observe)
 
     def add(self, seq: Sequence) -> None:
@@ -98,13 +97,16 @@ class Scheduler:
             self._admit_waiting(batch, self._schedule_running(batch, budget, cap, prompts_only=True), cap)
             if batch.seqs:
                 self._prompt_only_steps += 1
-                self.prompt_only_step = True
                 return batch
         self._prompt_only_steps = 0
-        self.prompt_only_step = False
         budget = self._schedule_running(batch, budget, floor)
         self._admit_waiting(batch, budget, floor)
         return batch
+
+    @property
+    def prompt_only_step(self) -> bool:
+        """Whether the batch schedule() returned last carries prompts first."""
+        return self._prompt_only_steps > 0
 
     def urgent_floor(self) -> int | None:
         """The least urgent rank the next step may carry: the rank of the most urgent sequence

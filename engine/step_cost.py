@@ -22,6 +22,8 @@ weights (fixed ~85 ms, per decode ~7 ms, sim/profiles/cpu-local.yaml), so it tak
 waiting prompts.
 """
 
+import numpy as np
+
 DECAY = 0.98  # weight of a step after 1 more: ~50 steps of memory
 MIN_STEPS = 8  # weighted steps before an answer
 RIDGE = 1e-6  # relative: keeps the 3 x 3 system solvable while rows == tokens in every step seen
@@ -36,7 +38,7 @@ class StepCostModel:
         self._xx = [[0.0] * 3 for _ in range(3)]  # decayed sums of x x^T, x = (1, rows, tokens)
         self._xy = [0.0] * 3  # decayed sums of x * seconds
         self._yy = 0.0  # decayed sum of seconds^2 (for the residual variance)
-        self._fit: tuple[list[float], float, list[list[float]]] | None = None
+        self._fit: tuple[np.ndarray, np.ndarray] | None = None  # coefficients, their covariance
 
     @property
     def weight(self) -> float:
@@ -44,6 +46,7 @@ class StepCostModel:
         return self._xx[0][0]
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        """One step's cost (every engine step: plain floats, no arrays, ~1 us)."""
         x, d = (1.0, float(rows), float(tokens)), self.decay
         for i in range(3):
             row = self._xx[i]
@@ -57,7 +60,7 @@ class StepCostModel:
         """(fixed, per_row, per_token) in seconds, each at least 0; None until MIN_STEPS steps, or
         while the steps seen cannot tell the fixed cost from the per-sequence cost (all one size)."""
         fit = self._solution()
-        return None if fit is None else tuple(max(0.0, c) for c in fit[0])
+        return None if fit is None else tuple(max(0.0, float(c)) for c in fit[0])
 
     def prompts_first_pays(self, prompts: int) -> bool:
         """Whether `prompts` prompts computed alone, ahead of the sequences waiting to decode,
@@ -67,24 +70,24 @@ class StepCostModel:
         fit = self._solution()
         if fit is None:
             return False
-        theta, variance, a = fit
-        c = (-1.0, float(prompts), float(prompts))  # saving per decode: prompts * per_decode - fixed
-        saving = sum(ci * ti for ci, ti in zip(c, theta))
-        if saving <= 0:
-            return False
-        z = _solve3(a, list(c))
-        spread = variance * sum(ci * zi for ci, zi in zip(c, z)) if z is not None else float("inf")
-        return saving * saving > CONFIDENCE * CONFIDENCE * max(0.0, spread)
+        theta, covariance = fit
+        c = np.array((-1.0, prompts, prompts))  # saving per decode: prompts * per_decode - fixed
+        saving = float(c @ theta)
+        return saving > 0 and saving * saving > CONFIDENCE * CONFIDENCE * max(0.0, float(c @ covariance @ c))
 
-    def _solution(self) -> tuple[list[float], float, list[list[float]]] | None:
-        """The least-squares coefficients, the residual variance per step and the (ridged) normal
-        matrix they came from; None while there is no answer (see coefficients)."""
+    def _solution(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The least-squares coefficients and their covariance (residual variance per step times
+        the inverse of the ridged normal matrix); None while there is no answer (see coefficients)."""
         if self._fit is None and self.weight >= MIN_STEPS and self._rows_vary():
-            a = [[v * (1.0 + RIDGE) if i == j else v for j, v in enumerate(row)] for i, row in enumerate(self._xx)]
-            theta = _solve3(a, self._xy)
-            if theta is not None:
-                residual = max(0.0, self._yy - sum(t * v for t, v in zip(theta, self._xy)))
-                self._fit = (theta, residual / (self.weight - 3), a)
+            a = np.array(self._xx)
+            a[np.diag_indices(3)] *= 1.0 + RIDGE
+            try:
+                inverse = np.linalg.inv(a)
+            except np.linalg.LinAlgError:
+                return None
+            theta = inverse @ self._xy
+            residual = max(0.0, self._yy - float(theta @ self._xy))
+            self._fit = (theta, residual / (self.weight - 3) * inverse)
         return self._fit
 
     def _rows_vary(self) -> bool:
@@ -92,21 +95,3 @@ class StepCostModel:
         separate the fixed cost from the per-row cost."""
         n, s, ss = self._xx[0][0], self._xx[0][1], self._xx[1][1]
         return ss / n - (s / n) ** 2 >= 0.25
-
-
-def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """x with a x = b (Gaussian elimination, partial pivoting), or None when a is singular."""
-    m = [row[:] + [v] for row, v in zip(a, b)]
-    for k in range(3):
-        pivot = max(range(k, 3), key=lambda r: abs(m[r][k]))
-        if m[pivot][k] == 0.0:
-            return None
-        m[k], m[pivot] = m[pivot], m[k]
-        for r in range(k + 1, 3):
-            f = m[r][k] / m[k][k]
-            for c in range(k, 4):
-                m[r][c] -= f * m[k][c]
-    x = [0.0] * 3
-    for k in (2, 1, 0):
-        x[k] = (m[k][3] - sum(m[k][c] * x[c] for c in range(k + 1, 3))) / m[k][k]
-    return x

@@ -53,10 +53,11 @@ class VllmOptions:
 
     model_dir: str = ""  # Hugging Face style directory (engine.hf_export); "" = the default one
     gpu_memory_utilization: float = 0.25  # sizes the KV cache when kv_cache_bytes is 0
-    # The KV cache's size in bytes (vLLM's kv_cache_memory_bytes); 0: a share of the device's memory
-    # (gpu_memory_utilization; on the CPU build, of the memory free on the NUMA node when the worker
-    # starts, which on a shared machine can leave less than the weights: the worker then fails).
-    kv_cache_bytes: int = 0
+    # The KV cache's size in bytes (vLLM's kv_cache_memory_bytes); None: the engine config's blocks,
+    # as many tokens as the builtin engine's cache (kv_cache_bytes()); 0: a share of the device's
+    # memory (gpu_memory_utilization; on the CPU build, of the memory free on the NUMA node when the
+    # worker starts, which on a shared machine can leave less than the weights: the worker then fails).
+    kv_cache_bytes: int | None = None
     enforce_eager: bool = True  # torch.compile on 2 shared cores costs minutes at start-up
     # vLLM's NixlConnector (CPU KV buffer, NIXL/UCX) for P/D handoff between vLLM workers; "none": off.
     kv_connector: str = "nixl"
@@ -74,10 +75,17 @@ class VllmOptions:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_connector not in KV_CONNECTORS:
             raise ValueError(f"kv_connector must be one of {list(KV_CONNECTORS)}, got {self.kv_connector!r}")
-        if self.kv_cache_bytes < 0:
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 0:
             raise ValueError(f"kv_cache_bytes must be >= 0, got {self.kv_cache_bytes}")
         if not 0 <= self.side_channel_port < 65536 or self.kv_lease_s < 1:
             raise ValueError(f"side_channel_port must be in [0, 65536) and kv_lease_s >= 1: {self}")
+
+
+def kv_cache_bytes(config: EngineConfig, options: VllmOptions) -> int:
+    """The bytes of KV cache vLLM gets (0: it sizes the cache by gpu_memory_utilization)."""
+    if options.kv_cache_bytes is not None:
+        return options.kv_cache_bytes
+    return config.cache.num_blocks * config.cache.block_size * config.model.kv_bytes_per_token
 
 
 class _Request:
@@ -171,7 +179,8 @@ class VllmEngine:
         args = EngineArgs(model=options.model_dir or str(default_dir()), dtype="float32",
                           max_model_len=config.scheduler.max_model_len, max_num_seqs=config.scheduler.max_num_seqs,
                           gpu_memory_utilization=options.gpu_memory_utilization,
-                          kv_cache_memory_bytes=options.kv_cache_bytes or None, enforce_eager=options.enforce_eager,
+                          kv_cache_memory_bytes=kv_cache_bytes(config, options) or None,
+                          enforce_eager=options.enforce_eager,
                           enable_prefix_caching=config.cache.enable_prefix_caching, skip_tokenizer_init=True,
                           kv_transfer_config=_kv_transfer_config(options),
                           disable_log_stats=not options.log_stats)
@@ -294,6 +303,10 @@ class VllmEngine:
                 for i, t in enumerate(tokens)]
 
     # -- state ----------------------------------------------------------------------------------
+
+    def step_cost(self) -> None:
+        """No step cost fit: vLLM schedules its own steps (LLMEngine.step_cost is ours)."""
+        return None
 
     def load(self) -> LoadSnapshot:
         """Waiting = no token yet; KV use estimated from the running requests' lengths."""

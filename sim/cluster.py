@@ -386,25 +386,24 @@ class DecodeWorker:
         decode_s = costs.decode_step_s(batch, context) if batch else 0.0
         waiting_prompts = len(self.local)
         local = self._admit_local() if batch < costs.max_batch else None
-        if local is not None:
-            uncached = local.req.prompt_tokens - local.cached_tokens
-            if batch and self._prompt_only_steps < MAX_PROMPT_ONLY_STEPS and costs.prompts_first_pays(waiting_prompts):
-                # Prompts first (engine/scheduler.py, by cost): the prompt computed alone while
-                # the running sequences wait a step.
-                self._prompt_only_steps += 1
-                self._schedule(1, costs.prefill_s(uncached, local.cached_tokens), 0.0, local, decodes=False)
-                return
+        # Prompts first (engine/scheduler.py, by cost): the prompt computed alone while the running
+        # sequences wait a step.
+        alone = (local is not None and batch > 0 and self._prompt_only_steps < MAX_PROMPT_ONLY_STEPS
+                 and costs.prompts_first_pays(waiting_prompts))
+        self._prompt_only_steps = self._prompt_only_steps + 1 if alone else 0
+        uncached = local.req.prompt_tokens - local.cached_tokens if local is not None else 0
+        if alone:
+            self._schedule(1, costs.prefill_s(uncached, local.cached_tokens), 0.0, local, decodes=False)
+        elif local is not None:
             # One mixed step: the prompt's tokens plus one token of every running sequence. The
             # engine runs them as one forward pass, so the step's fixed cost (reading the weights,
             # the LM head) is paid once: the decode step's when sequences are running.
             mixed = [(uncached, local.cached_tokens)] + [(1, s[2]) for s in self.running]
             fixed_s = decode_s if batch else costs.prefill_fixed_s()
             step_s = fixed_s + costs.prefill_tokens_s(uncached) + costs.attention_s(mixed)
-            self._prompt_only_steps = 0
             self._schedule(1, step_s, 0.0, local)
         elif batch:
             steps = min(s[1] for s in self.running)
-            self._prompt_only_steps = 0
             self._schedule(steps, decode_s, costs.decode_growth_s(batch), None)
 
     def _admit_local(self) -> Job | None:
@@ -428,15 +427,16 @@ class DecodeWorker:
         steps, _, _, local = self._run
         self._run = None
         self.busy_s += self.cluster.now - self._run_start
-        still = [] if self._run_decodes else self.running
-        for s in self.running if self._run_decodes else ():
-            s[1] -= steps
-            s[2] += steps
-            if s[1] > 0:
-                still.append(s)
-            else:
-                self._finish(s[0])
-        self.running = still
+        if self._run_decodes:
+            still = []
+            for s in self.running:
+                s[1] -= steps
+                s[2] += steps
+                if s[1] > 0:
+                    still.append(s)
+                else:
+                    self._finish(s[0])
+            self.running = still
         if local is not None:
             _store_computed(self.cache, self.id, local)
             local.first_token_s = self.cluster.now

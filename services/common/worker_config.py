@@ -10,7 +10,13 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from engine.config import PROMPTS_FIRST, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import (
+    PROMPTS_FIRST,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from engine.vllm_backend import KV_CONNECTORS, VllmOptions
 from services.common.tls import TlsConfig, add_tls_flags, tls_from_args
 
@@ -116,8 +122,7 @@ def worker_config_from_args(role: str, args: argparse.Namespace) -> WorkerConfig
         torch_threads=args.torch_threads, max_tokens_cap=args.max_model_len, ready_file=args.ready_file,
         metrics_port=args.metrics_port, tls=tls_from_args(args), engine_backend=args.engine,
         vllm=VllmOptions(model_dir=args.vllm_model_dir, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                         kv_cache_bytes=(args.num_blocks * args.block_size * model.kv_bytes_per_token
-                                         if args.vllm_kv_cache_bytes is None else args.vllm_kv_cache_bytes),
+                         kv_cache_bytes=args.vllm_kv_cache_bytes,
                          kv_connector=args.vllm_kv_connector, side_channel_host=args.advertise_host,
                          side_channel_port=args.vllm_side_channel_port, kv_lease_s=math.ceil(args.lease_ttl_s)),
     )

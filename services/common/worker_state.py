@@ -56,7 +56,7 @@ class WorkerStateHub:
     def publish_from_engine_thread(self, engine) -> None:
         """Called by the engine thread after each step."""
         step_cost, now = self.snapshot.step_cost, time.monotonic()
-        if now - self._step_cost_at >= STEP_COST_REFRESH_S and hasattr(engine, "step_cost"):
+        if now - self._step_cost_at >= STEP_COST_REFRESH_S:
             # the last answer stays while the fit has none (a run of steps all one size)
             step_cost, self._step_cost_at = engine.step_cost() or step_cost, now
         self.snapshot = snapshot_of(engine, step_cost)

@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 
 from engine.hashing import block_hashes
-from engine.vllm_backend import PrefixEstimate, VllmOptions
+from engine.vllm_backend import PrefixEstimate, VllmOptions, kv_cache_bytes
 from services.common.worker_config import add_worker_flags, worker_config_from_args
 
 
@@ -73,4 +73,4 @@ def test_a_vllm_workers_kv_cache_is_sized_in_bytes_not_by_the_memory_free_at_sta
         parser = argparse.ArgumentParser()
         add_worker_flags(parser)
         config = worker_config_from_args("decode", parser.parse_args(["--engine", "vllm", *flags]))
-    assert config.vllm.kv_cache_bytes == expected
+    assert kv_cache_bytes(config.engine, config.vllm) == expected
